@@ -1,0 +1,105 @@
+"""Pure tensor maths of the method: streaming statistics and the ridge solve.
+
+No hooks, no models.  Shapes: ``n``/``dz``/``delta`` are ``[tokens, d]``; statistics are
+``[d, d]`` (``nn``, ``dzn``, ``dzdz``) or ``[d]`` sums, so memory is independent of the
+number of examples and the sums add across batches and processes (all_reduce).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """Sufficient statistics of one layer's discrepancies over all aligned tokens."""
+
+    d: int
+    dtype: torch.dtype = torch.float64
+    device: torch.device | str = "cpu"
+    count: int = 0
+    nn: torch.Tensor = field(init=False)  # Σ n nᵀ          [d, d]
+    dzn: torch.Tensor = field(init=False)  # Σ dz nᵀ        [d, d]
+    dzdz: torch.Tensor = field(init=False)  # Σ dz dzᵀ      [d, d]  (for the fit residual)
+    delta: torch.Tensor = field(init=False)  # Σ delta      [d]
+    delta_sq: torch.Tensor = field(init=False)  # Σ |delta|²  []
+    extra: torch.Tensor = field(init=False)  # Σ of the joint solver's MLP-output gap [d]
+
+    def __post_init__(self) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.nn, self.dzn, self.dzdz = z(self.d, self.d), z(self.d, self.d), z(self.d, self.d)
+        self.delta, self.delta_sq, self.extra = z(self.d), z(()), z(self.d)
+
+    def add(self, n: torch.Tensor, n_ctx: torch.Tensor, u: torch.Tensor, u_ctx: torch.Tensor) -> None:
+        """Accumulate tokens: ``n``/``u`` non-contextual, ``*_ctx`` contextual, all ``[tokens, d]``."""
+        n = n.to(self.dtype)
+        dz = n_ctx.to(self.dtype) - n
+        delta = u_ctx.to(self.dtype) - u.to(self.dtype)
+        self.nn += n.T @ n
+        self.dzn += dz.T @ n
+        self.dzdz += dz.T @ dz
+        self.delta += delta.sum(0)
+        self.delta_sq += (delta * delta).sum()
+        self.count += n.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.nn, self.dzn, self.dzdz, self.delta, self.delta_sq, self.extra]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over a torch.distributed process group (sharded data)."""
+        import torch.distributed as dist
+
+        for t in self.tensors():
+            dist.all_reduce(t)
+        c = torch.tensor([self.count], dtype=torch.float64, device=self.nn.device)
+        dist.all_reduce(c)
+        self.count = int(c.item())
+
+
+def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float) -> torch.Tensor:
+    """``A = dzn (nn + ρ·s·I)⁻¹``: the input-space thought matrix, so that ``Δ(W) = W A``.
+
+    ``argmin_M Σ_t |M n_t − W dz_t|² + ρ'|M|²`` is ``W (Σ dz nᵀ)(Σ n nᵀ + ρ' I)⁻¹`` for every
+    MLP input projection W, so one d×d solve serves gate and up alike.  ρ is *relative*:
+    ``ρ' = ρ·s`` with ``s = tr(Σ n nᵀ)/d`` the mean eigenvalue of the second moment, so the
+    same ρ means the same shrinkage whatever the model's activation scale or the number of
+    tokens.  ρ = 0 gives the minimum-norm least-squares solution (pseudo-inverse), which for
+    one token is exactly the rank-one patch ``dz nᵀ / |n|²``.
+    """
+    d = nn.shape[0]
+    nn = 0.5 * (nn + nn.T)  # symmetric to the last bit before factorising
+    scale = torch.trace(nn) / d
+    if scale <= 0:
+        return torch.zeros_like(dzn)
+    if rho > 0:
+        reg = nn + (rho * scale) * torch.eye(d, dtype=nn.dtype, device=nn.device)
+        chol = torch.linalg.cholesky(reg)
+        # A reg = dzn  <=>  reg A^T = dzn^T   (reg symmetric)
+        return torch.cholesky_solve(dzn.T, chol).T
+    evals, evecs = torch.linalg.eigh(nn)
+    tol = evals.max() * d * torch.finfo(nn.dtype).eps
+    inv = torch.where(evals > tol, 1.0 / evals.clamp_min(tol), torch.zeros_like(evals))
+    return ((dzn @ evecs) * inv) @ evecs.T
+
+
+def fit_residual(stats: LayerStats, a: torch.Tensor, gram: torch.Tensor) -> tuple[float, float]:
+    """Numerator and denominator of ``|M N − W dZ|² / |W dZ|²`` with ``M = W A`` from sums only.
+
+    ``gram = Σ_W WᵀW`` over the MLP input projections [d, d].  Expanding the Frobenius norm:
+    ``|W(A N − dZ)|² = tr(G (A S_nn Aᵀ − A S_ndz − S_dzn Aᵀ + S_dzdz))``.
+    """
+    g = gram.to(stats.dtype)
+    a = a.to(stats.dtype)
+    inner = a @ stats.nn @ a.T - a @ stats.dzn.T - stats.dzn @ a.T + stats.dzdz
+    num = torch.sum(g * inner).clamp_min(0).item()
+    den = torch.sum(g * stats.dzdz).item()
+    return num, den
+
+
+def mean_vector(stats: LayerStats) -> torch.Tensor:
+    """The thought vector for this batch: the least-squares constant ``mean_t delta_t``."""
+    if stats.count == 0:
+        return torch.zeros_like(stats.delta)
+    return (stats.delta + stats.extra) / stats.count
