@@ -1,0 +1,107 @@
+"""Ground truth: the exact token patch reproduces the contextual run; the ridge solve reduces to
+the rank-one patch; incremental propagation equals rerunning the whole model per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transmute_cli.engine import EngineConfig, compute_patch, exact_token_patch
+from transmute_cli.solve import LayerStats, ridge_solve
+
+from tiny import tiny_model, tiny_tokenizer
+
+FAMILIES = ["gemma3", "llama", "qwen2", "qwen3", "mistral"]
+INSTRUCTION = "Translate to pig latin:\ncat -> atcay\nhat -> athay\n"
+TEXTS = ["dog -> ogday\n", "moon -> oonmay\n", "sun -> unsay\n", "a -> aay\n"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_token_patch_reproduces_contextual_run(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    res = exact_token_patch(model, tok, INSTRUCTION, TEXTS)
+    # hidden states after every layer, at every position of x
+    assert len(res.layer_errors) == model.config.num_hidden_layers
+    assert max(res.layer_errors) < 1e-4, res.layer_errors
+    with torch.no_grad():
+        ctx = model(input_ids=res.ctx_ids).logits[:, res.prefix_len :][res.xmask]
+        plain = model(input_ids=res.nctx_ids).logits[:, res.pre_len :][res.xmask]
+        with res.hooks:
+            patched = model(input_ids=res.nctx_ids).logits[:, res.pre_len :][res.xmask]
+    scale = ctx.abs().max().item()
+    assert (plain - ctx).abs().max().item() > 1e-2 * scale  # the instruction matters at all
+    assert (patched - ctx).abs().max().item() < 1e-4 * max(scale, 1.0)
+
+
+def test_ridge_one_token_equals_rank_one_patch():
+    torch.manual_seed(0)
+    d = 16
+    n, nc = torch.randn(1, d, dtype=torch.float64), torch.randn(1, d, dtype=torch.float64)
+    u = torch.zeros(1, d, dtype=torch.float64)
+    st = LayerStats(d)
+    st.add(n, nc, u, u)
+    w = torch.randn(40, d, dtype=torch.float64)  # an MLP input projection
+    rank_one = w @ (nc - n).T @ n / (n @ n.T)  # W dz nᵀ / |n|²
+    # ρ = 0 is the pseudo-inverse: exact; ρ → 0 converges to it (Sherman–Morrison: the gap is
+    # a factor ρ·s/(|n|² + ρ·s), up to the conditioning of a rank-one system)
+    assert torch.allclose(w @ ridge_solve(st.nn, st.dzn, 0.0), rank_one, rtol=1e-12, atol=1e-13)
+    gaps = [(w @ ridge_solve(st.nn, st.dzn, rho) - rank_one).norm().item() for rho in (1e-2, 1e-4, 1e-6)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-5 * rank_one.norm().item()
+    # and the patched projection maps n to W n^C exactly
+    assert torch.allclose((w + w @ ridge_solve(st.nn, st.dzn, 0.0)) @ n.T, w @ nc.T)
+
+
+def test_ridge_matches_closed_form_and_shrinks():
+    torch.manual_seed(1)
+    d, t = 8, 50
+    n, nc = torch.randn(t, d, dtype=torch.float64), torch.randn(t, d, dtype=torch.float64)
+    st = LayerStats(d)
+    st.add(n, nc, n, n)
+    rho = 0.3
+    s = torch.trace(n.T @ n) / d
+    want = (nc - n).T @ n @ torch.linalg.inv(n.T @ n + rho * s * torch.eye(d, dtype=torch.float64))
+    assert torch.allclose(ridge_solve(st.nn, st.dzn, rho), want, atol=1e-10)
+    assert ridge_solve(st.nn, st.dzn, 10.0).norm() < ridge_solve(st.nn, st.dzn, 0.1).norm()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+@pytest.mark.parametrize("solver", ["independent", "joint"])
+def test_incremental_equals_naive(family, solver):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    base = dict(rho=0.05, batches=2, solver=solver, micro_batch=3, fidelity=False)
+    inc = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(**base)).patch
+    nai = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(propagation="naive", **base)).patch
+    assert inc.layers == nai.layers == [0, 1, 2]
+    for l in inc.layers:
+        assert torch.allclose(inc.matrices[l], nai.matrices[l], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(inc.vectors[l], nai.vectors[l], atol=1e-5, rtol=1e-4)
+
+
+def test_model_is_left_untouched():
+    model, tok = tiny_model("gemma3"), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    compute_patch(model, tok, INSTRUCTION, TEXTS)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_thought_patch_moves_model_toward_prompt(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    res = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(rho=1e-3))
+    f = res.fidelity
+    assert f.tokens == sum(len(t) for t in TEXTS)
+    assert f.mean_kl < f.base_mean_kl
+    assert all(0 <= lf.matrix_residual < 1 for lf in f.layers)
+    assert all(0 <= lf.vector_residual <= 1 for lf in f.layers)
+
+
+def test_components_and_layers_select_what_is_patched():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    vec = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(components=("vector",), layers=[1], fidelity=False)).patch
+    assert vec.layers == [1] and not vec.matrices and set(vec.vectors) == {1}
+    mat = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(components=("matrix",), fidelity=False)).patch
+    assert not mat.vectors and set(mat.matrices) == {0, 1, 2}

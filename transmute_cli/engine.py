@@ -1,0 +1,611 @@
+"""The layer-wise patching loop (DESIGN.md §2–3).
+
+For each batch of examples and each layer l in order:
+
+1. the contextual pass runs the *unpatched* layer l on ``[prefix ; I ; x]``;
+2. the non-contextual pass runs layer l, with the patches of layers < l applied, on ``[prefix ; x]``;
+3. at the positions of x, the discrepancies ``dz = n^C − n`` and ``delta = u^C − u`` are folded
+   into streaming sums (``solve.LayerStats``) and solved for ``(A, δ)``;
+4. ``η·(A, δ)`` is added to layer l's patch and the non-contextual states are pushed one layer on.
+
+Both passes are propagated **incrementally**: the hidden states entering layer l are kept and
+each layer is run once per pass (plus one rerun of the non-contextual layer after its patch
+changed), never the whole model per layer.  The instruction is a shared prefix, so its hidden
+states are kept once per layer, not once per example; per example we keep only the states at
+the positions of x, so memory is O(L·d²) for the statistics plus O(examples·|x|·d) for the
+current layer — no list of all activations.
+
+No printing: progress goes through a callback.  The CLI and reports live elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import EngineError, InputError
+from .families import Family, base_model, decoder_layers, family_for, get_module, model_device, resolve_layers
+from .hooks import LayerCall, ThoughtHooks, TokenPatchHooks, capture, record_layer_inputs
+from .solve import LayerStats, fit_residual, mean_vector, ridge_solve
+
+COMPONENTS = ("vector", "matrix")
+SOLVERS = ("independent", "joint")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    rho: float = 0.01
+    eta: float | None = None  # None: 1/batches (the paper's choice)
+    batches: int = 1
+    components: tuple[str, ...] = COMPONENTS
+    layers: str | Sequence[int] = "all"
+    solver: str = "independent"
+    seed: int = 0  # order in which examples are dealt into batches
+    micro_batch: int = 16  # examples run through a layer at once (memory, not maths)
+    stats_dtype: torch.dtype = torch.float64
+    propagation: str = "incremental"  # "naive": rerun the whole model for every layer (benchmark/oracle)
+    fidelity: bool = True  # end-to-end KL / top-1 on the patch examples
+
+    @property
+    def step(self) -> float:
+        return self.eta if self.eta is not None else 1.0 / self.batches
+
+    def validate(self) -> None:
+        if not (self.rho >= 0 and math.isfinite(self.rho)):
+            raise InputError(f"must be a number >= 0, got {self.rho}", field="rho")
+        if not (self.step > 0 and math.isfinite(self.step)):
+            raise InputError(f"must be a number > 0, got {self.eta}", field="eta")
+        if self.batches < 1:
+            raise InputError(f"must be >= 1, got {self.batches}", field="batches")
+        if not self.components or any(c not in COMPONENTS for c in self.components):
+            raise InputError(f"must be a non-empty subset of {list(COMPONENTS)}", field="components")
+        if self.solver not in SOLVERS:
+            raise InputError(f"must be one of {list(SOLVERS)}, got {self.solver!r}", field="solver")
+        if self.propagation not in ("incremental", "naive"):
+            raise InputError(f"unknown propagation {self.propagation!r}", field="propagation")
+
+
+@dataclass
+class ThoughtPatch:
+    """Per-layer thought matrices and vectors.
+
+    ``matrices[l]`` is the *input-space* form ``A`` [d, d]: the thought matrix of every MLP input
+    projection W of layer l is ``Δ(W) = W A`` (gate and up share it; it is how the ridge solution
+    factorises).  ``vectors[l]`` [d] is added where the MLP output joins the residual stream.
+    """
+
+    n_layers: int
+    d_model: int
+    matrices: dict[int, torch.Tensor] = field(default_factory=dict)
+    vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.matrices) | set(self.vectors))
+
+    def scaled(self, s: float) -> "ThoughtPatch":
+        return ThoughtPatch(
+            self.n_layers,
+            self.d_model,
+            {l: s * a for l, a in self.matrices.items()},
+            {l: s * v for l, v in self.vectors.items()},
+            dict(self.metadata),
+        )
+
+    def check_finite(self) -> None:
+        for kind, tensors in (("matrix", self.matrices), ("vector", self.vectors)):
+            for l, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    raise EngineError(f"the thought {kind} of layer {l} has NaN or Inf values")
+
+
+@dataclass
+class LayerFidelity:
+    layer: int
+    tokens: int
+    matrix_residual: float | None  # |M N − W dZ| / |W dZ| over the MLP input projections
+    vector_residual: float | None  # |delta_t − δ| / |delta_t| summed over tokens
+    vector_norm: float
+    matrix_norm: float
+
+
+@dataclass
+class Fidelity:
+    layers: list[LayerFidelity]
+    tokens: int = 0
+    top1_agreement: float | None = None  # patched, no prompt  vs  original, with prompt
+    mean_kl: float | None = None  # KL(prompted ‖ patched), nats per position of x
+    base_top1_agreement: float | None = None  # unpatched, no prompt  vs  original, with prompt
+    base_mean_kl: float | None = None
+
+
+@dataclass
+class PatchResult:
+    patch: ThoughtPatch
+    fidelity: Fidelity
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the callback receives: ``stage`` is 'prepare', 'layer' or 'fidelity'."""
+
+    stage: str
+    batch: int
+    batches: int
+    layer: int
+    layers: int
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids: ``pre`` (BOS or nothing), the instruction, and each example text x."""
+
+    pre: tuple[int, ...]
+    instruction: tuple[int, ...]
+    texts: tuple[tuple[int, ...], ...]
+
+    @property
+    def prefix_len(self) -> int:  # tokens before x in the contextual sequence
+        return len(self.pre) + len(self.instruction)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (Gemma/Llama: BOS; Qwen: nothing)."""
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    k = len(with_sp) - len(without)
+    if k > 0 and with_sp[k:] == without:
+        return list(with_sp[:k])
+    return []
+
+
+def encode(tokenizer, instruction: str, texts: Sequence[str]) -> Encoded:
+    """Tokenize I and each x separately so the positions of x align in both passes."""
+    ids = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return Encoded(tuple(special_prefix(tokenizer)), ids(instruction), tuple(ids(t) for t in texts))
+
+
+def context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def check_lengths(model: nn.Module, enc: Encoded) -> None:
+    """Examples whose contextual sequence exceeds the model's context are bad input."""
+    limit = context_length(model)
+    for i, x in enumerate(enc.texts):
+        if not x:
+            raise InputError("the example text is empty after tokenization", field=f"examples[{i}]")
+        if limit is not None and enc.prefix_len + len(x) > limit:
+            raise InputError(
+                f"instruction + example is {enc.prefix_len + len(x)} tokens; the model's context is {limit}",
+                field=f"examples[{i}]",
+            )
+
+
+# --------------------------------------------------------------------------- batches of sequences
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+@dataclass
+class _MicroBatch:
+    """Right-padded sequences of a few examples.  Causal attention means padding at the end never
+    changes a real position, so no attention mask is needed and positions stay 0..T-1."""
+
+    index: list[int]  # example indices
+    ctx_ids: torch.Tensor  # [B, P + Tx]   pre + I + x
+    nctx_ids: torch.Tensor  # [B, p + Tx]  pre + x
+    xmask: torch.Tensor  # [B, Tx] bool: real tokens of x
+    # incremental state (hidden states entering the current layer)
+    xc: torch.Tensor | None = None  # [B, Tx, d]   contextual, positions of x only
+    xn: torch.Tensor | None = None  # [B, p + Tx, d] non-contextual, whole sequence
+    ctx_call: list[LayerCall] | None = None
+    nctx_call: list[LayerCall] | None = None
+
+
+def _micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, device) -> list[_MicroBatch]:
+    out = []
+    for s in range(0, len(index), size):
+        idx = list(index[s : s + size])
+        tx = max(len(enc.texts[i]) for i in idx)
+        xs = torch.full((len(idx), tx), pad, dtype=torch.long)
+        xmask = torch.zeros((len(idx), tx), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            xs[r, : len(enc.texts[i])] = torch.tensor(enc.texts[i])
+            xmask[r, : len(enc.texts[i])] = True
+        ctx_pre = torch.tensor(enc.pre + enc.instruction, dtype=torch.long).expand(len(idx), -1)
+        nctx_pre = torch.tensor(enc.pre, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
+        out.append(
+            _MicroBatch(
+                idx,
+                torch.cat([ctx_pre, xs], 1).to(device),
+                torch.cat([nctx_pre, xs], 1).to(device),
+                xmask.to(device),
+            )
+        )
+    return out
+
+
+def _deal(n: int, batches: int, seed: int) -> list[list[int]]:
+    """Shuffle example indices with ``seed`` and deal them into ``batches`` near-equal batches."""
+    if batches > n:
+        raise InputError(f"must be <= the number of examples ({n}), got {batches}", field="batches")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist() if batches > 1 else list(range(n))
+    return [perm[b::batches] for b in range(batches)]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _gram(layer: nn.Module, fam: Family) -> torch.Tensor:
+    """Σ_W WᵀW over the MLP input projections [d, d] (for the fit residual)."""
+    g = None
+    for path in fam.mlp_in:
+        w = get_module(layer, path).weight.detach().double()
+        g = w.T @ w if g is None else g + w.T @ w
+    return g
+
+
+class _Loop:
+    def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family):
+        cfg.validate()
+        self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
+        self.fam = family_for(model, family)
+        self.layers = decoder_layers(model, self.fam)
+        self.L = len(self.layers)
+        self.patch_layers = resolve_layers(cfg.layers, self.L)
+        self.device = model_device(model)
+        self.enc = encode(tokenizer, instruction, texts)
+        if not self.enc.texts:
+            raise InputError("at least one example is required", field="examples")
+        if not self.enc.instruction:
+            raise InputError("must not be empty", field="instruction")
+        check_lengths(model, self.enc)
+        self.pad = _pad_id(tokenizer)
+        self.d = int(get_module(self.layers[0], self.fam.mlp_in[0]).weight.shape[1])
+        self.p = len(self.enc.pre)  # where x starts in the non-contextual sequence
+        self.P = self.enc.prefix_len  # where x starts in the contextual sequence
+        self.matrices: dict[int, torch.Tensor] = {}
+        self.vectors: dict[int, torch.Tensor] = {}
+        self.fid_num = {l: [0.0, 0.0] for l in self.patch_layers}
+        self.vec_num = {l: [0.0, 0.0] for l in self.patch_layers}
+        self.tokens = {l: 0 for l in self.patch_layers}
+        self.timings: dict[str, float] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    def _tick(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + t - t0
+        return t
+
+    def _set_hooks(self, hooks: ThoughtHooks, l: int) -> None:
+        hooks.clear(l)
+        hooks.set(l, self.matrices.get(l), self.vectors.get(l))
+
+    def _solve(self, l: int, stats: LayerStats, hooks: ThoughtHooks, rerun_for_joint) -> None:
+        cfg = self.cfg
+        if stats.count == 0:
+            return
+        if not torch.isfinite(stats.nn).all() or not torch.isfinite(stats.dzn).all():
+            raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
+        a = ridge_solve(stats.nn, stats.dzn, cfg.rho) if "matrix" in cfg.components else None
+        if a is not None:
+            num, den = fit_residual(stats, a, _gram(self.layers[l], self.fam))
+            self.fid_num[l][0] += num
+            self.fid_num[l][1] += den
+        if "vector" in cfg.components:
+            if cfg.solver == "joint":
+                # the vector is the least-squares intercept of the whole layer-output gap left by
+                # this batch's matrix: mean[(u^C − u) + (y^C − y(A))], y = what joins the residual
+                stats.extra = rerun_for_joint(a)
+            delta = mean_vector(stats)
+            self.vec_num[l][0] += max(stats.delta_sq.item() - stats.count * float(delta @ delta), 0.0)
+            self.vec_num[l][1] += stats.delta_sq.item()
+        else:
+            delta = None
+        self.tokens[l] += stats.count
+        eta = cfg.step
+        if a is not None:
+            a32 = (eta * a).float()
+            self.matrices[l] = self.matrices[l] + a32 if l in self.matrices else a32
+        if delta is not None:
+            d32 = (eta * delta).float()
+            self.vectors[l] = self.vectors[l] + d32 if l in self.vectors else d32
+        self._set_hooks(hooks, l)
+
+    # -- incremental propagation ---------------------------------------------------------
+    def run(self) -> PatchResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batches = _deal(len(self.enc.texts), cfg.batches, cfg.seed)
+        final_ctx: dict[int, torch.Tensor] = {}  # example -> contextual state after the last layer [Tx, d]
+        with torch.no_grad(), ThoughtHooks(self.model, self.fam) as hooks:
+            for b, index in enumerate(batches):
+                self.progress(Progress("prepare", b, len(batches), 0, self.L))
+                mbs = _micro_batches(self.enc, index, cfg.micro_batch, self.pad, self.device)
+                hooks.enabled = False
+                for mb in mbs:
+                    h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
+                    h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
+                    prefix = h_ctx[:1, : self.P]  # the shared prefix, identical in every row
+                    mb.xc, mb.xn = h_ctx[:, self.P :], h_n
+                t0 = self._tick("record", t0)
+                for l in range(self.L):
+                    self.progress(Progress("layer", b, len(batches), l, self.L))
+                    if cfg.propagation == "naive":
+                        prefix = self._naive_layer(l, mbs, hooks, prefix)
+                    else:
+                        prefix = self._incremental_layer(l, mbs, hooks, prefix)
+                    t0 = self._tick("layers", t0)
+                for mb in mbs:
+                    for r, i in enumerate(mb.index):
+                        final_ctx[i] = mb.xc[r] if mb.xc is not None else None
+                del mbs
+        patch = ThoughtPatch(self.L, self.d, dict(self.matrices), dict(self.vectors))
+        patch.check_finite()
+        fid = Fidelity(
+            [
+                LayerFidelity(
+                    l,
+                    self.tokens[l],
+                    math.sqrt(n / d) if d > 0 and l in self.matrices else None,
+                    math.sqrt(vn / vd) if vd > 0 and l in self.vectors else None,
+                    float(self.vectors[l].norm()) if l in self.vectors else 0.0,
+                    float(self.matrices[l].norm()) if l in self.matrices else 0.0,
+                )
+                for l, (n, d), (vn, vd) in (
+                    (l, self.fid_num[l], self.vec_num[l]) for l in self.patch_layers
+                )
+            ]
+        )
+        if cfg.fidelity:
+            self.progress(Progress("fidelity", len(batches) - 1, len(batches), self.L - 1, self.L))
+            end_to_end(self.model, self.fam, patch, self.enc, self.pad, fid, cfg.micro_batch)
+            t0 = self._tick("fidelity", t0)
+        return PatchResult(patch, fid, self.timings)
+
+    def _incremental_layer(self, l: int, mbs: list[_MicroBatch], hooks: ThoughtHooks, prefix: torch.Tensor):
+        layer, P, p = self.layers[l], self.P, self.p
+        patched = l in self.patch_layers
+        stats = LayerStats(self.d, self.cfg.stats_dtype, self.device) if patched else None
+        ysum_ctx = torch.zeros(self.d, dtype=self.cfg.stats_dtype, device=self.device)
+        next_xc: list[torch.Tensor] = []
+        next_prefix = prefix
+        for k, mb in enumerate(mbs):
+            B = mb.ctx_ids.shape[0]
+            hooks.enabled = False  # the contextual pass always sees the original model
+            with capture(layer, self.fam) as c:
+                out = mb.ctx_call[l](layer, torch.cat([prefix.expand(B, -1, -1), mb.xc], 1))
+            hooks.enabled = True
+            next_xc.append(out[:, P:])
+            if k == 0:
+                next_prefix = out[:1, :P]
+            if not patched:
+                continue
+            m = mb.xmask
+            uc, nc = c["u"][:, P:][m], c["n"][:, P:][m]
+            ysum_ctx += c["y"][:, P:][m].to(stats.dtype).sum(0)
+            with capture(layer, self.fam) as c:
+                mb.nctx_call[l](layer, mb.xn)
+            stats.add(c["n"][:, p:][m], nc, c["u"][:, p:][m], uc)
+        if patched:
+
+            def rerun_for_joint(a: torch.Tensor | None) -> torch.Tensor:
+                # y(A): this batch's own matrix, no vector, on the same non-contextual inputs
+                saved = (self.matrices.get(l), self.vectors.get(l))
+                hooks.clear(l)
+                hooks.set(l, a.float() if a is not None else None, None)
+                ysum = torch.zeros_like(ysum_ctx)
+                for mb in mbs:
+                    with capture(layer, self.fam) as c:
+                        mb.nctx_call[l](layer, mb.xn)
+                    ysum += c["y"][:, p:][mb.xmask].to(ysum.dtype).sum(0)
+                hooks.clear(l)
+                hooks.set(l, *saved)
+                return ysum_ctx - ysum
+
+            self._solve(l, stats, hooks, rerun_for_joint)
+        for mb, xc in zip(mbs, next_xc):
+            mb.xc = xc
+            mb.xn = mb.nctx_call[l](layer, mb.xn)  # with layer l's (new) patch
+        return next_prefix
+
+    # -- naive propagation: the whole model for every layer (benchmark baseline, test oracle)
+    def _naive_layer(self, l: int, mbs: list[_MicroBatch], hooks: ThoughtHooks, prefix: torch.Tensor):
+        layer, P, p = self.layers[l], self.P, self.p
+        base = base_model(self.model, self.fam)
+        if l not in self.patch_layers:
+            return prefix
+        stats = LayerStats(self.d, self.cfg.stats_dtype, self.device)
+        ysum_ctx = torch.zeros(self.d, dtype=self.cfg.stats_dtype, device=self.device)
+        for mb in mbs:
+            m = mb.xmask
+            hooks.enabled = False
+            with capture(layer, self.fam) as c:
+                base(input_ids=mb.ctx_ids, use_cache=False)
+            hooks.enabled = True
+            uc, nc = c["u"][:, P:][m], c["n"][:, P:][m]
+            ysum_ctx += c["y"][:, P:][m].to(stats.dtype).sum(0)
+            with capture(layer, self.fam) as c:
+                base(input_ids=mb.nctx_ids, use_cache=False)
+            stats.add(c["n"][:, p:][m], nc, c["u"][:, p:][m], uc)
+
+        def rerun_for_joint(a):
+            saved = (self.matrices.get(l), self.vectors.get(l))
+            hooks.clear(l)
+            hooks.set(l, a.float() if a is not None else None, None)
+            ysum = torch.zeros_like(ysum_ctx)
+            for mb in mbs:
+                with capture(layer, self.fam) as c:
+                    base(input_ids=mb.nctx_ids, use_cache=False)
+                ysum += c["y"][:, p:][mb.xmask].to(ysum.dtype).sum(0)
+            hooks.clear(l)
+            hooks.set(l, *saved)
+            return ysum_ctx - ysum
+
+        self._solve(l, stats, hooks, rerun_for_joint)
+        for mb in mbs:
+            mb.xc = None
+        return prefix
+
+
+def compute_patch(
+    model: nn.Module,
+    tokenizer,
+    instruction: str,
+    texts: Sequence[str],
+    config: EngineConfig | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    family: str | None = None,
+) -> PatchResult:
+    """Compute a thought patch that makes ``model`` without ``instruction`` act as if it were there.
+
+    ``texts`` are the example texts x (a rendered template, including the end-of-answer newline).
+    The model is left exactly as it was: patches live in hooks during the computation.
+    """
+    return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family).run()
+
+
+# --------------------------------------------------------------------------- end-to-end fidelity
+
+
+def _final_logits(model: nn.Module, fam: Family, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from last-layer states (final norm + lm_head), in float32."""
+    h = get_module(model, fam.final_norm)(hidden)
+    logits = get_module(model, fam.lm_head)(h).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _compare(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, float]:
+    """Sum over positions of KL(p ‖ q) and of top-1 agreement; inputs [tokens, vocab]."""
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0).sum().item()
+    agree = (p_logits.argmax(-1) == q_logits.argmax(-1)).sum().item()
+    return kl, float(agree)
+
+
+def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, fid: Fidelity, micro_batch: int) -> None:
+    """Top-1 agreement and mean KL at the positions of x: the patched model *without* I against
+    the original model *with* I, through the model's ordinary forward (hooks, not the loop)."""
+    base = base_model(model, fam)
+    P, p = enc.prefix_len, len(enc.pre)
+    tot = {"kl": 0.0, "agree": 0.0, "bkl": 0.0, "bagree": 0.0, "n": 0}
+    mbs = _micro_batches(enc, list(range(len(enc.texts))), micro_batch, pad, model_device(model))
+    with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
+        for l in patch.layers:
+            hooks.set(l, patch.matrices.get(l), patch.vectors.get(l))
+        for mb in mbs:
+            m = mb.xmask
+            hooks.enabled = False
+            ref = _final_logits(model, fam, _last_hidden(base, mb.ctx_ids)[:, P:][m])
+            plain = _final_logits(model, fam, _last_hidden(base, mb.nctx_ids)[:, p:][m])
+            hooks.enabled = True
+            patched = _final_logits(model, fam, _last_hidden(base, mb.nctx_ids)[:, p:][m])
+            kl, agree = _compare(ref, patched)
+            bkl, bagree = _compare(ref, plain)
+            tot["kl"] += kl
+            tot["agree"] += agree
+            tot["bkl"] += bkl
+            tot["bagree"] += bagree
+            tot["n"] += int(m.sum())
+    n = max(tot["n"], 1)
+    fid.tokens = tot["n"]
+    fid.mean_kl, fid.top1_agreement = tot["kl"] / n, tot["agree"] / n
+    fid.base_mean_kl, fid.base_top1_agreement = tot["bkl"] / n, tot["bagree"] / n
+
+
+def _last_hidden(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the last layer, *before* the final norm [B, T, d]."""
+    store: dict[str, torch.Tensor] = {}
+    norm = base.norm
+
+    def pre(_m, args):
+        store["h"] = args[0]
+
+    h = norm.register_forward_pre_hook(pre)
+    try:
+        base(input_ids=ids, use_cache=False)
+    finally:
+        h.remove()
+    return store["h"]
+
+
+# --------------------------------------------------------------------------- exact token patch
+
+
+@dataclass
+class TokenPatchResult:
+    """Ground truth: token-dependent patches for one batch and the errors they leave."""
+
+    hooks: TokenPatchHooks  # install with ``with result.hooks:`` to run the patched model
+    nctx_ids: torch.Tensor  # [B, p + Tx] the non-contextual inputs the patch was built for
+    ctx_ids: torch.Tensor  # [B, P + Tx]
+    xmask: torch.Tensor  # [B, Tx]
+    layer_errors: list[float]  # max |h_nctx − h_ctx| at the positions of x after each layer
+    prefix_len: int
+    pre_len: int
+
+
+def exact_token_patch(model, tokenizer, instruction: str, texts: Sequence[str], *, family: str | None = None) -> TokenPatchResult:
+    """Token patches (rank-one matrix updates + residual vectors) that make the non-contextual
+    run reproduce the contextual hidden states exactly, built by the same incremental loop."""
+    fam = family_for(model, family)
+    layers = decoder_layers(model, fam)
+    enc = encode(tokenizer, instruction, texts)
+    check_lengths(model, enc)
+    pad = _pad_id(tokenizer)
+    (mb,) = _micro_batches(enc, list(range(len(texts))), len(texts), pad, model_device(model))
+    P, p = enc.prefix_len, len(enc.pre)
+    tp = TokenPatchHooks(model, fam)
+    errors = []
+    with torch.no_grad():
+        h_ctx, ctx_call = record_layer_inputs(model, fam, mb.ctx_ids)
+        h_n, nctx_call = record_layer_inputs(model, fam, mb.nctx_ids)
+        xc, xn = h_ctx, h_n
+        m = mb.xmask
+        with tp:
+            for l, layer in enumerate(layers):
+                with capture(layer, fam) as c:
+                    xc_next = ctx_call[l](layer, xc)
+                uc, nc = c["u"][:, P:], c["n"][:, P:]
+                with capture(layer, fam) as c:
+                    nctx_call[l](layer, xn)
+                n, u = c["n"], c["u"]
+                # full-sequence tensors, zero outside the positions of x: [B, p + Tx, d]
+                mask = torch.zeros(n.shape[:2], dtype=torch.bool, device=n.device)
+                mask[:, p:] = m
+                dz = torch.zeros_like(n)
+                delta = torch.zeros_like(u)
+                dz[:, p:] = torch.where(m[..., None], nc - n[:, p:], 0)
+                delta[:, p:] = torch.where(m[..., None], uc - u[:, p:], 0)
+                tp.set(l, torch.where(mask[..., None], n, 0), dz, delta)
+                xn = nctx_call[l](layer, xn)
+                xc = xc_next
+                err = (xn[:, p:][m] - xc[:, P:][m]).abs().max().item()
+                errors.append(err)
+    return TokenPatchResult(tp, mb.nctx_ids, mb.ctx_ids, mb.xmask, errors, P, p)

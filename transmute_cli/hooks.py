@@ -1,0 +1,216 @@
+"""Forward hooks on norms and ``nn.Linear`` modules, installed as context managers.
+
+Everything that touches a model at run time lives here; the maths lives in ``solve.py``.
+Hooks are always removed in ``finally`` blocks, so an exception never leaves a model patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .families import Family, base_model, decoder_layers, get_module
+
+
+class ThoughtHooks:
+    """Applies a thought patch in-process, without touching any weight.
+
+    For a layer with input-space thought matrix ``A`` [d, d] and thought vector ``δ`` [d]:
+
+    * the MLP norm's output ``n`` becomes ``n + A n``, so every MLP input projection W computes
+      ``W (I + A) n = (W + W A) n`` — exactly the merged weight ``W + Δ`` with ``Δ = W A``;
+    * ``δ`` is added to the output of the module whose output joins the residual stream.
+
+    ``enabled`` switches the whole patch off (the engine's contextual passes need the
+    unpatched model) without removing the hooks.
+    """
+
+    def __init__(self, model: nn.Module, fam: Family):
+        self.model, self.fam = model, fam
+        self.layers = decoder_layers(model, fam)
+        self.matrices: dict[int, torch.Tensor] = {}
+        self.vectors: dict[int, torch.Tensor] = {}
+        self.scale = 1.0
+        self.enabled = True
+        self._handles: list[Any] = []
+
+    def set(self, layer: int, matrix: torch.Tensor | None = None, vector: torch.Tensor | None = None) -> None:
+        ref = get_module(self.layers[layer], self.fam.mlp_norm)
+        p = next(ref.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        if matrix is not None:
+            self.matrices[layer] = matrix.to(device=device, dtype=torch.float32)
+        if vector is not None:
+            self.vectors[layer] = vector.to(device=device, dtype=torch.float32)
+
+    def clear(self, layer: int) -> None:
+        self.matrices.pop(layer, None)
+        self.vectors.pop(layer, None)
+
+    def _norm_hook(self, layer: int):
+        def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor | None:
+            a = self.matrices.get(layer)
+            if not self.enabled or a is None:
+                return None
+            # n: [..., d];  n + n Aᵀ computed in float32 whatever the model dtype
+            return (out.float() + self.scale * (out.float() @ a.T)).to(out.dtype)
+
+        return hook
+
+    def _out_hook(self, layer: int):
+        def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor | None:
+            v = self.vectors.get(layer)
+            if not self.enabled or v is None:
+                return None
+            return (out.float() + self.scale * v).to(out.dtype)
+
+        return hook
+
+    def __enter__(self) -> "ThoughtHooks":
+        for i, layer in enumerate(self.layers):
+            self._handles.append(get_module(layer, self.fam.mlp_norm).register_forward_hook(self._norm_hook(i)))
+            self._handles.append(get_module(layer, self.fam.mlp_out).register_forward_hook(self._out_hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class TokenPatchHooks:
+    """The exact, token-dependent patch (ground truth): per position t of a fixed batch,
+
+    * every MLP input projection W gets the rank-one update ``W dz_t n_tᵀ / |n_t|²`` applied to
+      its *live* input (so a replay whose input drifted from ``n_t`` would show it);
+    * ``delta_t = u^C_t − u_t`` is added where the MLP output joins the residual stream.
+
+    Tensors are ``[batch, seq, d]``; positions with ``|n_t| = 0`` get no matrix update.
+    """
+
+    def __init__(self, model: nn.Module, fam: Family):
+        self.model, self.fam = model, fam
+        self.layers = decoder_layers(model, fam)
+        self.dz: dict[int, torch.Tensor] = {}
+        self.n: dict[int, torch.Tensor] = {}
+        self.delta: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def set(self, layer: int, n: torch.Tensor, dz: torch.Tensor, delta: torch.Tensor) -> None:
+        self.n[layer], self.dz[layer], self.delta[layer] = n, dz, delta
+
+    def _in_hook(self, layer: int, weight: torch.Tensor):
+        def hook(_mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+            if layer not in self.n:
+                return None
+            x, n, dz = inp[0], self.n[layer], self.dz[layer]
+            sq = (n * n).sum(-1, keepdim=True)
+            coef = torch.where(sq > 0, (n * x).sum(-1, keepdim=True) / sq.clamp_min(1e-30), torch.zeros_like(sq))
+            return out + coef * (dz.to(weight.dtype) @ weight.T)  # (W dz)(nᵀ x)/|n|²
+
+        return hook
+
+    def _out_hook(self, layer: int):
+        def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor | None:
+            if layer not in self.delta:
+                return None
+            return out + self.delta[layer].to(out.dtype)
+
+        return hook
+
+    def __enter__(self) -> "TokenPatchHooks":
+        for i, layer in enumerate(self.layers):
+            for path in self.fam.mlp_in:
+                lin = get_module(layer, path)
+                self._handles.append(lin.register_forward_hook(self._in_hook(i, lin.weight)))
+            self._handles.append(get_module(layer, self.fam.mlp_out).register_forward_hook(self._out_hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextlib.contextmanager
+def capture(layer: nn.Module, fam: Family) -> Iterator[dict[str, torch.Tensor]]:
+    """Record ``u`` (MLP-norm input), ``n`` (its output) and ``y`` (what joins the residual).
+
+    The norm hook is *prepended* so it sees the norm's raw output before a thought patch
+    transforms it.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def norm_hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        store["u"], store["n"] = inp[0].detach(), out.detach()
+
+    def out_hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        store["y"] = out.detach()
+
+    handles = [
+        get_module(layer, fam.mlp_norm).register_forward_hook(norm_hook, prepend=True),
+        get_module(layer, fam.mlp_out).register_forward_hook(out_hook),
+    ]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class LayerCall:
+    """Replays one decoder layer on new hidden states with the arguments the model gave it."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], returns_tuple: bool):
+        self.args, self.kwargs, self.returns_tuple = args, kwargs, returns_tuple
+
+    def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        out = layer(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerCall]]:
+    """The embeddings entering layer 0 and, per layer, the extra arguments the model passes it
+    (attention masks, rotary embeddings, positions) for inputs shaped like ``input_ids``.
+
+    Layer 0 runs for real so we learn whether layers return a tensor or a tuple in this
+    transformers version; layers ≥ 1 are replaced by an identity of the same return type, so the
+    recording costs the embeddings, the mask construction and one layer — not a forward pass.
+    """
+    layers = decoder_layers(model, fam)
+    records: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), {})] * len(layers)
+    first: dict[str, Any] = {}
+
+    def pre0(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        first["h"] = args[0] if args else kwargs["hidden_states"]
+        records[0] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def post0(_m: nn.Module, _a: Any, _k: Any, out: Any) -> None:
+        first["tuple"] = isinstance(out, tuple)
+
+    def identity(i: int):
+        def fwd(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            records[i] = (args, kwargs)
+            return (hidden_states,) if first.get("tuple") else hidden_states
+
+        return fwd
+
+    handles = [
+        layers[0].register_forward_pre_hook(pre0, with_kwargs=True),
+        layers[0].register_forward_hook(post0, with_kwargs=True),
+    ]
+    for i in range(1, len(layers)):
+        layers[i].forward = identity(i)  # instance attribute shadows the class method
+    try:
+        with torch.no_grad():
+            base_model(model, fam)(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        for i in range(1, len(layers)):
+            del layers[i].forward
+    return first["h"], [LayerCall(a, k, bool(first.get("tuple"))) for a, k in records]
