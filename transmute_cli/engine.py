@@ -31,7 +31,7 @@ from torch import nn
 from .errors import EngineError, InputError
 from .families import Family, base_model, decoder_layers, family_for, get_module, model_device, resolve_layers
 from .hooks import LayerCall, ThoughtHooks, TokenPatchHooks, capture, record_layer_inputs
-from .solve import LayerStats, fit_residual, mean_vector, ridge_solve
+from .solve import DownStats, LayerStats, fit_residual, mean_vector, ridge_intercept_solve, ridge_solve
 
 COMPONENTS = ("vector", "matrix")
 SOLVERS = ("independent", "joint")
@@ -84,10 +84,12 @@ class ThoughtPatch:
     matrices: dict[int, torch.Tensor] = field(default_factory=dict)
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # joint solver only: down-projection thought matrix D [d, f], W_down -> W_down + D
+    downs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
-        return sorted(set(self.matrices) | set(self.vectors))
+        return sorted(set(self.matrices) | set(self.vectors) | set(self.downs))
 
     def scaled(self, s: float) -> "ThoughtPatch":
         return ThoughtPatch(
@@ -96,10 +98,11 @@ class ThoughtPatch:
             {l: s * a for l, a in self.matrices.items()},
             {l: s * v for l, v in self.vectors.items()},
             dict(self.metadata),
+            {l: s * d for l, d in self.downs.items()},
         )
 
     def check_finite(self) -> None:
-        for kind, tensors in (("matrix", self.matrices), ("vector", self.vectors)):
+        for kind, tensors in (("matrix", self.matrices), ("vector", self.vectors), ("down matrix", self.downs)):
             for l, t in tensors.items():
                 if not torch.isfinite(t).all():
                     raise EngineError(f"the thought {kind} of layer {l} has NaN or Inf values")
@@ -273,6 +276,7 @@ class _Loop:
         self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
         self.fam = family_for(model, family)
         self.layers = decoder_layers(model, self.fam)
+        self.base = base_model(model, self.fam)
         self.L = len(self.layers)
         self.patch_layers = resolve_layers(cfg.layers, self.L)
         self.device = model_device(model)
@@ -284,190 +288,185 @@ class _Loop:
         check_lengths(model, self.enc)
         self.pad = _pad_id(tokenizer)
         self.d = int(get_module(self.layers[0], self.fam.mlp_in[0]).weight.shape[1])
+        self.f = int(get_module(self.layers[0], self.fam.mlp_down).weight.shape[1])
         self.p = len(self.enc.pre)  # where x starts in the non-contextual sequence
         self.P = self.enc.prefix_len  # where x starts in the contextual sequence
         self.matrices: dict[int, torch.Tensor] = {}
         self.vectors: dict[int, torch.Tensor] = {}
-        self.fid_num = {l: [0.0, 0.0] for l in self.patch_layers}
-        self.vec_num = {l: [0.0, 0.0] for l in self.patch_layers}
+        self.downs: dict[int, torch.Tensor] = {}
+        self.fid = {l: [0.0, 0.0, 0.0, 0.0] for l in self.patch_layers}  # matrix num/den, vector num/den
         self.tokens = {l: 0 for l in self.patch_layers}
         self.timings: dict[str, float] = {}
 
-    # -- helpers -------------------------------------------------------------------------
     def _tick(self, name: str, t0: float) -> float:
         t = time.perf_counter()
         self.timings[name] = self.timings.get(name, 0.0) + t - t0
         return t
 
-    def _set_hooks(self, hooks: ThoughtHooks, l: int) -> None:
+    def _install(self, hooks: ThoughtHooks, l: int) -> None:
         hooks.clear(l)
-        hooks.set(l, self.matrices.get(l), self.vectors.get(l))
+        hooks.set(l, self.matrices.get(l), self.vectors.get(l), self.downs.get(l))
 
-    def _solve(self, l: int, stats: LayerStats, hooks: ThoughtHooks, rerun_for_joint) -> None:
-        cfg = self.cfg
-        if stats.count == 0:
-            return
-        if not torch.isfinite(stats.nn).all() or not torch.isfinite(stats.dzn).all():
-            raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
-        a = ridge_solve(stats.nn, stats.dzn, cfg.rho) if "matrix" in cfg.components else None
-        if a is not None:
-            num, den = fit_residual(stats, a, _gram(self.layers[l], self.fam))
-            self.fid_num[l][0] += num
-            self.fid_num[l][1] += den
-        if "vector" in cfg.components:
-            if cfg.solver == "joint":
-                # the vector is the least-squares intercept of the whole layer-output gap left by
-                # this batch's matrix: mean[(u^C − u) + (y^C − y(A))], y = what joins the residual
-                stats.extra = rerun_for_joint(a)
-            delta = mean_vector(stats)
-            self.vec_num[l][0] += max(stats.delta_sq.item() - stats.count * float(delta @ delta), 0.0)
-            self.vec_num[l][1] += stats.delta_sq.item()
-        else:
-            delta = None
-        self.tokens[l] += stats.count
-        eta = cfg.step
-        if a is not None:
-            a32 = (eta * a).float()
-            self.matrices[l] = self.matrices[l] + a32 if l in self.matrices else a32
-        if delta is not None:
-            d32 = (eta * delta).float()
-            self.vectors[l] = self.vectors[l] + d32 if l in self.vectors else d32
-        self._set_hooks(hooks, l)
+    # -- one pass of one layer -----------------------------------------------------------
+    # incremental: replay layer l on the kept states; naive: the whole model, captured at l
+    def _ctx_pass(self, l: int, mb: _MicroBatch, prefix: torch.Tensor, hooks: ThoughtHooks):
+        layer = self.layers[l]
+        hooks.enabled = False  # the contextual pass always sees the original model
+        try:
+            with capture(layer, self.fam) as c:
+                if self.cfg.propagation == "naive":
+                    self.base(input_ids=mb.ctx_ids, use_cache=False)
+                    out = None
+                else:
+                    B = mb.ctx_ids.shape[0]
+                    out = mb.ctx_call[l](layer, torch.cat([prefix.expand(B, -1, -1), mb.xc], 1))
+        finally:
+            hooks.enabled = True
+        return c, out
 
-    # -- incremental propagation ---------------------------------------------------------
+    def _nctx_pass(self, l: int, mb: _MicroBatch):
+        layer = self.layers[l]
+        with capture(layer, self.fam) as c:
+            if self.cfg.propagation == "naive":
+                self.base(input_ids=mb.nctx_ids, use_cache=False)
+                out = None
+            else:
+                out = mb.nctx_call[l](layer, mb.xn)
+        return c, out
+
+    # -- the loop ------------------------------------------------------------------------
     def run(self) -> PatchResult:
         cfg = self.cfg
         t0 = time.perf_counter()
         batches = _deal(len(self.enc.texts), cfg.batches, cfg.seed)
-        final_ctx: dict[int, torch.Tensor] = {}  # example -> contextual state after the last layer [Tx, d]
         with torch.no_grad(), ThoughtHooks(self.model, self.fam) as hooks:
             for b, index in enumerate(batches):
                 self.progress(Progress("prepare", b, len(batches), 0, self.L))
                 mbs = _micro_batches(self.enc, index, cfg.micro_batch, self.pad, self.device)
-                hooks.enabled = False
-                for mb in mbs:
-                    h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
-                    h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
-                    prefix = h_ctx[:1, : self.P]  # the shared prefix, identical in every row
-                    mb.xc, mb.xn = h_ctx[:, self.P :], h_n
+                prefix = None
+                if cfg.propagation == "incremental":
+                    hooks.enabled = False
+                    for mb in mbs:
+                        h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
+                        h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
+                        prefix = h_ctx[:1, : self.P]  # the shared prefix, identical in every row
+                        mb.xc, mb.xn = h_ctx[:, self.P :], h_n
+                    hooks.enabled = True
                 t0 = self._tick("record", t0)
                 for l in range(self.L):
                     self.progress(Progress("layer", b, len(batches), l, self.L))
-                    if cfg.propagation == "naive":
-                        prefix = self._naive_layer(l, mbs, hooks, prefix)
-                    else:
-                        prefix = self._incremental_layer(l, mbs, hooks, prefix)
+                    prefix = self._layer(l, mbs, hooks, prefix)
                     t0 = self._tick("layers", t0)
-                for mb in mbs:
-                    for r, i in enumerate(mb.index):
-                        final_ctx[i] = mb.xc[r] if mb.xc is not None else None
                 del mbs
-        patch = ThoughtPatch(self.L, self.d, dict(self.matrices), dict(self.vectors))
+        patch = ThoughtPatch(self.L, self.d, dict(self.matrices), dict(self.vectors), downs=dict(self.downs))
         patch.check_finite()
-        fid = Fidelity(
-            [
-                LayerFidelity(
-                    l,
-                    self.tokens[l],
-                    math.sqrt(n / d) if d > 0 and l in self.matrices else None,
-                    math.sqrt(vn / vd) if vd > 0 and l in self.vectors else None,
-                    float(self.vectors[l].norm()) if l in self.vectors else 0.0,
-                    float(self.matrices[l].norm()) if l in self.matrices else 0.0,
-                )
-                for l, (n, d), (vn, vd) in (
-                    (l, self.fid_num[l], self.vec_num[l]) for l in self.patch_layers
-                )
-            ]
-        )
+        fid = Fidelity([self._layer_fidelity(l) for l in self.patch_layers])
         if cfg.fidelity:
             self.progress(Progress("fidelity", len(batches) - 1, len(batches), self.L - 1, self.L))
             end_to_end(self.model, self.fam, patch, self.enc, self.pad, fid, cfg.micro_batch)
             t0 = self._tick("fidelity", t0)
         return PatchResult(patch, fid, self.timings)
 
-    def _incremental_layer(self, l: int, mbs: list[_MicroBatch], hooks: ThoughtHooks, prefix: torch.Tensor):
-        layer, P, p = self.layers[l], self.P, self.p
+    def _layer_fidelity(self, l: int) -> LayerFidelity:
+        mn, md, vn, vd = self.fid[l]
+        return LayerFidelity(
+            l,
+            self.tokens[l],
+            math.sqrt(mn / md) if md > 0 and l in self.matrices else None,
+            math.sqrt(vn / vd) if vd > 0 and (l in self.vectors or l in self.downs) else None,
+            float(self.vectors[l].norm()) if l in self.vectors else 0.0,
+            float(self.matrices[l].norm()) if l in self.matrices else 0.0,
+        )
+
+    def _layer(self, l: int, mbs: list[_MicroBatch], hooks: ThoughtHooks, prefix):
+        cfg, P, p = self.cfg, self.P, self.p
         patched = l in self.patch_layers
-        stats = LayerStats(self.d, self.cfg.stats_dtype, self.device) if patched else None
-        ysum_ctx = torch.zeros(self.d, dtype=self.cfg.stats_dtype, device=self.device)
-        next_xc: list[torch.Tensor] = []
+        joint = cfg.solver == "joint"
+        stats = LayerStats(self.d, cfg.stats_dtype, self.device) if patched else None
+        next_xc: list[torch.Tensor | None] = []
+        ctx_out: list[torch.Tensor] = []  # joint: contextual layer output u^C + y^C at x [tokens, d]
         next_prefix = prefix
         for k, mb in enumerate(mbs):
-            B = mb.ctx_ids.shape[0]
-            hooks.enabled = False  # the contextual pass always sees the original model
-            with capture(layer, self.fam) as c:
-                out = mb.ctx_call[l](layer, torch.cat([prefix.expand(B, -1, -1), mb.xc], 1))
-            hooks.enabled = True
-            next_xc.append(out[:, P:])
-            if k == 0:
-                next_prefix = out[:1, :P]
+            if patched or cfg.propagation == "incremental":
+                c, out = self._ctx_pass(l, mb, prefix, hooks)
+                next_xc.append(out[:, P:] if out is not None else None)
+                if k == 0 and out is not None:
+                    next_prefix = out[:1, :P]
             if not patched:
                 continue
             m = mb.xmask
             uc, nc = c["u"][:, P:][m], c["n"][:, P:][m]
-            ysum_ctx += c["y"][:, P:][m].to(stats.dtype).sum(0)
-            with capture(layer, self.fam) as c:
-                mb.nctx_call[l](layer, mb.xn)
+            if joint:
+                ctx_out.append(uc + c["y"][:, P:][m])
+            c, _ = self._nctx_pass(l, mb)
             stats.add(c["n"][:, p:][m], nc, c["u"][:, p:][m], uc)
-        if patched:
-
-            def rerun_for_joint(a: torch.Tensor | None) -> torch.Tensor:
-                # y(A): this batch's own matrix, no vector, on the same non-contextual inputs
-                saved = (self.matrices.get(l), self.vectors.get(l))
-                hooks.clear(l)
-                hooks.set(l, a.float() if a is not None else None, None)
-                ysum = torch.zeros_like(ysum_ctx)
-                for mb in mbs:
-                    with capture(layer, self.fam) as c:
-                        mb.nctx_call[l](layer, mb.xn)
-                    ysum += c["y"][:, p:][mb.xmask].to(ysum.dtype).sum(0)
-                hooks.clear(l)
-                hooks.set(l, *saved)
-                return ysum_ctx - ysum
-
-            self._solve(l, stats, hooks, rerun_for_joint)
-        for mb, xc in zip(mbs, next_xc):
-            mb.xc = xc
-            mb.xn = mb.nctx_call[l](layer, mb.xn)  # with layer l's (new) patch
+        if patched and stats.count:
+            self._solve(l, stats, mbs, ctx_out, hooks)
+        if cfg.propagation == "incremental":
+            for mb, xc in zip(mbs, next_xc):
+                mb.xc = xc
+                mb.xn = mb.nctx_call[l](self.layers[l], mb.xn)  # with layer l's (new) patch
         return next_prefix
 
-    # -- naive propagation: the whole model for every layer (benchmark baseline, test oracle)
-    def _naive_layer(self, l: int, mbs: list[_MicroBatch], hooks: ThoughtHooks, prefix: torch.Tensor):
-        layer, P, p = self.layers[l], self.P, self.p
-        base = base_model(self.model, self.fam)
-        if l not in self.patch_layers:
-            return prefix
-        stats = LayerStats(self.d, self.cfg.stats_dtype, self.device)
-        ysum_ctx = torch.zeros(self.d, dtype=self.cfg.stats_dtype, device=self.device)
-        for mb in mbs:
-            m = mb.xmask
-            hooks.enabled = False
-            with capture(layer, self.fam) as c:
-                base(input_ids=mb.ctx_ids, use_cache=False)
-            hooks.enabled = True
-            uc, nc = c["u"][:, P:][m], c["n"][:, P:][m]
-            ysum_ctx += c["y"][:, P:][m].to(stats.dtype).sum(0)
-            with capture(layer, self.fam) as c:
-                base(input_ids=mb.nctx_ids, use_cache=False)
-            stats.add(c["n"][:, p:][m], nc, c["u"][:, p:][m], uc)
+    def _solve(self, l: int, stats: LayerStats, mbs, ctx_out, hooks: ThoughtHooks) -> None:
+        cfg = self.cfg
+        if not torch.isfinite(stats.nn).all() or not torch.isfinite(stats.dzn).all():
+            raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
+        a = ridge_solve(stats.nn, stats.dzn, cfg.rho) if "matrix" in cfg.components else None
+        if a is not None:
+            num, den = fit_residual(stats, a, _gram(self.layers[l], self.fam))
+            self.fid[l][0] += num
+            self.fid[l][1] += den
+        vec = down = None
+        if cfg.solver == "joint":
+            down, vec, rel = self._joint(l, a, mbs, ctx_out, hooks, intercept="vector" in cfg.components)
+            self.fid[l][2] += rel**2
+            self.fid[l][3] += 1.0
+        elif "vector" in cfg.components:
+            vec = mean_vector(stats)
+            self.fid[l][2] += max(stats.delta_sq.item() - stats.count * float(vec @ vec), 0.0)
+            self.fid[l][3] += stats.delta_sq.item()
+        self.tokens[l] += stats.count
+        eta = cfg.step
+        for store, t in ((self.matrices, a), (self.vectors, vec), (self.downs, down)):
+            if t is not None:
+                t32 = (eta * t).float()
+                store[l] = store[l] + t32 if l in store else t32
+        self._install(hooks, l)
 
-        def rerun_for_joint(a):
-            saved = (self.matrices.get(l), self.vectors.get(l))
-            hooks.clear(l)
-            hooks.set(l, a.float() if a is not None else None, None)
-            ysum = torch.zeros_like(ysum_ctx)
-            for mb in mbs:
-                with capture(layer, self.fam) as c:
-                    base(input_ids=mb.nctx_ids, use_cache=False)
-                ysum += c["y"][:, p:][mb.xmask].to(ysum.dtype).sum(0)
-            hooks.clear(l)
-            hooks.set(l, *saved)
-            return ysum_ctx - ysum
-
-        self._solve(l, stats, hooks, rerun_for_joint)
-        for mb in mbs:
-            mb.xc = None
-        return prefix
+    def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool):
+        """Down-projection thought matrix D and thought vector c fitted *jointly* (ridge with an
+        intercept) to the token-dependent gap e_t = h'^C_t − h'_t(A) that this batch's input-side
+        matrix A leaves at the layer output — the part of the attention discrepancy that a
+        constant vector cannot carry (e.g. "a newline comes next" only after an answer)."""
+        layer = self.layers[l]
+        hooks.clear(l)
+        hooks.set(l, a.float() if a is not None else None)  # this batch's own A, no vector, no D
+        st = DownStats(self.f, self.d, self.cfg.stats_dtype, self.device)
+        scale = None
+        if self.fam.out_norm == "gemma":
+            norm = get_module(layer, self.fam.mlp_out)
+            scale = 1.0 + norm.weight.detach().to(self.cfg.stats_dtype)
+            eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        try:
+            for mb, target in zip(mbs, ctx_out):
+                c, _ = self._nctx_pass(l, mb)
+                m = mb.xmask
+                e = target - (c["u"][:, self.p :][m] + c["y"][:, self.p :][m])
+                act = c["a"][:, self.p :][m].to(self.cfg.stats_dtype)
+                if scale is not None:
+                    # y = s ⊙ m / rms(m): with rms frozen per token, y is linear in D a / rms
+                    mm = c["m"][:, self.p :][m].to(self.cfg.stats_dtype)
+                    act = act / torch.sqrt(mm.pow(2).mean(-1, keepdim=True) + eps)
+                st.add(act, e)
+        finally:
+            self._install(hooks, l)
+        dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept)
+        if scale is not None:
+            # a channel whose norm scale is ~0 cannot be moved by D at all: leave its row at 0
+            live = scale.abs() > 1e-3 * scale.abs().max()
+            dmat = torch.where(live[:, None], dmat / torch.where(live, scale, 1.0)[:, None], 0.0)
+        return dmat, (vec if intercept else None), rel
 
 
 def compute_patch(
@@ -517,8 +516,7 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
     tot = {"kl": 0.0, "agree": 0.0, "bkl": 0.0, "bagree": 0.0, "n": 0}
     mbs = _micro_batches(enc, list(range(len(enc.texts))), micro_batch, pad, model_device(model))
     with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
-        for l in patch.layers:
-            hooks.set(l, patch.matrices.get(l), patch.vectors.get(l))
+        hooks.set_patch(patch)
         for mb in mbs:
             m = mb.xmask
             hooks.enabled = False

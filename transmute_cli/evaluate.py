@@ -117,8 +117,7 @@ def evaluate(
                     raise ValueError("the patched condition needs a patch")
                 with ThoughtHooks(model, fam) as hooks:
                     hooks.scale = scale
-                    for l in patch.layers:
-                        hooks.set(l, patch.matrices.get(l), patch.vectors.get(l))
+                    hooks.set_patch(patch)
                     answers = generate_answers(model, tokenizer, prompts, max_new_tokens)
             else:
                 answers = generate_answers(model, tokenizer, prompts, max_new_tokens)

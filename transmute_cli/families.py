@@ -36,10 +36,15 @@ class Family:
     # config flag that gives the MLP projections a bias in a *standard* checkpoint, so a
     # thought vector can be saved exactly as ``down_proj.bias`` (None: it must be folded).
     bias_flag: str | None = None
+    # how mlp_out maps the down projection's output m to what joins the residual:
+    # None: identity (Llama: mlp_out is down_proj itself); "gemma": (1 + w) ⊙ m / rms(m)
+    out_norm: str | None = None
 
 
 _LLAMA = Family("llama", bias_flag="mlp_bias")
-_GEMMA = Family("gemma3", mlp_norm="pre_feedforward_layernorm", mlp_out="post_feedforward_layernorm")
+_GEMMA = Family(
+    "gemma3", mlp_norm="pre_feedforward_layernorm", mlp_out="post_feedforward_layernorm", out_norm="gemma"
+)
 
 # model_type -> family.  Qwen2/3 and Mistral have Llama's layer layout but no mlp_bias switch.
 FAMILIES: dict[str, Family] = {
@@ -50,8 +55,11 @@ FAMILIES: dict[str, Family] = {
         final_norm="model.language_model.norm",
         mlp_norm="pre_feedforward_layernorm",
         mlp_out="post_feedforward_layernorm",
+        out_norm="gemma",
     ),
-    "gemma2": Family("gemma2", mlp_norm="pre_feedforward_layernorm", mlp_out="post_feedforward_layernorm"),
+    "gemma2": Family(
+        "gemma2", mlp_norm="pre_feedforward_layernorm", mlp_out="post_feedforward_layernorm", out_norm="gemma"
+    ),
     "llama": _LLAMA,
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),

@@ -34,11 +34,18 @@ class ThoughtHooks:
         self.layers = decoder_layers(model, fam)
         self.matrices: dict[int, torch.Tensor] = {}
         self.vectors: dict[int, torch.Tensor] = {}
+        self.downs: dict[int, torch.Tensor] = {}
         self.scale = 1.0
         self.enabled = True
         self._handles: list[Any] = []
 
-    def set(self, layer: int, matrix: torch.Tensor | None = None, vector: torch.Tensor | None = None) -> None:
+    def set(
+        self,
+        layer: int,
+        matrix: torch.Tensor | None = None,
+        vector: torch.Tensor | None = None,
+        down: torch.Tensor | None = None,
+    ) -> None:
         ref = get_module(self.layers[layer], self.fam.mlp_norm)
         p = next(ref.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -46,10 +53,18 @@ class ThoughtHooks:
             self.matrices[layer] = matrix.to(device=device, dtype=torch.float32)
         if vector is not None:
             self.vectors[layer] = vector.to(device=device, dtype=torch.float32)
+        if down is not None:
+            self.downs[layer] = down.to(device=device, dtype=torch.float32)
+
+    def set_patch(self, patch) -> None:
+        """Install every layer of a ``ThoughtPatch``."""
+        for l in patch.layers:
+            self.set(l, patch.matrices.get(l), patch.vectors.get(l), patch.downs.get(l))
 
     def clear(self, layer: int) -> None:
         self.matrices.pop(layer, None)
         self.vectors.pop(layer, None)
+        self.downs.pop(layer, None)
 
     def _norm_hook(self, layer: int):
         def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor | None:
@@ -70,9 +85,21 @@ class ThoughtHooks:
 
         return hook
 
+    def _down_hook(self, layer: int):
+        def hook(_mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+            dm = self.downs.get(layer)
+            if not self.enabled or dm is None:
+                return None
+            # (W_down + D) a = W_down a + D a ;  a: [..., f], D: [d, f]
+            return (out.float() + self.scale * (inp[0].float() @ dm.T)).to(out.dtype)
+
+        return hook
+
     def __enter__(self) -> "ThoughtHooks":
         for i, layer in enumerate(self.layers):
             self._handles.append(get_module(layer, self.fam.mlp_norm).register_forward_hook(self._norm_hook(i)))
+            # registered before the vector hook: on Llama mlp_down *is* mlp_out, both add
+            self._handles.append(get_module(layer, self.fam.mlp_down).register_forward_hook(self._down_hook(i)))
             self._handles.append(get_module(layer, self.fam.mlp_out).register_forward_hook(self._out_hook(i)))
         return self
 
@@ -138,7 +165,8 @@ class TokenPatchHooks:
 
 @contextlib.contextmanager
 def capture(layer: nn.Module, fam: Family) -> Iterator[dict[str, torch.Tensor]]:
-    """Record ``u`` (MLP-norm input), ``n`` (its output) and ``y`` (what joins the residual).
+    """Record ``u`` (MLP-norm input), ``n`` (its output), ``y`` (what joins the residual) and
+    ``a``/``m`` (the down projection's input and output).
 
     The norm hook is *prepended* so it sees the norm's raw output before a thought patch
     transforms it.
@@ -151,8 +179,12 @@ def capture(layer: nn.Module, fam: Family) -> Iterator[dict[str, torch.Tensor]]:
     def out_hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
         store["y"] = out.detach()
 
+    def down_hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        store["a"], store["m"] = inp[0].detach(), out.detach()
+
     handles = [
         get_module(layer, fam.mlp_norm).register_forward_hook(norm_hook, prepend=True),
+        get_module(layer, fam.mlp_down).register_forward_hook(down_hook, prepend=True),
         get_module(layer, fam.mlp_out).register_forward_hook(out_hook),
     ]
     try:

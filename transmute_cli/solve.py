@@ -103,3 +103,60 @@ def mean_vector(stats: LayerStats) -> torch.Tensor:
     if stats.count == 0:
         return torch.zeros_like(stats.delta)
     return (stats.delta + stats.extra) / stats.count
+
+
+@dataclass
+class DownStats:
+    """Sums for the joint solve of a down-projection thought matrix and the thought vector.
+
+    Per token: ``a`` [f] the (scaled) input of the down projection, ``e`` [d] the gap between the
+    contextual and the non-contextual layer output left after the input-side patch.
+    """
+
+    f: int
+    d: int
+    dtype: torch.dtype = torch.float64
+    device: torch.device | str = "cpu"
+    count: int = 0
+    aa: torch.Tensor = field(init=False)  # Σ a aᵀ [f, f]
+    ea: torch.Tensor = field(init=False)  # Σ e aᵀ [d, f]
+    a: torch.Tensor = field(init=False)  # Σ a     [f]
+    e: torch.Tensor = field(init=False)  # Σ e     [d]
+    ee: torch.Tensor = field(init=False)  # Σ |e|²  []
+
+    def __post_init__(self) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.aa, self.ea, self.a, self.e, self.ee = z(self.f, self.f), z(self.d, self.f), z(self.f), z(self.d), z(())
+
+    def add(self, a: torch.Tensor, e: torch.Tensor) -> None:
+        a, e = a.to(self.dtype), e.to(self.dtype)
+        self.aa += a.T @ a
+        self.ea += e.T @ a
+        self.a += a.sum(0)
+        self.e += e.sum(0)
+        self.ee += (e * e).sum()
+        self.count += a.shape[0]
+
+
+def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``argmin_{D, c} Σ_t |D a_t + c − e_t|² + ρ'|D|²`` (the intercept is not shrunk).
+
+    Centering turns it into a plain ridge solve: ``D = C_ea (C_aa + ρ' I)⁻¹``, ``c = ē − D ā``,
+    with the same relative ρ as ``ridge_solve``.  Returns (D [d, f], c [d], relative residual).
+    """
+    n = max(st.count, 1)
+    if intercept:
+        ma, me = st.a / n, st.e / n
+        caa = st.aa - n * torch.outer(ma, ma)
+        cea = st.ea - n * torch.outer(me, ma)
+    else:
+        ma, me = torch.zeros_like(st.a), torch.zeros_like(st.e)
+        caa, cea = st.aa, st.ea
+    dmat = ridge_solve(caa, cea, rho)
+    c = me - dmat @ ma
+    # Σ|D a + c − e|² from the sums
+    quad = torch.sum((dmat @ st.aa) * dmat) + 2 * c @ (dmat @ st.a) + n * (c @ c)
+    cross = torch.sum(dmat * st.ea) + c @ st.e
+    res = (quad - 2 * cross + st.ee).clamp_min(0)
+    rel = float(torch.sqrt(res / st.ee)) if st.ee > 0 else 0.0
+    return dmat, c, rel
