@@ -152,7 +152,27 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
     layers = decoder_layers(model, fam)
     kind = vector_fold_kind(model, fam)
     info: dict = {"vector_fold": kind if patch.vectors else "none", "layers": patch.layers}
-    if patch.vectors and kind == "bias" and not getattr(model.config, fam.bias_flag):
+    # what to put back so the caller can undo the merge (a cached model stays the base model)
+    saved = [(get_module(layers[l], path), get_module(layers[l], path).weight.detach().clone())
+             for l in patch.layers for path in (*fam.mlp_in, fam.mlp_down)]
+    added_bias = patch.vectors and kind == "bias" and not getattr(model.config, fam.bias_flag)
+
+    def undo() -> None:
+        for lin, w in saved:
+            lin.weight.data.copy_(w)
+        if added_bias:
+            setattr(model.config, fam.bias_flag, False)
+            for layer in layers:
+                for path in (*fam.mlp_in, fam.mlp_down):
+                    get_module(layer, path).bias = None
+        else:
+            for l, b in biases:
+                get_module(layers[l], fam.mlp_down).bias.data.copy_(b)
+
+    biases = [(l, get_module(layers[l], fam.mlp_down).bias.detach().clone()) for l in patch.vectors
+              if get_module(layers[l], fam.mlp_down).bias is not None]
+    info["undo"] = undo
+    if added_bias:
         # every layer's projections need a bias parameter once the config says so
         setattr(model.config, fam.bias_flag, True)
         for layer in layers:

@@ -1,0 +1,218 @@
+"""The ``transmute`` command line: a thin Typer layer over ``pipeline``.
+
+Exit codes: 0 ok, 1 gate failed or runtime error, 2 bad usage or bad input.  Errors are one
+line on stderr (``error: FILE: FIELD: what is wrong``), never a traceback; set
+TRANSMUTE_DEBUG=1 to see one for internal errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import InputError, TransmuteError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a prompt into weights: compute, apply, evaluate and compare thought patches.",
+)
+
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16")
+FamilyOpt = typer.Option(None, "--family", help="treat an unlisted architecture like this family (llama, gemma3, ...)")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code (off by default)")
+
+
+def _errors(fn):
+    """Errors become one line on stderr and an exit code, inside the app, so that both the
+    console script and Typer's test runner see the same behaviour."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TransmuteError as e:
+            sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("error: interrupted; no partial output was left behind\n")
+            raise typer.Exit(130) from None
+        except (typer.Exit, SystemExit):
+            raise
+        except Exception as e:
+            if os.environ.get("TRANSMUTE_DEBUG"):
+                raise
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            sys.stderr.write(f"error: internal error: {msg} (set TRANSMUTE_DEBUG=1 for a traceback)\n")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _emit_json(doc: dict) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+@app.command()
+@_errors
+def compute(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (default runs/<name>)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="write the patch and report only"),
+    no_eval: bool = typer.Option(False, "--no-eval", help="skip the accuracy report"),
+    family: Optional[str] = FamilyOpt,
+    trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Compute a thought patch from a recipe; write patch, checkpoint and report."""
+    from . import pipeline, report
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    with report.ProgressView(quiet=quiet) as view:
+        doc = pipeline.compute(
+            r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
+            evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
+            trust_remote_code=trust_remote_code,
+        )
+    if as_json:
+        _emit_json(doc)
+    else:
+        report.show_compute(doc)
+
+
+def _parse_patch_spec(spec: str) -> tuple[str, float]:
+    path, sep, scale = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(scale)
+        except ValueError:
+            raise InputError(f"scale {scale!r} is not a number (use PATH:SCALE)", field="--patch") from None
+    return spec, 1.0
+
+
+@app.command()
+@_errors
+def apply(
+    patch: Optional[str] = typer.Argument(None, help="patch file or run folder"),
+    patches: list[str] = typer.Option([], "-p", "--patch", help="PATH[:SCALE], repeatable: patch arithmetic"),
+    output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to write"),
+    model: Optional[str] = typer.Option(None, "--model", help="base model (default: the one recorded in the patch)"),
+    scale: float = typer.Option(1.0, "--scale", help="scale of the positional patch"),
+    force: bool = typer.Option(False, "--force", help="apply even if the base model's fingerprint differs"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    family: Optional[str] = FamilyOpt,
+    trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Write a patched checkpoint (plain transformers folder) from one or more patches."""
+    from . import pipeline, report
+
+    specs = ([(patch, scale)] if patch else []) + [_parse_patch_spec(p) for p in patches]
+    if not specs:
+        raise InputError("give a patch (PATCH argument or -p PATH[:SCALE])", field="PATCH")
+    specs = [(_patch_file(p), s) for p, s in specs]
+    with report.ProgressView(quiet=quiet) as view:
+        doc = pipeline.apply(specs, output, model=model, force=force, overwrite=overwrite, device=device, dtype=dtype,
+                             log=view.log, family=family, trust_remote_code=trust_remote_code)
+    if as_json:
+        _emit_json(doc)
+    else:
+        c = doc["checkpoint"]
+        report.out.print(f"wrote {c['path']}: vectors stored as {c['vector_fold']}; vs in-process top-1 "
+                         f"{c['top1_agreement_vs_in_process']:.3f}, KL {c['mean_kl_vs_in_process']:.5f}")
+
+
+def _patch_file(p: str) -> str:
+    path = Path(p)
+    if path.is_dir() and (path / "patch.safetensors").is_file():
+        return str(path / "patch.safetensors")
+    return p
+
+
+@app.command("eval")
+@_errors
+def eval_cmd(
+    target: str = typer.Argument(..., help="run folder, patch file or patched checkpoint"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe with eval pairs (default: the one recorded)"),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="file of alternative query templates"),
+    min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="exit 1 if patched accuracy on the recipe's template is below"),
+    scale: float = typer.Option(1.0, "--scale", help="scale the patch (patches and run folders)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    family: Optional[str] = FamilyOpt,
+    trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Accuracy table: no prompt, prompt in context, patched — per template."""
+    from . import pipeline, report
+
+    if min_accuracy is not None and not (0.0 <= min_accuracy <= 1.0):
+        raise InputError(f"must be between 0 and 1, got {min_accuracy}", field="--min-accuracy")
+    with report.ProgressView(quiet=quiet) as view:
+        doc = pipeline.eval_target(
+            target, recipe_path=str(recipe) if recipe else None, templates_path=str(templates) if templates else None,
+            device=device, dtype=dtype, scale=scale, log=view.log,
+            progress=lambda t, c: view.log(f"eval {t!r}: {c}"), family=family, trust_remote_code=trust_remote_code,
+        )
+    gate = None
+    if min_accuracy is not None:
+        own = doc["results"][0]["template"]
+        patched = next(r for r in doc["results"] if r["template"] == own and r["condition"] == "patched")
+        gate = {"min_accuracy": min_accuracy, "accuracy": patched["accuracy"], "passed": patched["accuracy"] >= min_accuracy}
+        doc["gate"] = gate
+    if as_json:
+        _emit_json({k: v for k, v in doc.items() if k != "answers"})
+    else:
+        report.out.print(report.accuracy_table(doc["results"], title=f"{doc['recipe']}: accuracy on {doc['n']} held-out pairs"))
+    if gate and not gate["passed"]:
+        report.err.print(f"gate failed: patched accuracy {gate['accuracy']:.3f} < --min-accuracy {min_accuracy}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@_errors
+def diff(
+    a: str = typer.Argument(..., help="patch, run folder or checkpoint"),
+    b: str = typer.Argument(..., help="patch, run folder or checkpoint"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Compare two patches or two checkpoints layer by layer."""
+    from . import report
+    from .diff import diff_paths
+
+    d = diff_paths(a, b).to_json()
+    if as_json:
+        _emit_json(d)
+    else:
+        report.show_diff(d)
+
+
+@app.command()
+@_errors
+def version() -> None:
+    """Print the version."""
+    from . import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,132 @@
+"""Rendering for people: rich tables and progress (stderr), plain lines when not on a TTY.
+
+Only this module and ``cli.py`` import rich.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .engine import Progress as EngineProgress
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+class ProgressView:
+    """Engine progress callback: a rich bar on a TTY, one line per batch/stage otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._bar: Progress | None = None
+        self._task = None
+        self._last = ""
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "ProgressView":
+        if self.tty and not self.quiet:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TimeElapsedColumn(), console=err, transient=True)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            err.print(f"[dim]transmute:[/dim] {msg}" if self.tty else f"transmute: {msg}", markup=self.tty)
+
+    def __call__(self, p: EngineProgress) -> None:
+        if self.quiet:
+            return
+        if self._bar is not None:
+            total = p.batches * p.layers
+            desc = f"batch {p.batch + 1}/{p.batches} layer {p.layer + 1}/{p.layers}" if p.stage == "layer" else p.stage
+            if self._task is None:
+                self._task = self._bar.add_task(desc, total=total)
+            done = p.batch * p.layers + (p.layer if p.stage == "layer" else 0)
+            if p.stage == "fidelity":
+                done = total
+            self._bar.update(self._task, completed=done, description=desc)
+            return
+        line = f"batch {p.batch + 1}/{p.batches}: {p.stage}"
+        if p.stage == "layer" and p.layer not in (0, p.layers - 1):
+            return
+        if p.stage == "layer":
+            line += f" {p.layer + 1}/{p.layers}"
+        if line != self._last:
+            err.print(f"transmute: {line} ({time.perf_counter() - self._t0:.1f} s)", markup=False)
+            self._last = line
+
+
+def _f(x, d: int = 3) -> str:
+    return "–" if x is None else f"{x:.{d}f}"
+
+
+def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact match, answer cut at newline)") -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("template")
+    conds = [c for c in ("base", "prompt", "patched") if any(r["condition"] == c for r in results)]
+    names = {"base": "no prompt", "prompt": "prompt in context", "patched": "patched (no prompt)"}
+    for c in conds:
+        t.add_column(names[c], justify="right")
+    templates = list(dict.fromkeys(r["template"] for r in results))
+    for tpl in templates:
+        row = [repr(tpl)]
+        for c in conds:
+            r = next((r for r in results if r["template"] == tpl and r["condition"] == c), None)
+            row.append("" if r is None else f"{r['accuracy']:.3f} ({r['correct']}/{r['n']})")
+        t.add_row(*row)
+    return t
+
+
+def show_compute(report: dict) -> None:
+    f = report["fidelity"]
+    t = Table(title="Fidelity on the patch examples (vs the original model with the prompt)", title_justify="left")
+    t.add_column("")
+    t.add_column("top-1 agreement", justify="right")
+    t.add_column("mean KL (nats)", justify="right")
+    t.add_row("no prompt, unpatched", _f(f["base_top1_agreement"]), _f(f["base_mean_kl"]))
+    t.add_row("no prompt, patched", _f(f["top1_agreement"]), _f(f["mean_kl"]))
+    out.print(t)
+    lt = Table(title="Per layer", title_justify="left")
+    for c in ("layer", "tokens", "matrix fit residual", "vector/joint residual", "|δ|", "|A|"):
+        lt.add_column(c, justify="right")
+    for l in f["layers"]:
+        lt.add_row(str(l["layer"]), str(l["tokens"]), _f(l["matrix_residual"]), _f(l["vector_residual"]),
+                   _f(l["vector_norm"], 2), _f(l["matrix_norm"], 2))
+    out.print(lt)
+    if report.get("eval"):
+        out.print(accuracy_table(report["eval"]["results"]))
+    c = report.get("checkpoint")
+    if c:
+        line = (f"checkpoint: vectors stored as {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'}); "
+                f"vs in-process: top-1 {_f(c['top1_agreement_vs_in_process'])}, KL {_f(c['mean_kl_vs_in_process'], 5)}")
+        if "answer_agreement_vs_in_process" in c:
+            line += f", same answers {_f(c['answer_agreement_vs_in_process'])}, accuracy {_f(c['accuracy'])}"
+        out.print(line)
+    out.print(f"wrote {report['output']} (compute {report['timings']['compute_s']:.1f} s)")
+
+
+def show_diff(d: dict) -> None:
+    t = Table(title=f"diff ({d['kind']}): A = {d['a']}   B = {d['b']}", title_justify="left")
+    for c in ("layer", "tensor", "|A|", "|B|", "|A−B|", "cosine", "rel. change", "eff. rank"):
+        t.add_column(c, justify="right")
+    for r in d["tensors"]:
+        t.add_row(str(r["layer"]), r["tensor"], _f(r["norm_a"]), _f(r["norm_b"]), _f(r["diff_norm"]), _f(r["cosine"]),
+                  _f(r["relative_change"]), _f(r["effective_rank"], 1))
+    out.print(t)
+    if d.get("top_layers"):
+        out.print("layers that changed most: " + ", ".join(map(str, d["top_layers"])))
+    if d.get("overlap"):
+        out.print("overlap: " + ", ".join(f"{k} {_f(v)}" for k, v in d["overlap"].items()))
+    for n in d.get("notes", []):
+        out.print(f"note: {n}")
