@@ -1,0 +1,295 @@
+"""Reproduce the paper's experiment table on Gemma 3 270M, plus the knobs and beyond-the-paper
+measurements.  Every number in README's "Results" section comes from this script.
+
+    python examples/experiments.py table        # every recipe: no prompt / prompt / patched / vector only, all templates
+    python examples/experiments.py rho          # ρ sweep (en->fr and dictionary k=8), table + PNG
+    python examples/experiments.py examples     # number of examples 1, 5, 10, 20, 40 (en->fr), table + PNG
+    python examples/experiments.py components   # vector vs matrix vs both, independent vs joint, table + PNG
+    python examples/experiments.py augment      # template augmentation vs template-shift drop (dictionaries)
+    python examples/experiments.py side-effects # translation patch vs prompted antonyms; perplexity of a neutral text
+    python examples/experiments.py all
+
+Results go to results/<experiment>.json, .md and .png.  Needs matplotlib for the plots
+(`pip install -e ".[experiments]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transmute_cli import pipeline  # noqa: E402
+from transmute_cli.engine import compute_patch  # noqa: E402
+from transmute_cli.evaluate import evaluate  # noqa: E402
+from transmute_cli.hooks import ThoughtHooks  # noqa: E402
+from transmute_cli.recipe import load_recipe, load_templates  # noqa: E402
+
+OUT = ROOT / "results"
+CAPABILITIES = ["translate-en-fr", "antonyms", "country-capital", "plural", "uppercase", "addition"]
+KNOWLEDGE = ["dictionary-k8", "dictionary-k16", "dictionary-k32"]
+TEMPLATES = {"addition": "templates-addition.txt", **{k: "templates-dictionary.txt" for k in KNOWLEDGE}}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def recipe(name: str, **over):
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    return dataclasses.replace(r, **over) if over else r
+
+
+def alt_templates(name: str) -> list[str]:
+    return load_templates(ROOT / "examples" / TEMPLATES.get(name, "templates-words.txt"))
+
+
+def patch_for(m, r, **over):
+    t0 = time.perf_counter()
+    res = compute_patch(m.model, m.tokenizer, r.instruction, pipeline.patch_texts(r), pipeline.engine_config(r, **over))
+    return res, time.perf_counter() - t0
+
+
+def accuracy(m, r, templates, patch=None, conditions=("patched",)):
+    res = evaluate(m.model, m.tokenizer, r.instruction, r.eval, templates, patch, conditions=conditions,
+                   max_new_tokens=r.max_new_tokens)
+    return {(x.template, x.condition): x.accuracy for x in res}
+
+
+def save(name: str, data, md: str) -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (OUT / f"{name}.md").write_text(md)
+    print(md)
+
+
+def plot(name: str, xs, series: dict[str, list[float]], xlabel: str, logx: bool = False, title: str = "") -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("exact-match accuracy (held out)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def exp_table(m) -> None:
+    rows = []
+    for name in CAPABILITIES + KNOWLEDGE:
+        r = recipe(name)
+        alts = alt_templates(name)
+        log(f"{name}: patches")
+        full, t_full = patch_for(m, r)
+        vec, _ = patch_for(m, r, components=("vector",), solver="independent")
+        log(f"{name}: eval on {1 + len(alts)} templates")
+        templates = [r.template] + alts
+        base = accuracy(m, r, templates, None, ("base", "prompt"))
+        pat = accuracy(m, r, templates, full.patch)
+        vo = accuracy(m, r, templates, vec.patch)
+        own = r.template
+        mean = lambda d, c: sum(d[(t, c)] for t in alts) / len(alts)  # noqa: E731
+        row = {
+            "recipe": name, "n_eval": len(r.eval), "compute_s": round(t_full, 1),
+            "own": {"base": base[(own, "base")], "prompt": base[(own, "prompt")], "patched": pat[(own, "patched")],
+                    "vector_only": vo[(own, "patched")]},
+            "alt_mean": {"base": mean(base, "base"), "prompt": mean(base, "prompt"), "patched": mean(pat, "patched"),
+                         "vector_only": mean(vo, "patched")},
+            "per_template": {t: {"base": base[(t, "base")], "prompt": base[(t, "prompt")], "patched": pat[(t, "patched")],
+                                 "vector_only": vo[(t, "patched")]} for t in templates},
+        }
+        rows.append(row)
+        log(f"{name}: {row['own']}  alt {row['alt_mean']}")
+    md = ["| recipe | n | no prompt | prompt | patched | patched ÷ prompt | vector only | alt templates: prompt | alt: patched | alt: vector only |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        o, a = x["own"], x["alt_mean"]
+        ratio = o["patched"] / o["prompt"] if o["prompt"] else float("nan")
+        md.append(f"| {x['recipe']} | {x['n_eval']} | {o['base']:.2f} | {o['prompt']:.2f} | {o['patched']:.2f} | {ratio:.2f} | "
+                  f"{o['vector_only']:.2f} | {a['prompt']:.2f} | {a['patched']:.2f} | {a['vector_only']:.2f} |")
+    save("table", rows, "\n".join(md) + "\n")
+
+
+def exp_rho(m) -> None:
+    rhos = [0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    data = {}
+    for name in ("translate-en-fr", "dictionary-k8"):
+        r = recipe(name)
+        alts = alt_templates(name)
+        for solver in ("joint", "independent"):
+            own, alt = [], []
+            for rho in rhos:
+                log(f"rho {name} {solver} {rho}")
+                res, _ = patch_for(m, r, rho=rho, solver=solver)
+                acc = accuracy(m, r, [r.template] + alts, res.patch)
+                own.append(acc[(r.template, "patched")])
+                alt.append(sum(acc[(t, "patched")] for t in alts) / len(alts))
+            data[f"{name} {solver}"] = {"own": own, "alt": alt}
+    md = ["| recipe, solver, template | " + " | ".join(f"ρ={x:g}" for x in rhos) + " |", "|---" * (len(rhos) + 1) + "|"]
+    for k, v in data.items():
+        md.append(f"| {k}, own | " + " | ".join(f"{a:.2f}" for a in v["own"]) + " |")
+        md.append(f"| {k}, alt mean | " + " | ".join(f"{a:.2f}" for a in v["alt"]) + " |")
+    save("rho", {"rho": rhos, "results": data}, "\n".join(md) + "\n")
+    plot("rho", rhos, {f"{k} ({w})": v[w] for k, v in data.items() for w in ("own", "alt")}, "ρ (relative ridge)", logx=True,
+         title="ρ sweep")
+
+
+def exp_examples(m) -> None:
+    ns = [1, 5, 10, 20, 40]
+    r0 = recipe("translate-en-fr")
+    pool = list(r0.examples) + list(r0.eval[20:])  # 40 patch pairs; eval on the first 20 held-out pairs
+    ev = r0.eval[:20]
+    data = {}
+    for solver in ("joint", "independent"):
+        accs = []
+        for n in ns:
+            r = dataclasses.replace(r0, examples=tuple(pool[:n]), eval=tuple(ev))
+            log(f"examples {solver} {n}")
+            res, _ = patch_for(m, r, solver=solver)
+            accs.append(accuracy(m, r, [r.template], res.patch)[(r.template, "patched")])
+        data[solver] = accs
+    prompt = accuracy(m, dataclasses.replace(r0, eval=tuple(ev)), [r0.template], None, ("prompt",))[(r0.template, "prompt")]
+    md = ["| solver | " + " | ".join(f"n={n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
+    md += [f"| {k} | " + " | ".join(f"{a:.2f}" for a in v) + " |" for k, v in data.items()]
+    md.append(f"\nprompt in context on the same 20 held-out words: {prompt:.2f}")
+    save("examples", {"n": ns, "results": data, "prompt": prompt, "eval_n": len(ev)}, "\n".join(md) + "\n")
+    plot("examples", ns, {**data, "prompt in context": [prompt] * len(ns)}, "number of examples", title="en→fr: examples")
+
+
+def exp_components(m) -> None:
+    variants = [("vector", "independent"), ("matrix", "independent"), ("vector,matrix", "independent"),
+                ("vector", "joint"), ("matrix", "joint"), ("vector,matrix", "joint")]
+    data = {}
+    for name in ("translate-en-fr", "antonyms", "dictionary-k8"):
+        r = recipe(name)
+        accs = []
+        for comps, solver in variants:
+            log(f"components {name} {comps} {solver}")
+            res, _ = patch_for(m, r, components=tuple(comps.split(",")), solver=solver)
+            acc = accuracy(m, r, [r.template], res.patch)[(r.template, "patched")]
+            accs.append({"components": comps, "solver": solver, "accuracy": acc,
+                         "kl": res.fidelity.mean_kl, "top1": res.fidelity.top1_agreement})
+        data[name] = accs
+    md = ["| recipe | " + " | ".join(f"{c} ({s})" for c, s in variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for k, v in data.items():
+        md.append(f"| {k} | " + " | ".join(f"{x['accuracy']:.2f}" for x in v) + " |")
+    md.append("\nKL (nats/position, patch examples) per variant:")
+    for k, v in data.items():
+        md.append(f"- {k}: " + ", ".join(f"{x['components']}/{x['solver']} {x['kl']:.3f}" for x in v))
+    save("components", {"variants": variants, "results": data}, "\n".join(md) + "\n")
+    plot("components", list(range(len(variants))), {k: [x["accuracy"] for x in v] for k, v in data.items()},
+         "variant: " + ", ".join(f"{i}={c}/{s[0]}" for i, (c, s) in enumerate(variants)), title="components and solvers")
+
+
+def exp_augment(m) -> None:
+    """Patch with the recipe's template only, or with it plus two alternative templates; evaluate
+    on the *other* alternative templates, never used for patching (the honest template shift)."""
+    data = {}
+    for name in KNOWLEDGE + ["translate-en-fr"]:
+        r = recipe(name)
+        alts = alt_templates(name)
+        train_alts, held = alts[:2], alts[2:]
+        row = {}
+        for label, pts in (("single template", ()), ("augmented (+2 templates)", tuple(train_alts))):
+            rr = dataclasses.replace(r, patch_templates=pts)
+            log(f"augment {name} {label}")
+            res, _ = patch_for(m, rr)
+            acc = accuracy(m, rr, [r.template] + held, res.patch)
+            own = acc[(r.template, "patched")]
+            shifted = sum(acc[(t, "patched")] for t in held) / len(held)
+            row[label] = {"own": own, "held_out_templates": shifted, "drop_points": 100 * (own - shifted)}
+        prompt = accuracy(m, r, [r.template] + held, None, ("prompt",))
+        row["prompt"] = {"own": prompt[(r.template, "prompt")],
+                         "held_out_templates": sum(prompt[(t, "prompt")] for t in held) / len(held)}
+        row["held_out"] = held
+        data[name] = row
+    md = ["| recipe | prompt: own / held-out templates | single template: own / held-out / drop | augmented: own / held-out / drop |",
+          "|---|---|---|---|"]
+    for k, v in data.items():
+        s, a, p = v["single template"], v["augmented (+2 templates)"], v["prompt"]
+        md.append(f"| {k} | {p['own']:.2f} / {p['held_out_templates']:.2f} | {s['own']:.2f} / {s['held_out_templates']:.2f} / "
+                  f"{s['drop_points']:.0f} pts | {a['own']:.2f} / {a['held_out_templates']:.2f} / {a['drop_points']:.0f} pts |")
+    save("augment", data, "\n".join(md) + "\n")
+
+
+def perplexity(m, text: str, patch=None) -> float:
+    ids = m.tokenizer(text, return_tensors="pt")["input_ids"][:, :512].to(next(m.model.parameters()).device)
+    with torch.no_grad(), ThoughtHooks(m.model, m.fam) as hooks:
+        if patch is not None:
+            hooks.set_patch(patch)
+        else:
+            hooks.enabled = False
+        loss = m.model(input_ids=ids, labels=ids).loss.item()
+    return math.exp(loss)
+
+
+def exp_side_effects(m) -> None:
+    tr = recipe("translate-en-fr")
+    res, _ = patch_for(m, tr)
+    data = {}
+    for other in ("antonyms", "country-capital", "plural"):
+        r = recipe(other)
+        before = accuracy(m, r, [r.template], None, ("prompt",))[(r.template, "prompt")]
+        with ThoughtHooks(m.model, m.fam) as hooks:  # the patch stays on; the other task is prompted
+            hooks.set_patch(res.patch)
+            after = evaluate(m.model, m.tokenizer, r.instruction, r.eval, [r.template], None, conditions=("prompt",),
+                             max_new_tokens=r.max_new_tokens)[0].accuracy
+        data[other] = {"prompted_before": before, "prompted_with_translation_patch": after,
+                       "change_points": 100 * (after - before)}
+        log(f"side effects {other}: {data[other]}")
+    text = (ROOT / "examples" / "neutral.txt").read_text()
+    data["perplexity"] = {"before": perplexity(m, text), "with_translation_patch": perplexity(m, text, res.patch)}
+    md = ["| prompted task | accuracy before | with the en→fr patch applied | change |", "|---|---|---|---|"]
+    for k in ("antonyms", "country-capital", "plural"):
+        v = data[k]
+        md.append(f"| {k} | {v['prompted_before']:.2f} | {v['prompted_with_translation_patch']:.2f} | {v['change_points']:+.0f} pts |")
+    p = data["perplexity"]
+    md.append(f"\nperplexity of examples/neutral.txt: {p['before']:.2f} before, {p['with_translation_patch']:.2f} with the en→fr patch")
+    save("side_effects", data, "\n".join(md) + "\n")
+
+
+EXPERIMENTS = {"table": exp_table, "rho": exp_rho, "examples": exp_examples, "components": exp_components,
+               "augment": exp_augment, "side-effects": exp_side_effects}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    m = pipeline.load_model("gemma-3-270m", device=args.device)
+    for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:
+        t0 = time.perf_counter()
+        EXPERIMENTS[name](m)
+        log(f"{name} done in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,666 @@
+"""The ``transmute`` command line through Typer's test runner, on tiny random models saved as
+local Hugging Face folders: compute / apply / eval / diff, exact checkpoints, exact one-line
+errors, atomic outputs, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+from typer.testing import CliRunner
+
+from transmute_cli.cli import app
+from transmute_cli.engine import special_prefix
+from transmute_cli.evaluate import generate_answers
+from transmute_cli.families import family_for
+from transmute_cli.hooks import ThoughtHooks
+from transmute_cli.patch import FORMAT, combine, load_patch
+from transmute_cli.recipe import render
+
+from tiny import tiny_tokenizer
+
+INSTRUCTION = "Reverse the word:\nabc -> cba\nhat -> tah\n"
+OTHER_INSTRUCTION = "Repeat the word twice:\nabc -> abcabc\nhat -> hathat\n"
+EXAMPLES = [["dog", "god"], ["cat", "tac"], ["sun", "nus"], ["pen", "nep"]]
+EVAL = [["top", "pot"], ["bag", "gab"], ["rim", "mir"]]
+TEMPLATE = "{input} -> {output}"
+CPU = ["--device", "cpu"]
+
+runner = CliRunner()
+
+
+def invoke(*args) -> "object":
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~10x faster than thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def recipe_dict(model, instruction=INSTRUCTION, solver="joint", **extra) -> dict:
+    d = {
+        "model": str(model),
+        "instruction": instruction,
+        "examples": [list(p) for p in EXAMPLES],
+        "eval": [list(p) for p in EVAL],
+        "max_new_tokens": 4,
+        "rho": 0.1,
+        "solver": solver,
+    }
+    d.update(extra)
+    return d
+
+
+def write_recipe(path: Path, model, **kw) -> Path:
+    path.write_text(yaml.safe_dump(recipe_dict(model, **kw), sort_keys=False))
+    return path
+
+
+_PROGRESS_BAR = re.compile(r"\d+/\d+ \[")  # a tqdm bar (transformers' "Loading weights", ...)
+
+
+def stderr_lines(res) -> list[str]:
+    """stderr lines without third-party tqdm progress bars (see test_quiet_means_silent_stderr)."""
+    return [l for l in res.stderr.split("\n") if l and "\r" not in l and not _PROGRESS_BAR.search(l)]
+
+
+def no_traceback(res) -> None:
+    assert "Traceback" not in res.stdout and "Traceback" not in res.stderr
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+
+
+def ok(res):
+    no_traceback(res)
+    assert res.exit_code == 0, (res.exit_code, res.stdout[-2000:], res.stderr[-2000:])
+    return res
+
+
+def error_line(res, code: int = 2) -> str:
+    """The one error line of a failed command (exit ``code``, nothing on stdout, no traceback)."""
+    no_traceback(res)
+    assert res.exit_code == code, (res.exit_code, res.stdout[-2000:], res.stderr[-2000:])
+    lines = stderr_lines(res)
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), lines
+    assert res.stdout == ""
+    return lines[0]
+
+
+def no_leftovers(parent: Path) -> None:
+    assert not [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def compute_run(out: Path, recipe: Path, *flags) -> dict:
+    res = ok(invoke("compute", recipe, "-o", out, *CPU, "--json", *flags))
+    doc = json.loads(res.stdout)
+    return {"dir": out, "doc": doc, "res": res, "recipe": recipe}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tiny_model_dir):
+    return tiny_model_dir("gemma3")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def llama_run(one_torch_thread, work, llama_dir):
+    """Full compute (patch, eval, checkpoint) on tiny Llama, joint solver, with progress on."""
+    recipe = write_recipe(work / "reverse.yaml", llama_dir)
+    return compute_run(work / "runs" / "reverse", recipe)
+
+
+@pytest.fixture(scope="module")
+def llama_indep_run(one_torch_thread, work, llama_dir):
+    recipe = write_recipe(work / "reverse-indep.yaml", llama_dir, solver="independent")
+    return compute_run(work / "runs" / "reverse-indep", recipe, "--quiet")
+
+
+@pytest.fixture(scope="module")
+def llama_other_run(one_torch_thread, work, llama_dir):
+    """A second patch for the same base model, from a different instruction."""
+    recipe = write_recipe(work / "repeat.yaml", llama_dir, instruction=OTHER_INSTRUCTION)
+    return compute_run(work / "runs" / "repeat", recipe, "--quiet", "--no-eval")
+
+
+@pytest.fixture(scope="module")
+def gemma_run(one_torch_thread, work, gemma_dir):
+    recipe = write_recipe(work / "reverse-gemma.yaml", gemma_dir, solver="independent")
+    return compute_run(work / "runs" / "reverse-gemma", recipe, "--quiet")
+
+
+# --------------------------------------------------------------------------- 1. compute
+
+
+def test_compute_writes_the_run_folder(llama_run, llama_dir):
+    d, doc, res = llama_run["dir"], llama_run["doc"], llama_run["res"]
+    assert {p.name for p in d.iterdir()} == {"patch.safetensors", "checkpoint", "report.json", "report.md", "recipe.yaml"}
+    ck = {p.name for p in (d / "checkpoint").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "transmute.json"} <= ck
+    assert (d / "recipe.yaml").read_text() == llama_run["recipe"].read_text()
+    report = json.loads((d / "report.json").read_text())
+    assert report["recipe"]["name"] == "reverse"
+    assert report["settings"]["solver"] == "joint" and report["settings"]["rho"] == 0.1
+    assert report["fidelity"]["mean_kl"] < report["fidelity"]["base_mean_kl"]
+    assert (d / "report.md").read_text().startswith("# transmute report: reverse")
+    side = json.loads((d / "checkpoint" / "transmute.json").read_text())
+    assert side["base_model"] == str(llama_dir)
+    assert side["base_fingerprint"] == doc["model"]["fingerprint"]
+    assert side["recipe"] == llama_run["recipe"].read_text()
+    no_leftovers(d.parent)
+
+
+def test_compute_json_is_one_document_on_stdout(llama_run, llama_dir):
+    res, doc = llama_run["res"], llama_run["doc"]
+    assert {"fidelity", "eval", "checkpoint", "settings", "model", "output"} <= set(doc)
+    assert res.stdout.lstrip().startswith("{") and res.stdout.rstrip().endswith("}")
+    assert "transmute:" not in res.stdout and "Loading" not in res.stdout
+    assert doc["output"] == str(llama_run["dir"])
+    assert doc["model"]["spec"] == str(llama_dir) and doc["model"]["family"] == "llama"
+    conds = [r["condition"] for r in doc["eval"]["results"]]
+    assert conds == ["base", "prompt", "patched"]
+    # the report on disk is the same document, less the output path
+    on_disk = json.loads((llama_run["dir"] / "report.json").read_text())
+    assert on_disk["fidelity"] == doc["fidelity"] and on_disk["checkpoint"] == doc["checkpoint"]
+    # progress went to stderr
+    assert any(l.startswith("transmute: loading model") for l in stderr_lines(res))
+    assert any("computing the patch" in l for l in stderr_lines(res))
+
+
+@pytest.fixture(scope="module")
+def plain_rerun(one_torch_thread, work, llama_run):
+    """The same recipe again: human output, --quiet, no checkpoint, no eval."""
+    out = work / "runs" / "reverse-again"
+    res = ok(invoke("compute", llama_run["recipe"], "-o", out, *CPU, "--quiet", "--no-checkpoint", "--no-eval"))
+    return out, res
+
+
+def test_compute_quiet_human_output(plain_rerun):
+    out, res = plain_rerun
+    assert "transmute:" not in res.stderr  # no progress lines of our own
+    assert "Fidelity on the patch examples" in res.stdout
+    assert f"wrote {out}" in res.stdout
+    assert {p.name for p in out.iterdir()} == {"patch.safetensors", "report.json", "report.md", "recipe.yaml"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["checkpoint"] is None and report["eval"] is None
+
+
+@pytest.mark.xfail(strict=True, reason="--quiet leaves transformers' tqdm bars ('Loading weights', "
+                                      "'Writing model shards') on stderr")
+def test_quiet_means_silent_stderr(plain_rerun):
+    assert plain_rerun[1].stderr == ""
+
+
+# --------------------------------------------------------------------------- 8. reproducible
+
+
+def same_patch(a: Path, b: Path) -> bool:
+    from safetensors import safe_open
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        same_meta = fa.metadata() == fb.metadata()
+    return same_meta and set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_compute_is_reproducible(llama_run, plain_rerun):
+    """Same recipe twice on CPU: bit-identical tensors and identical metadata."""
+    assert same_patch(llama_run["dir"] / "patch.safetensors", plain_rerun[0] / "patch.safetensors")
+
+
+@pytest.mark.xfail(strict=True, reason="patch.save_patch: safetensors stores __metadata__ in a Rust HashMap, so "
+                                      "its key order in the header (and the file bytes) changes from save to save")
+def test_compute_is_reproducible_byte_for_byte(llama_run, plain_rerun):
+    a = (llama_run["dir"] / "patch.safetensors").read_bytes()
+    b = (plain_rerun[0] / "patch.safetensors").read_bytes()
+    assert a == b
+
+
+# --------------------------------------------------------------------------- 2. checkpoint round trip
+
+
+def _load_plain(folder: Path):
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)  # no trust_remote_code
+    return model.eval()
+
+
+def _token_seqs(tok) -> list[torch.Tensor]:
+    pre = special_prefix(tok)
+    texts = ["dog -> god\n", "top -> ", "Reverse it: abc", "hello world 123"]
+    return [torch.tensor([pre + list(tok(t, add_special_tokens=False)["input_ids"])]) for t in texts]
+
+
+def _eval_prompts(tok) -> list[list[int]]:
+    pre = special_prefix(tok)
+    return [pre + list(tok(render(TEMPLATE, i), add_special_tokens=False)["input_ids"]) for i, _ in EVAL]
+
+
+@pytest.mark.parametrize("which", ["llama_run", "llama_indep_run"])
+def test_llama_checkpoint_is_exact(which, request, llama_dir):
+    run = request.getfixturevalue(which)
+    d = run["dir"]
+    info = run["doc"]["checkpoint"]
+    assert info["vector_fold"] == "bias" and info["exact"] is True
+    assert info["top1_agreement_vs_in_process"] == 1.0 and info["mean_kl_vs_in_process"] < 1e-6
+
+    ck = _load_plain(d / "checkpoint")
+    assert ck.config.mlp_bias is True
+    tok = AutoTokenizer.from_pretrained(str(d / "checkpoint"))
+    base = _load_plain(llama_dir)
+    patch = load_patch(d / "patch.safetensors")
+    assert patch.vectors and patch.matrices
+    assert bool(patch.downs) == (which == "llama_run")  # joint solver: down matrices too
+    fam = family_for(base)
+    with torch.no_grad():
+        for ids in _token_seqs(tok):
+            with ThoughtHooks(base, fam) as hooks:
+                hooks.set_patch(patch)
+                ref = base(input_ids=ids).logits
+            plain = base(input_ids=ids).logits
+            got = ck(input_ids=ids).logits
+            assert (ref - plain).abs().max() > 1e-2  # the patch does something
+            assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+        prompts = _eval_prompts(tok)
+        with ThoughtHooks(base, fam) as hooks:
+            hooks.set_patch(patch)
+            want = generate_answers(base, tok, prompts, 4)
+        assert generate_answers(ck, tok, prompts, 4) == want
+    assert info["answer_agreement_vs_in_process"] == 1.0
+
+
+def test_gemma_checkpoint_vector_is_folded_by_least_squares(gemma_run, gemma_dir):
+    d = gemma_run["dir"]
+    info = json.loads((d / "report.json").read_text())["checkpoint"]
+    assert info["vector_fold"] == "least-squares" and info["exact"] is False
+    assert isinstance(info["mean_kl_vs_in_process"], float) and math.isfinite(info["mean_kl_vs_in_process"])
+    assert info["mean_kl_vs_in_process"] >= 0
+    assert 0.0 <= info["top1_agreement_vs_in_process"] <= 1.0
+    assert gemma_run["doc"]["settings"]["solver"] == "independent"
+
+    ck = _load_plain(d / "checkpoint")
+    assert ck.config.model_type == "gemma3_text"
+    tok = AutoTokenizer.from_pretrained(str(d / "checkpoint"))
+    base = _load_plain(gemma_dir)
+    patch = load_patch(d / "patch.safetensors")
+    fam = family_for(base)
+    prompts = _eval_prompts(tok)
+    with torch.no_grad():
+        with ThoughtHooks(base, fam) as hooks:
+            hooks.set_patch(patch)
+            want = generate_answers(base, tok, prompts, 4)
+        got = generate_answers(ck, tok, prompts, 4)
+        # the matrices are exact, only the vectors are approximate: the checkpoint is not the base
+        ids = _token_seqs(tok)[0]
+        assert not torch.allclose(ck(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
+    assert len(got) == len(want) == len(EVAL)
+    # what the report says about greedy answers is what the saved checkpoint does
+    agree = sum(a == b for a, b in zip(got, want)) / len(want)
+    assert agree == pytest.approx(info["answer_agreement_vs_in_process"])
+
+
+# --------------------------------------------------------------------------- 3. apply
+
+
+def test_apply_scale_zero_gives_the_base_weights(llama_run, llama_dir, work):
+    out = work / "applied" / "scale0"
+    res = ok(invoke("apply", llama_run["dir"], "-o", out, "--scale", "0", *CPU, "--quiet"))
+    assert f"wrote {out}" in res.stdout
+    got = load_file(str(out / "model.safetensors"))
+    base = load_file(str(llama_dir / "model.safetensors"))
+    assert set(base) <= set(got)
+    for k, v in base.items():
+        assert torch.equal(got[k], v), k
+    extra = set(got) - set(base)  # the bias switch adds (zero) biases
+    assert extra and all(k.endswith(".bias") for k in extra)
+    assert all(not got[k].any() for k in extra)
+    assert _load_plain(out).config.mlp_bias is True
+    no_leftovers(out.parent)
+
+
+def test_apply_refuses_an_existing_output(llama_run, work):
+    out = work / "applied" / "exists"
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    res = invoke("apply", llama_run["dir"], "-o", out, *CPU, "--quiet")
+    assert error_line(res) == f"error: {out}: already exists; pass --overwrite to replace it"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    ok(invoke("apply", llama_run["dir"], "-o", out, *CPU, "--quiet", "--overwrite"))
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    no_leftovers(out.parent)
+
+
+def test_apply_checks_the_base_fingerprint(llama_run, tiny_model_dir, work):
+    other = tiny_model_dir("llama", seed=1)
+    patch = llama_run["dir"] / "patch.safetensors"
+    out = work / "applied" / "other-seed"
+    line = error_line(invoke("apply", llama_run["dir"], "-o", out, "--model", other, *CPU, "--quiet"))
+    assert line.startswith(f"error: {patch}: patch made for another model: base fingerprint ")
+    assert "--force" in line
+    assert not out.exists()
+    ok(invoke("apply", llama_run["dir"], "-o", out, "--model", other, "--force", *CPU, "--quiet"))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_apply_refuses_another_shape_even_with_force(llama_run, tiny_model_dir, work):
+    other = tiny_model_dir("llama", hidden_size=48)
+    patch = llama_run["dir"] / "patch.safetensors"
+    out = work / "applied" / "other-shape"
+    line = error_line(invoke("apply", patch, "-o", out, "--model", other, "--force", *CPU, "--quiet"))
+    assert line == (f"error: {patch}: patch made for another model: made for hidden size 32, the model has 48")
+    assert not out.exists()
+    no_leftovers(out.parent)
+
+
+def test_apply_patch_arithmetic(llama_run, llama_other_run, llama_dir, work):
+    a, b = llama_run["dir"], llama_other_run["dir"] / "patch.safetensors"
+    out = work / "applied" / "sum"
+    res = ok(invoke("apply", "-p", f"{a}:1.0", "-p", f"{b}:0.5", "-o", out, *CPU, "--quiet", "--json"))
+    doc = json.loads(res.stdout)
+    assert doc["patches"] == [{"path": str(a / "patch.safetensors"), "scale": 1.0}, {"path": str(b), "scale": 0.5}]
+    assert doc["checkpoint"]["vector_fold"] == "bias" and doc["checkpoint"]["path"] == str(out)
+    pa, pb = load_patch(a / "patch.safetensors"), load_patch(b)
+    want = combine([(pa, 1.0), (pb, 0.5)])
+    base, ck = _load_plain(llama_dir), _load_plain(out)
+    fam = family_for(base)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    with torch.no_grad():
+        for ids in _token_seqs(tok)[:2]:
+            with ThoughtHooks(base, fam) as hooks:
+                hooks.set_patch(want)
+                ref = base(input_ids=ids).logits
+            with ThoughtHooks(base, fam) as hooks:
+                hooks.set_patch(pa)
+                only_a = base(input_ids=ids).logits
+            got = ck(input_ids=ids).logits
+            assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(got, only_a, atol=1e-3)  # B really contributed
+
+
+def test_apply_needs_a_patch(work):
+    line = error_line(invoke("apply", "-o", work / "applied" / "none", *CPU))
+    assert line == "error: PATCH: give a patch (PATCH argument or -p PATH[:SCALE])"
+
+
+# --------------------------------------------------------------------------- 4. eval
+
+
+@pytest.fixture(scope="module")
+def templates_file(work) -> Path:
+    p = work / "templates.txt"
+    p.write_text("# alternatives\nQ: {input}\\nA: {output}\n\n{input} => {output}\n")
+    return p
+
+
+def _check_results(doc, templates):
+    rows = doc["results"]
+    assert len(rows) == 3 * len(templates)
+    assert [r["template"] for r in rows] == [t for t in templates for _ in range(3)]
+    assert [r["condition"] for r in rows] == ["base", "prompt", "patched"] * len(templates)
+    for r in rows:
+        assert set(r) == {"template", "condition", "accuracy", "correct", "n"}
+        assert r["n"] == len(EVAL) and 0 <= r["correct"] <= r["n"]
+        assert r["accuracy"] == pytest.approx(r["correct"] / r["n"])
+
+
+def test_eval_run_folder_with_templates(llama_run, templates_file):
+    res = ok(invoke("eval", llama_run["dir"], "--templates", templates_file, "--json", *CPU, "--quiet"))
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "run" and doc["n"] == len(EVAL) and "answers" not in doc
+    _check_results(doc, [TEMPLATE, "Q: {input}\nA: {output}", "{input} => {output}"])
+    # the recipe's own template gives what compute reported
+    assert doc["results"][:3] == llama_run["doc"]["eval"]["results"]
+
+
+def test_eval_patch_file_human_table(llama_run):
+    res = ok(invoke("eval", llama_run["dir"] / "patch.safetensors", *CPU, "--quiet"))
+    assert "accuracy on 3 held-out pairs" in res.stdout and "patched (no prompt)" in res.stdout
+
+
+def test_eval_checkpoint_folder(llama_run):
+    res = ok(invoke("eval", llama_run["dir"] / "checkpoint", "--json", *CPU, "--quiet"))
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "checkpoint"
+    _check_results(doc, [TEMPLATE])
+    # the exact (bias) checkpoint answers like the in-process patch
+    assert doc["results"] == llama_run["doc"]["eval"]["results"]
+
+
+def test_eval_min_accuracy_out_of_range(llama_run):
+    line = error_line(invoke("eval", llama_run["dir"], "--min-accuracy", "1.01", *CPU, "--quiet"))
+    assert line == "error: --min-accuracy: must be between 0 and 1, got 1.01"
+
+
+def test_eval_min_accuracy_gate(llama_run):
+    patched = llama_run["doc"]["eval"]["results"][2]["accuracy"]
+    res = ok(invoke("eval", llama_run["dir"], "--min-accuracy", "0.0", "--json", *CPU, "--quiet"))
+    assert json.loads(res.stdout)["gate"] == {"min_accuracy": 0.0, "accuracy": patched, "passed": True}
+    assert patched < 1.0  # a tiny random model does not reverse words
+    res = invoke("eval", llama_run["dir"], "--min-accuracy", "1.0", *CPU, "--quiet")
+    no_traceback(res)
+    assert res.exit_code == 1
+    assert f"gate failed: patched accuracy {patched:.3f} < --min-accuracy 1.0" in res.stderr
+    assert "patched (no prompt)" in res.stdout  # the table is still shown
+
+
+# --------------------------------------------------------------------------- 5. diff
+
+
+def test_diff_two_patches_json(llama_run, llama_other_run):
+    res = ok(invoke("diff", llama_run["dir"], llama_other_run["dir"], "--json"))
+    d = json.loads(res.stdout)
+    assert d["kind"] == "patch" and d["tensors"]
+    assert {t["tensor"] for t in d["tensors"]} == {"matrix", "vector", "down"}
+    assert any(t["diff_norm"] > 0 for t in d["tensors"])
+    assert d["overlap"]["cosine_all"] is not None
+
+
+@pytest.mark.xfail(strict=True, reason="report.show_diff formats overlap['matrix_layers'] (a list) with "
+                                      "_f(): TypeError -> internal error, exit 1")
+def test_diff_two_patches_table(llama_run, llama_other_run):
+    res = ok(invoke("diff", llama_run["dir"], llama_other_run["dir"]))
+    assert "diff (patch)" in res.stdout and "overlap:" in res.stdout
+    assert res.stderr == ""
+
+
+def test_diff_checkpoint_against_its_base(llama_run, llama_dir):
+    res = ok(invoke("diff", llama_run["dir"] / "checkpoint", llama_dir, "--json"))
+    d = json.loads(res.stdout)
+    assert d["kind"] == "checkpoint" and d["top_layers"]
+    res = ok(invoke("diff", llama_run["dir"] / "checkpoint", llama_dir))
+    assert "diff (checkpoint)" in res.stdout
+
+
+# --------------------------------------------------------------------------- 6. bad input
+
+
+BAD_RECIPES = {
+    "not-yaml": ("model: [unclosed\n",
+                 "not valid YAML (line 2, column 1: while parsing a flow sequence, expected ',' or ']', "
+                 "but got '<stream end>')"),
+    "root-list": ("- a\n- b\n", "the top level must be a mapping of keys, got a list"),
+    "unknown-key": (dict(bogus=1),
+                    "bogus: unknown key (allowed: batches, components, eta, eval, eval_file, examples, examples_file, "
+                    "instruction, layers, max_new_tokens, model, name, patch_templates, rho, seed, solver, template)"),
+    "wrong-type": (dict(rho="abc"), "rho: must be a number >= 0, got a string ('abc')"),
+    "empty-examples": (dict(examples=[]), "examples: at least one example is required (examples or examples_file)"),
+    "no-output-field": (dict(template="{input} ->"), "template: must contain {input} and {output}"),
+    "empty-instruction": (dict(instruction="  "), "instruction: must not be empty"),
+    "negative-rho": (dict(rho=-0.5), "rho: must be a number >= 0, got -0.5"),
+    "zero-eta": (dict(eta=0), "eta: must be a number > 0, got 0"),
+    # checked once the model is loaded: still names the recipe file and the field
+    "layer-out-of-range": (dict(layers=[99]),
+                           "layers: layer index 99 is out of range: the model has 3 layers (0..2)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_compute_bad_recipe(case, tmp_path, llama_dir):
+    body, reason = BAD_RECIPES[case]
+    recipe = tmp_path / f"{case}.yaml"
+    if isinstance(body, dict):
+        write_recipe(recipe, llama_dir, **body)
+    else:
+        recipe.write_text(body)
+    out = tmp_path / "out"
+    line = error_line(invoke("compute", recipe, "-o", out, *CPU, "--quiet"))
+    assert line == f"error: {recipe}: {reason}"
+    assert not out.exists()
+    no_leftovers(tmp_path)
+
+
+def test_compute_missing_recipe(tmp_path):
+    recipe = tmp_path / "nope.yaml"
+    line = error_line(invoke("compute", recipe, "-o", tmp_path / "out", *CPU))
+    assert line == f"error: {recipe}: file not found"
+    assert not (tmp_path / "out").exists()
+
+
+def test_compute_example_longer_than_the_context(tmp_path, llama_dir):
+    examples = [list(p) for p in EXAMPLES]
+    examples[2] = ["sun", "a" * 300]
+    recipe = write_recipe(tmp_path / "long.yaml", llama_dir, examples=examples)
+    out = tmp_path / "out"
+    line = error_line(invoke("compute", recipe, "-o", out, *CPU, "--quiet"))
+    # BOS + instruction + "sun -> aaa…\n"
+    n = 1 + len(INSTRUCTION) + len("sun -> ") + 300 + 1
+    assert line == f"error: {recipe}: examples[2]: instruction + example is {n} tokens; the model's context is 256"
+    assert not out.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="engine.check_lengths indexes patch texts (templates x examples), so "
+                                      "a too-long example under patch_templates[0] is reported as examples[7] "
+                                      "in a 4-example recipe")
+def test_too_long_example_under_a_patch_template_names_the_example(tmp_path, llama_dir):
+    examples = [list(p) for p in EXAMPLES]
+    examples[3] = ["pen", "a" * 190]  # fits the main template, not the longer patch template
+    recipe = write_recipe(tmp_path / "long.yaml", llama_dir, examples=examples,
+                          patch_templates=["x" * 80 + " {input} -> {output}"])
+    line = error_line(invoke("compute", recipe, "-o", tmp_path / "out", *CPU, "--quiet"))
+    assert "examples[3]" in line
+
+
+def _model_error(tmp_path, model) -> str:
+    recipe = write_recipe(tmp_path / "r.yaml", model)
+    out = tmp_path / "out"
+    line = error_line(invoke("compute", recipe, "-o", out, *CPU, "--quiet"))
+    assert not out.exists()
+    no_leftovers(tmp_path)
+    return line
+
+
+def test_compute_missing_model_folder(tmp_path):
+    model = tmp_path / "no-such-model"
+    assert _model_error(tmp_path, model) == f"error: {model}: model folder not found"
+
+
+def test_compute_model_folder_without_config(tmp_path):
+    model = tmp_path / "empty-model"
+    model.mkdir()
+    assert _model_error(tmp_path, model) == f"error: {model}: not a Hugging Face model folder (no config.json)"
+
+
+def test_compute_corrupt_model_folder(tmp_path, llama_dir):
+    model = tmp_path / "corrupt-model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((llama_dir / name).read_bytes())
+    (model / "model.safetensors").write_bytes(b"\x00garbage" * 64)
+    assert _model_error(tmp_path, model).startswith(f"error: {model}: cannot load the model (")
+
+
+def test_compute_unsupported_architecture(tmp_path):
+    model = tmp_path / "gpt2"
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    line = _model_error(tmp_path, model)
+    assert line.startswith("error: model type 'gpt2' is not supported (supported: ")
+    assert "--family" in line
+
+
+def test_eval_malformed_templates_file(llama_run, tmp_path):
+    tpl = tmp_path / "templates.txt"
+    tpl.write_text("{input} => {output}\n{input} without an answer\n")
+    line = error_line(invoke("eval", llama_run["dir"], "--templates", tpl, *CPU, "--quiet"))
+    assert line == f"error: {tpl}: line 2: must contain {{input}} and {{output}}"
+
+
+@pytest.fixture
+def garbage_patch(tmp_path) -> Path:
+    p = tmp_path / "garbage.safetensors"
+    p.write_bytes(b"\x00garbage" * 64)
+    return p
+
+
+@pytest.fixture
+def nan_patch(tmp_path, llama_run) -> Path:
+    meta = load_patch(llama_run["dir"] / "patch.safetensors").metadata
+    assert meta["format"] == FORMAT
+    p = tmp_path / "nan.safetensors"
+    save_file({"layers.0.vector": torch.full((32,), float("nan")), "layers.1.matrix": torch.zeros(32, 32)},
+              str(p), metadata={"format": "transmute-patch/1", "n_layers": "3", "d_model": "32",
+                                "base_model": meta["base_model"], "base_fingerprint": meta["base_fingerprint"],
+                                "recipe": meta["recipe"]})
+    return p
+
+
+@pytest.mark.parametrize("command", ["apply", "eval"])
+def test_corrupt_patch(command, garbage_patch, tmp_path):
+    out = tmp_path / "out"
+    args = ["-o", out] if command == "apply" else []
+    line = error_line(invoke(command, garbage_patch, *args, *CPU, "--quiet"))
+    assert line.startswith(f"error: {garbage_patch}: not a readable safetensors file (")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["apply", "eval"])
+def test_nan_patch(command, nan_patch, tmp_path):
+    out = tmp_path / "out"
+    args = ["-o", out] if command == "apply" else []
+    line = error_line(invoke(command, nan_patch, *args, *CPU, "--quiet"))
+    assert line == f"error: {nan_patch}: layers.0.vector: contains NaN or Inf"
+    assert not out.exists()
+    no_leftovers(tmp_path)
+
+
+# --------------------------------------------------------------------------- 7. nothing lost
+
+
+def test_compute_never_clobbers_and_overwrite_replaces(llama_run, tmp_path):
+    out = tmp_path / "runs" / "kept"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    (out / "patch.safetensors").write_bytes(b"old patch")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = error_line(invoke("compute", llama_run["recipe"], "-o", out, *CPU, "--quiet", "--no-checkpoint"))
+    assert line == f"error: {out}: already exists; pass --overwrite to replace it"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    ok(invoke("compute", llama_run["recipe"], "-o", out, *CPU, "--quiet", "--no-checkpoint", "--no-eval", "--overwrite"))
+    assert not (out / "notes.txt").exists()
+    assert same_patch(out / "patch.safetensors", llama_run["dir"] / "patch.safetensors")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["kept"]  # no .tmp-/.old- folders left
