@@ -37,6 +37,7 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _silence_libraries()
         try:
             return fn(*args, **kwargs)
         except TransmuteError as e:
@@ -55,6 +56,15 @@ def _errors(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _silence_libraries() -> None:
+    """transformers' own progress bars and warnings would break the one-line-error contract and
+    duplicate our progress on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _emit_json(doc: dict) -> None:

@@ -50,6 +50,21 @@ def save_patch(patch: ThoughtPatch, path: Path, metadata: dict[str, str]) -> Non
     }
     meta.update({k: str(v) for k, v in metadata.items()})
     save_file(tensors, str(path), metadata=meta)
+    _canonical_header(Path(path))
+
+
+def _canonical_header(path: Path) -> None:
+    """safetensors writes its JSON header from a hash map, so key order (and the file's bytes)
+    change from run to run.  Rewrite the header with sorted keys: same recipe, same seed, same
+    bytes.  Tensor offsets are relative to the end of the header, so its length may change."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    new = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    new += b" " * (-len(new) % 8)  # keep the data 8-byte aligned
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+    tmp.replace(path)
 
 
 def load_patch(path: str | Path) -> ThoughtPatch:

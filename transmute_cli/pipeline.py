@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -67,9 +68,17 @@ def engine_config(recipe: Recipe, **over) -> EngineConfig:
 
 
 def _with_source(err: InputError, recipe: Recipe) -> InputError:
-    """Engine input errors name a field; the recipe file is added here."""
-    if err.source is None and recipe.source:
-        return type(err)(err.reason, source=recipe.source, field=err.field)
+    """Engine input errors name a field of patch texts; the recipe file, the example and the
+    template are named here (patch texts are every example under every patch template)."""
+    field, reason = err.field, err.reason
+    m = re.fullmatch(r"examples\[(\d+)\]", field or "")
+    if m:
+        i, n = int(m.group(1)), len(recipe.examples)
+        field = f"examples[{i % n}]"
+        if i >= n:
+            reason += f" (under patch_templates[{i // n - 1}])"
+    if err.source is None:
+        return type(err)(reason, source=recipe.source, field=field)
     return err
 
 

@@ -127,6 +127,7 @@ def show_diff(d: dict) -> None:
     if d.get("top_layers"):
         out.print("layers that changed most: " + ", ".join(map(str, d["top_layers"])))
     if d.get("overlap"):
-        out.print("overlap: " + ", ".join(f"{k} {_f(v)}" for k, v in d["overlap"].items()))
+        nums = {k: v for k, v in d["overlap"].items() if isinstance(v, (int, float)) or v is None}
+        out.print("overlap: " + ", ".join(f"{k} {_f(v)}" for k, v in nums.items()))
     for n in d.get("notes", []):
         out.print(f"note: {n}")
