@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -155,7 +154,7 @@ def gemma_run(one_torch_thread, work, gemma_dir):
 
 
 def test_compute_writes_the_run_folder(llama_run, llama_dir):
-    d, doc, res = llama_run["dir"], llama_run["doc"], llama_run["res"]
+    d, doc, _res = llama_run["dir"], llama_run["doc"], llama_run["res"]
     assert {p.name for p in d.iterdir()} == {"patch.safetensors", "checkpoint", "report.json", "report.md", "recipe.yaml"}
     ck = {p.name for p in (d / "checkpoint").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "transmute.json"} <= ck

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from transmute_cli import pipeline
-from transmute_cli.engine import EngineConfig, compute_patch, exact_token_patch
+from transmute_cli.engine import compute_patch, exact_token_patch
 from transmute_cli.evaluate import evaluate, generate_answers
 from transmute_cli.recipe import load_recipe, render
 

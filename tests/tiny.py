@@ -61,7 +61,7 @@ def tiny_model(family: str, seed: int = 0, **over):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # random init gives tiny weights; make norms and projections non-trivial so errors show
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(0.3 * torch.randn_like(p))
             else:

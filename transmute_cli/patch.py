@@ -225,7 +225,7 @@ def _fold_matrix(v: torch.Tensor, st: dict) -> torch.Tensor:
     scale divided out (Gemma).  λ is relative (1e-3 of the mean eigenvalue)."""
     from .solve import ridge_solve
 
-    aa, asum, count = st["aa"], st["a"], st["count"]
+    aa, asum, _count = st["aa"], st["a"], st["count"]
     target = torch.outer(v.double().to(aa.device), asum)  # Σ v ãᵀ  [d, f]
     dprime = ridge_solve(aa, target, 1e-3)
     scale = st.get("scale")

@@ -430,7 +430,7 @@ def report_markdown(r: dict) -> str:
         f"- model: `{r['model']['spec']}` ({r['model']['model_type']}, {r['model']['n_layers']} layers, "
         f"fingerprint {r['model']['fingerprint']}, {r['model']['device']}, {r['model']['dtype']})",
         f"- recipe sha256: `{r['recipe']['sha256']}`",
-        f"- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
         f"- examples: {r['examples']} ({r['patch_texts']} patch texts, {f['tokens']} token positions)",
         f"- compute: {r['timings']['compute_s']:.1f} s",
         "",

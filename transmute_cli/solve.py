@@ -7,7 +7,7 @@ number of examples and the sums add across batches and processes (all_reduce).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
