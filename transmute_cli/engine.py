@@ -50,6 +50,9 @@ class EngineConfig:
     stats_dtype: torch.dtype = torch.float64
     propagation: str = "incremental"  # "naive": rerun the whole model for every layer (benchmark/oracle)
     fidelity: bool = True  # end-to-end KL / top-1 on the patch examples
+    # shard examples over an initialised torch.distributed group: each rank accumulates its
+    # share and the sums are all_reduce'd before every solve (they are sums, so this is exact)
+    distributed: bool = False
 
     @property
     def step(self) -> float:
@@ -339,10 +342,11 @@ class _Loop:
         cfg = self.cfg
         t0 = time.perf_counter()
         batches = _deal(len(self.enc.texts), cfg.batches, cfg.seed)
+        rank, world = _dist_rank_world(cfg.distributed)
         with torch.no_grad(), ThoughtHooks(self.model, self.fam) as hooks:
             for b, index in enumerate(batches):
                 self.progress(Progress("prepare", b, len(batches), 0, self.L))
-                mbs = _micro_batches(self.enc, index, cfg.micro_batch, self.pad, self.device)
+                mbs = _micro_batches(self.enc, index[rank::world], cfg.micro_batch, self.pad, self.device)
                 prefix = None
                 if cfg.propagation == "incremental":
                     hooks.enabled = False
@@ -363,7 +367,7 @@ class _Loop:
         fid = Fidelity([self._layer_fidelity(l) for l in self.patch_layers])
         if cfg.fidelity:
             self.progress(Progress("fidelity", len(batches) - 1, len(batches), self.L - 1, self.L))
-            end_to_end(self.model, self.fam, patch, self.enc, self.pad, fid, cfg.micro_batch)
+            end_to_end(self.model, self.fam, patch, self.enc, self.pad, fid, cfg.micro_batch, cfg.distributed)
             t0 = self._tick("fidelity", t0)
         return PatchResult(patch, fid, self.timings)
 
@@ -400,6 +404,8 @@ class _Loop:
                 ctx_out.append(uc + c["y"][:, P:][m])
             c, _ = self._nctx_pass(l, mb)
             stats.add(c["n"][:, p:][m], nc, c["u"][:, p:][m], uc)
+        if patched and cfg.distributed:
+            stats.all_reduce()
         if patched and stats.count:
             self._solve(l, stats, mbs, ctx_out, hooks)
         if cfg.propagation == "incremental":
@@ -461,6 +467,8 @@ class _Loop:
                 st.add(act, e)
         finally:
             self._install(hooks, l)
+        if self.cfg.distributed:
+            st.all_reduce()
         dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept)
         if scale is not None:
             # a channel whose norm scale is ~0 cannot be moved by D at all: leave its row at 0
@@ -508,13 +516,25 @@ def _compare(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, flo
     return kl, float(agree)
 
 
-def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, fid: Fidelity, micro_batch: int) -> None:
+def _dist_rank_world(enabled: bool) -> tuple[int, int]:
+    if not enabled:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise EngineError("distributed compute needs an initialised torch.distributed process group (torchrun)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, fid: Fidelity, micro_batch: int,
+               distributed: bool = False) -> None:
     """Top-1 agreement and mean KL at the positions of x: the patched model *without* I against
     the original model *with* I, through the model's ordinary forward (hooks, not the loop)."""
     base = base_model(model, fam)
     P, p = enc.prefix_len, len(enc.pre)
     tot = {"kl": 0.0, "agree": 0.0, "bkl": 0.0, "bagree": 0.0, "n": 0}
-    mbs = _micro_batches(enc, list(range(len(enc.texts))), micro_batch, pad, model_device(model))
+    rank, world = _dist_rank_world(distributed)
+    mbs = _micro_batches(enc, list(range(len(enc.texts)))[rank::world], micro_batch, pad, model_device(model))
     with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
         for mb in mbs:
@@ -531,6 +551,14 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
             tot["bkl"] += bkl
             tot["bagree"] += bagree
             tot["n"] += int(m.sum())
+    if distributed:
+        import torch.distributed as dist
+
+        keys = sorted(tot)
+        t = torch.tensor([float(tot[k]) for k in keys], dtype=torch.float64, device=model_device(model))
+        dist.all_reduce(t)
+        tot = dict(zip(keys, t.tolist()))
+        tot["n"] = int(tot["n"])
     n = max(tot["n"], 1)
     fid.tokens = tot["n"]
     fid.mean_kl, fid.top1_agreement = tot["kl"] / n, tot["agree"] / n

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -122,6 +123,9 @@ def compute(
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md."""
     out = Path(out) if out is not None else Path("runs") / recipe.name
     check_target(out, overwrite)
+    rank, distributed = _init_distributed(device)
+    if distributed and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     t0 = time.perf_counter()
     if loaded is None:
         log(f"loading model {recipe.model}")
@@ -131,11 +135,13 @@ def compute(
     log(f"computing the patch from {len(texts)} example texts on {model_device(loaded.model)}")
     t1 = time.perf_counter()
     try:
-        res = compute_patch(loaded.model, loaded.tokenizer, recipe.instruction, texts, engine_config(recipe),
-                            progress=progress, family=family)
+        res = compute_patch(loaded.model, loaded.tokenizer, recipe.instruction, texts,
+                            engine_config(recipe, distributed=distributed), progress=progress, family=family)
     except InputError as e:
         raise _with_source(e, recipe) from None
     t_compute = time.perf_counter() - t1
+    if rank != 0:  # every rank holds the same patch; rank 0 evaluates and writes
+        return {"rank": rank, "output": None}
     patch = res.patch
     meta = patch_metadata(recipe, loaded)
     report: dict = {
@@ -174,6 +180,21 @@ def compute(
         (tmp / "report.md").write_text(report_markdown(report))
     report["output"] = str(out)
     return report
+
+
+def _init_distributed(device: str) -> tuple[int, bool]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: examples are sharded over ranks
+    and the statistics all_reduce'd (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), True
 
 
 def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:

@@ -25,18 +25,19 @@ class LayerStats:
     dzdz: torch.Tensor = field(init=False)  # Σ dz dzᵀ      [d, d]  (for the fit residual)
     delta: torch.Tensor = field(init=False)  # Σ delta      [d]
     delta_sq: torch.Tensor = field(init=False)  # Σ |delta|²  []
-    extra: torch.Tensor = field(init=False)  # Σ of the joint solver's MLP-output gap [d]
 
     def __post_init__(self) -> None:
         z = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)  # noqa: E731
         self.nn, self.dzn, self.dzdz = z(self.d, self.d), z(self.d, self.d), z(self.d, self.d)
-        self.delta, self.delta_sq, self.extra = z(self.d), z(()), z(self.d)
+        self.delta, self.delta_sq = z(self.d), z(())
 
     def add(self, n: torch.Tensor, n_ctx: torch.Tensor, u: torch.Tensor, u_ctx: torch.Tensor) -> None:
-        """Accumulate tokens: ``n``/``u`` non-contextual, ``*_ctx`` contextual, all ``[tokens, d]``."""
-        n = n.to(self.dtype)
-        dz = n_ctx.to(self.dtype) - n
-        delta = u_ctx.to(self.dtype) - u.to(self.dtype)
+        """Accumulate tokens: ``n``/``u`` non-contextual, ``*_ctx`` contextual, all ``[tokens, d]``.
+        Inputs may live on another device than the sums (layers spread by a device map)."""
+        f = lambda t: t.to(device=self.device, dtype=self.dtype)  # noqa: E731
+        n = f(n)
+        dz = f(n_ctx) - n
+        delta = f(u_ctx) - f(u)
         self.nn += n.T @ n
         self.dzn += dz.T @ n
         self.dzdz += dz.T @ dz
@@ -45,17 +46,21 @@ class LayerStats:
         self.count += n.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.nn, self.dzn, self.dzdz, self.delta, self.delta_sq, self.extra]
+        return [self.nn, self.dzn, self.dzdz, self.delta, self.delta_sq]
 
     def all_reduce(self) -> None:
         """Sum the statistics over a torch.distributed process group (sharded data)."""
-        import torch.distributed as dist
+        _all_reduce(self.tensors(), self)
 
-        for t in self.tensors():
-            dist.all_reduce(t)
-        c = torch.tensor([self.count], dtype=torch.float64, device=self.nn.device)
-        dist.all_reduce(c)
-        self.count = int(c.item())
+
+def _all_reduce(tensors: list[torch.Tensor], owner) -> None:
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t)
+    c = torch.tensor([float(owner.count)], dtype=torch.float64, device=tensors[0].device)
+    dist.all_reduce(c)
+    owner.count = int(c.item())
 
 
 def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float) -> torch.Tensor:
@@ -102,7 +107,7 @@ def mean_vector(stats: LayerStats) -> torch.Tensor:
     """The thought vector for this batch: the least-squares constant ``mean_t delta_t``."""
     if stats.count == 0:
         return torch.zeros_like(stats.delta)
-    return (stats.delta + stats.extra) / stats.count
+    return stats.delta / stats.count
 
 
 @dataclass
@@ -129,13 +134,16 @@ class DownStats:
         self.aa, self.ea, self.a, self.e, self.ee = z(self.f, self.f), z(self.d, self.f), z(self.f), z(self.d), z(())
 
     def add(self, a: torch.Tensor, e: torch.Tensor) -> None:
-        a, e = a.to(self.dtype), e.to(self.dtype)
+        a, e = a.to(self.device, self.dtype), e.to(self.device, self.dtype)
         self.aa += a.T @ a
         self.ea += e.T @ a
         self.a += a.sum(0)
         self.e += e.sum(0)
         self.ee += (e * e).sum()
         self.count += a.shape[0]
+
+    def all_reduce(self) -> None:
+        _all_reduce([self.aa, self.ea, self.a, self.e, self.ee], self)
 
 
 def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
