@@ -120,7 +120,9 @@ def _parse_patch_spec(spec: str) -> tuple[str, float]:
 def apply(
     patch: Optional[str] = typer.Argument(None, help="patch file or run folder"),
     patches: list[str] = typer.Option([], "-p", "--patch", help="PATH[:SCALE], repeatable: patch arithmetic"),
-    output: Path = typer.Option(..., "-o", "--output", help="checkpoint folder to write"),
+    output: Path = typer.Option(..., "-o", "--output", help="checkpoint (or adapter) folder to write"),
+    fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (merged HF folder) or peft (LoRA adapter)"),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank for --format peft"),
     model: Optional[str] = typer.Option(None, "--model", help="base model (default: the one recorded in the patch)"),
     scale: float = typer.Option(1.0, "--scale", help="scale of the positional patch"),
     force: bool = typer.Option(False, "--force", help="apply even if the base model's fingerprint differs"),
@@ -141,9 +143,11 @@ def apply(
     specs = [(_patch_file(p), s) for p, s in specs]
     with report.ProgressView(quiet=quiet) as view:
         doc = pipeline.apply(specs, output, model=model, force=force, overwrite=overwrite, device=device, dtype=dtype,
-                             log=view.log, family=family, trust_remote_code=trust_remote_code)
+                             log=view.log, family=family, trust_remote_code=trust_remote_code, fmt=fmt, rank=rank)
     if as_json:
         _emit_json(doc)
+    elif "adapter" in doc:
+        report.show_adapter(doc["adapter"])
     else:
         c = doc["checkpoint"]
         report.out.print(f"wrote {c['path']}: vectors stored as {c['vector_fold']}; vs in-process top-1 "

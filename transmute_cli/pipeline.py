@@ -271,19 +271,11 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
     info = merge(model, fam, patch, scale, stats)
     try:
         got = _logits(loaded, batches)
-        kl = agree = n = 0.0
-        for r, g in zip(ref, got):
-            lr, lg = torch.log_softmax(r, -1), torch.log_softmax(g, -1)
-            kl += (lr.exp() * (lr - lg)).sum(-1).clamp_min(0).sum().item()
-            agree += (r.argmax(-1) == g.argmax(-1)).sum().item()
-            n += r.shape[0]
         result = {
             "path": out.name,
             "vector_fold": info["vector_fold"],
             "exact": info["vector_fold"] in ("bias", "none"),
-            "mean_kl_vs_in_process": kl / max(n, 1),
-            "top1_agreement_vs_in_process": agree / max(n, 1),
-            "positions": int(n),
+            **_compare_logits(ref, got, "in_process"),
         }
         if patched_answers is not None and recipe is not None and recipe.eval:
             pre = special_prefix(loaded.tokenizer)
@@ -321,8 +313,13 @@ def apply(
     log: Log = _quiet,
     trust_remote_code: bool = False,
     family: str | None = None,
+    fmt: str = "checkpoint",
+    rank: int = 16,
 ) -> dict:
-    """One or several patches (with scales) -> a patched standard checkpoint folder."""
+    """One or several patches (with scales) -> a patched standard checkpoint folder, or a PEFT
+    LoRA adapter (``fmt="peft"``, truncated SVD at ``rank``)."""
+    if fmt not in ("checkpoint", "peft"):
+        raise InputError(f"must be checkpoint or peft, got {fmt!r}", field="--format")
     out = Path(out)
     check_target(out, overwrite)
     patches = [(load_patch(p), s) for p, s in patch_specs]
@@ -342,13 +339,66 @@ def apply(
             r = parse_recipe(p.metadata["recipe"], source="<recipe in patch>")
             recipes.append(r)
             texts += patch_texts(r)
-    if patch.vectors and vector_fold_kind(loaded.model, loaded.fam) != "bias" and not texts:
+    needs_fold = patch.vectors and (fmt == "peft" or vector_fold_kind(loaded.model, loaded.fam) != "bias")
+    if needs_fold and not texts:
         raise PatchError("the patch carries no recipe to fold its thought vectors with", source=patch_specs[0][0])
+    provenance = {"patches": [{"path": p, "scale": s} for p, s in patch_specs]}
+    one_recipe = recipes[0] if len(recipes) == 1 else None
     with atomic_dir(out, overwrite) as tmp:
-        info = write_checkpoint(loaded, patch, tmp, texts or [" "], recipes[0] if len(recipes) == 1 else None, None,
-                                provenance={"patches": [{"path": p, "scale": s} for p, s in patch_specs]})
+        if fmt == "peft":
+            log(f"exporting a PEFT LoRA adapter at rank {rank}")
+            info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, spec)
+        else:
+            info = write_checkpoint(loaded, patch, tmp, texts or [" "], one_recipe, None, provenance=provenance)
     info["path"] = str(out)
-    return {"checkpoint": info, "model": model_json(loaded), "patches": [{"path": p, "scale": s} for p, s in patch_specs]}
+    return {"checkpoint" if fmt == "checkpoint" else "adapter": info, "model": model_json(loaded),
+            "patches": provenance["patches"]}
+
+
+def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
+               rank: int, base_spec: str) -> dict:
+    """Export the adapter, reload it with ``PeftModel.from_pretrained`` and measure it against the
+    in-process patch (KL/top-1 on the patch texts; eval accuracy of both when there is an eval)."""
+    from peft import PeftModel
+
+    from .export import export_peft
+
+    model, fam = loaded.model, loaded.fam
+    stats = fold_statistics(model, fam, patch, _token_batches(loaded, texts)) if patch.vectors else None
+    info = export_peft(model, fam, patch, rank, out, base_spec, stats)
+    batches = _token_batches(loaded, texts[:64])
+    with ThoughtHooks(model, fam) as hooks:
+        hooks.set_patch(patch)
+        ref = _logits(loaded, batches)
+        acc_in_process = _eval_accuracy(loaded, recipe) if recipe is not None and recipe.eval else None
+    peft_model = PeftModel.from_pretrained(model, str(out))
+    try:
+        got = [peft_model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
+        info.update(_compare_logits(ref, got, "in_process"))
+        if acc_in_process is not None:
+            info["accuracy_in_process"] = acc_in_process
+            info["accuracy"] = _eval_accuracy(loaded, recipe, peft_model)
+    finally:
+        peft_model.unload()
+    return info
+
+
+def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
+    pre = special_prefix(loaded.tokenizer)
+    ids = lambda s: list(loaded.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompts = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
+    answers = generate_answers(model or loaded.model, loaded.tokenizer, prompts, recipe.max_new_tokens)
+    return sum(a == p.output.strip() for a, p in zip(answers, recipe.eval)) / len(recipe.eval)
+
+
+def _compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor], name: str) -> dict:
+    kl = agree = n = 0.0
+    for r, g in zip(ref, got):
+        lr, lg = torch.log_softmax(r, -1), torch.log_softmax(g, -1)
+        kl += (lr.exp() * (lr - lg)).sum(-1).clamp_min(0).sum().item()
+        agree += (r.argmax(-1) == g.argmax(-1)).sum().item()
+        n += r.shape[0]
+    return {f"mean_kl_vs_{name}": kl / max(n, 1), f"top1_agreement_vs_{name}": agree / max(n, 1), "positions": int(n)}
 
 
 # --------------------------------------------------------------------------- eval

@@ -131,3 +131,20 @@ def show_diff(d: dict) -> None:
         out.print("overlap: " + ", ".join(f"{k} {_f(v)}" for k, v in nums.items()))
     for n in d.get("notes", []):
         out.print(f"note: {n}")
+
+
+def show_adapter(a: dict) -> None:
+    t = Table(title=f"PEFT LoRA adapter, rank {a['rank']}: captured energy |ΔW_r|²/|ΔW|²", title_justify="left")
+    t.add_column("layer", justify="right")
+    modules = list(dict.fromkeys(e["module"] for e in a["energy"]))
+    for m in modules:
+        t.add_column(m, justify="right")
+    for layer in sorted({e["layer"] for e in a["energy"]}):
+        row = {e["module"]: e["energy"] for e in a["energy"] if e["layer"] == layer}
+        t.add_row(str(layer), *[_f(row.get(m)) for m in modules])
+    out.print(t)
+    line = (f"wrote {a['path']}: mean energy {_f(a['mean_energy'])}; vs in-process patch top-1 "
+            f"{_f(a['top1_agreement_vs_in_process'])}, KL {_f(a['mean_kl_vs_in_process'], 5)}")
+    if "accuracy" in a:
+        line += f"; eval accuracy adapter {_f(a['accuracy'])} vs in-process {_f(a['accuracy_in_process'])}"
+    out.print(line)

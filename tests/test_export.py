@@ -1,0 +1,96 @@
+"""PEFT export: `PeftModel.from_pretrained(base, DIR)` loads the adapter; at full rank it is the
+in-process patch (matrices exactly; the vector through its least-squares fold)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from transmute_cli.cli import app
+from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.export import _lora_pair
+from transmute_cli.families import family_for
+from transmute_cli.hooks import ThoughtHooks
+
+from tiny import tiny_model, tiny_tokenizer
+
+peft = pytest.importorskip("peft")
+
+WORDS = ["dog", "cat", "sun", "moon", "tree", "lamp", "fish", "bird"]
+
+
+def test_lora_pair_is_the_truncated_svd():
+    torch.manual_seed(0)
+    delta = torch.randn(12, 3) @ torch.randn(3, 8)  # rank 3
+    a, b, e = _lora_pair(delta, 3)
+    assert torch.allclose(b @ a, delta, atol=1e-5) and e == pytest.approx(1.0)
+    a, b, e = _lora_pair(delta, 1)
+    assert 0 < e < 1 and a.shape == (1, 8) and b.shape == (12, 1)
+    a, b, _ = _lora_pair(delta, 20)  # more rank than the matrix has: zero-padded
+    assert a.shape == (20, 8) and torch.allclose(b @ a, delta, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    ex = "\n".join(f"  - [{w}, {w[::-1]}]" for w in WORDS)
+    (root / "r.yaml").write_text(f"model: {root / 'model'}\ninstruction: |\n  Reverse the word:\n  abc -> cba\n"
+                                 f"examples:\n{ex}\neval:\n  - [pot, top]\n  - [bus, sub]\nrho: 0.1\nsolver: joint\n"
+                                 "max_new_tokens: 4\n")
+    res = CliRunner().invoke(app, ["compute", str(root / "r.yaml"), "-o", str(root / "run"), "--device", "cpu", "-q",
+                                   "--no-checkpoint"])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+# full rank: matrices exact, the vector through its least-squares fold (approximate)
+@pytest.mark.parametrize("rank,min_top1", [(64, 0.8), (2, 0.0)])
+def test_apply_format_peft_loads_with_peft(run, rank, min_top1):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run / f"adapter-{rank}"
+    res = CliRunner().invoke(app, ["apply", str(run / "run"), "--format", "peft", "--rank", str(rank), "-o", str(out),
+                                   "--device", "cpu", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)["adapter"]
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert doc["rank"] == rank and len(doc["energy"]) == 3 * 3  # 3 layers × gate, up, down
+    if rank >= 64:
+        assert doc["mean_energy"] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert doc["mean_energy"] < 1.0
+    assert doc["top1_agreement_vs_in_process"] >= min_top1
+    assert "accuracy" in doc and "accuracy_in_process" in doc
+    base = AutoModelForCausalLM.from_pretrained(run / "model")
+    loaded = PeftModel.from_pretrained(base, str(out))  # plain peft, no transmute code
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    assert torch.isfinite(got).all()
+
+
+def test_full_rank_matrix_only_adapter_is_exact(tmp_path):
+    from peft import PeftModel
+
+    from transmute_cli.export import export_peft
+
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    texts = [f"{w} -> {w[::-1]}\n" for w in WORDS]
+    patch = compute_patch(model, tok, "Reverse:\nabc -> cba\n", texts,
+                          EngineConfig(components=("matrix",), solver="joint", fidelity=False)).patch
+    fam = family_for(model)
+    export_peft(model, fam, patch, 64, tmp_path / "a", "tiny", None)
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14]])
+    with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
+        hooks.set_patch(patch)
+        ref = model(input_ids=ids).logits
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(model, str(tmp_path / "a"))(input_ids=ids).logits
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
