@@ -83,6 +83,7 @@ def compute(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="write the patch and report only"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the accuracy report"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': spread a large model over GPUs/CPU (accelerate)"),
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
 ) -> None:
@@ -95,7 +96,7 @@ def compute(
         doc = pipeline.compute(
             r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
             evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, device_map=device_map,
         )
     if doc.get("rank"):  # a non-zero torchrun rank: rank 0 reports and writes
         return

@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from .errors import EngineError, InputError
-from .families import Family, base_model, decoder_layers, family_for, get_module, model_device, resolve_layers
+from .families import (
+    Family, base_model, decoder_layers, family_for, get_module, model_device, resolve_layers, select, weight_of,
+)
 from .hooks import LayerCall, ThoughtHooks, TokenPatchHooks, capture, record_layer_inputs
 from .solve import DownStats, LayerStats, fit_residual, mean_vector, ridge_intercept_solve, ridge_solve
 
@@ -268,7 +270,7 @@ def _gram(layer: nn.Module, fam: Family) -> torch.Tensor:
     """Σ_W WᵀW over the MLP input projections [d, d] (for the fit residual)."""
     g = None
     for path in fam.mlp_in:
-        w = get_module(layer, path).weight.detach().double()
+        w = weight_of(get_module(layer, path)).detach().double()
         g = w.T @ w if g is None else g + w.T @ w
     return g
 
@@ -399,11 +401,11 @@ class _Loop:
             if not patched:
                 continue
             m = mb.xmask
-            uc, nc = c["u"][:, P:][m], c["n"][:, P:][m]
+            uc, nc = select(c["u"], P, m), select(c["n"], P, m)
             if joint:
-                ctx_out.append(uc + c["y"][:, P:][m])
+                ctx_out.append(uc + select(c["y"], P, m))
             c, _ = self._nctx_pass(l, mb)
-            stats.add(c["n"][:, p:][m], nc, c["u"][:, p:][m], uc)
+            stats.add(select(c["n"], p, m), nc, select(c["u"], p, m), uc)
         if patched and cfg.distributed:
             stats.all_reduce()
         if patched and stats.count:
@@ -452,17 +454,17 @@ class _Loop:
         scale = None
         if self.fam.out_norm == "gemma":
             norm = get_module(layer, self.fam.mlp_out)
-            scale = 1.0 + norm.weight.detach().to(self.cfg.stats_dtype)
+            scale = 1.0 + weight_of(norm).detach().to(self.device, self.cfg.stats_dtype)
             eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
         try:
             for mb, target in zip(mbs, ctx_out):
                 c, _ = self._nctx_pass(l, mb)
                 m = mb.xmask
-                e = target - (c["u"][:, self.p :][m] + c["y"][:, self.p :][m])
-                act = c["a"][:, self.p :][m].to(self.cfg.stats_dtype)
+                e = target - (select(c["u"], self.p, m) + select(c["y"], self.p, m))
+                act = select(c["a"], self.p, m).to(self.cfg.stats_dtype)
                 if scale is not None:
                     # y = s ⊙ m / rms(m): with rms frozen per token, y is linear in D a / rms
-                    mm = c["m"][:, self.p :][m].to(self.cfg.stats_dtype)
+                    mm = select(c["m"], self.p, m).to(self.cfg.stats_dtype)
                     act = act / torch.sqrt(mm.pow(2).mean(-1, keepdim=True) + eps)
                 st.add(act, e)
         finally:
@@ -540,10 +542,10 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
         for mb in mbs:
             m = mb.xmask
             hooks.enabled = False
-            ref = _final_logits(model, fam, _last_hidden(base, mb.ctx_ids)[:, P:][m])
-            plain = _final_logits(model, fam, _last_hidden(base, mb.nctx_ids)[:, p:][m])
+            ref = _final_logits(model, fam, select(_last_hidden(base, mb.ctx_ids), P, m))
+            plain = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
             hooks.enabled = True
-            patched = _final_logits(model, fam, _last_hidden(base, mb.nctx_ids)[:, p:][m])
+            patched = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
             kl, agree = _compare(ref, patched)
             bkl, bagree = _compare(ref, plain)
             tot["kl"] += kl

@@ -145,4 +145,25 @@ def resolve_layers(spec: str | tuple[int, ...] | list[int], n_layers: int) -> li
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the embeddings' device (the first layer of a device map), not meta."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def weight_of(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """A module's parameter even when accelerate has offloaded it to disk (the parameter is then
+    a meta tensor and the real values live in the module's hook's ``weights_map``)."""
+    p = getattr(module, name)
+    if p is not None and p.device.type == "meta":
+        wm = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if wm is not None:
+            return wm[name]
+    return p
+
+
+def select(t: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+    """``t[:, start:][mask]`` with the mask moved to ``t``'s device (layers may sit on
+    different devices under a device map): the tokens of x, ``[tokens, ...]``."""
+    return t[:, start:][mask.to(t.device)]

@@ -48,7 +48,9 @@ class ThoughtHooks:
     ) -> None:
         ref = get_module(self.layers[layer], self.fam.mlp_norm)
         p = next(ref.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+        # a disk-offloaded layer has meta parameters: keep its patch on the CPU; hooks move
+        # tensors to the activations' device (a no-op when they already match)
+        device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
         if matrix is not None:
             self.matrices[layer] = matrix.to(device=device, dtype=torch.float32)
         if vector is not None:
@@ -72,7 +74,7 @@ class ThoughtHooks:
             if not self.enabled or a is None:
                 return None
             # n: [..., d];  n + n Aᵀ computed in float32 whatever the model dtype
-            return (out.float() + self.scale * (out.float() @ a.T)).to(out.dtype)
+            return (out.float() + self.scale * (out.float() @ a.to(out.device).T)).to(out.dtype)
 
         return hook
 
@@ -81,7 +83,7 @@ class ThoughtHooks:
             v = self.vectors.get(layer)
             if not self.enabled or v is None:
                 return None
-            return (out.float() + self.scale * v).to(out.dtype)
+            return (out.float() + self.scale * v.to(out.device)).to(out.dtype)
 
         return hook
 
@@ -91,7 +93,7 @@ class ThoughtHooks:
             if not self.enabled or dm is None:
                 return None
             # (W_down + D) a = W_down a + D a ;  a: [..., f], D: [d, f]
-            return (out.float() + self.scale * (inp[0].float() @ dm.T)).to(out.dtype)
+            return (out.float() + self.scale * (inp[0].float() @ dm.to(out.device).T)).to(out.dtype)
 
         return hook
 

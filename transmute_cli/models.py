@@ -135,24 +135,31 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer, source) with the model in eval mode on the chosen device."""
+def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
+         device_map: str | dict | None = None, offload_folder: str | None = None):
+    """(model, tokenizer, source) with the model in eval mode on the chosen device.
+
+    ``device_map`` ("auto" or an accelerate map) spreads layers over GPUs, CPU and disk for
+    models larger than one device; the engine then follows each layer to its device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})", field="--dtype")
     src = resolve(spec)
-    dev = pick_device(device)
+    dev = pick_device(device) if device_map is None else None
+    extra = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     try:
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            src.path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            src.path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **extra
         )
     except ModelError:
         raise
     except Exception as e:
         raise ModelError(f"{spec}: cannot load the model ({_short(e)})") from None
-    model.to(dev).eval()
+    if dev is not None:
+        model.to(dev)
+    model.eval()
     return model, tok, src
 
 

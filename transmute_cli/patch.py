@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .engine import ThoughtPatch
 from .errors import PatchError
-from .families import Family, base_model, decoder_layers, get_module
+from .families import Family, base_model, decoder_layers, get_module, weight_of
 
 FORMAT = "transmute-patch/1"
 _KEY = re.compile(r"^layers\.(\d+)\.(matrix|vector|down)$")
@@ -164,6 +164,9 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
     the caller measures.
     """
     patch.check_finite()
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise PatchError("merging into weights needs them in memory: this model has disk-offloaded layers "
+                         "(load it without --device-map, or with more memory)")
     layers = decoder_layers(model, fam)
     kind = vector_fold_kind(model, fam)
     info: dict = {"vector_fold": kind if patch.vectors else "none", "layers": patch.layers}
@@ -251,10 +254,10 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
                 caps = {l: stack.enter_context(capture(layers[l], fam)) for l in want}
                 base_model(model, fam)(input_ids=ids, use_cache=False)
             for l in want:
-                a = caps[l]["a"][mask].double()
+                a = caps[l]["a"][mask.to(caps[l]["a"].device)].double().cpu()
                 if fam.out_norm == "gemma":
                     norm = get_module(layers[l], fam.mlp_out)
-                    m = caps[l]["m"][mask].double()
+                    m = caps[l]["m"][mask.to(caps[l]["m"].device)].double().cpu()
                     a = a / torch.sqrt(m.pow(2).mean(-1, keepdim=True) + float(norm.eps))
                 s = stats.setdefault(l, {"aa": 0.0, "a": 0.0, "count": 0})
                 s["aa"] = s["aa"] + a.T @ a
@@ -262,7 +265,7 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
                 s["count"] += a.shape[0]
     if fam.out_norm == "gemma":
         for l in want:
-            stats[l]["scale"] = 1.0 + get_module(layers[l], fam.mlp_out).weight.double()
+            stats[l]["scale"] = 1.0 + weight_of(get_module(layers[l], fam.mlp_out)).double().cpu()
     return stats
 
 

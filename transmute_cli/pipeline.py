@@ -47,8 +47,9 @@ class Loaded:
 
 
 def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", family: str | None = None,
-               trust_remote_code: bool = False) -> Loaded:
-    model, tok, src = models.load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+               trust_remote_code: bool = False, device_map: str | None = None) -> Loaded:
+    model, tok, src = models.load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  device_map=device_map)
     fam = family_for(model, family)
     return Loaded(model, tok, fam, src, models.fingerprint(model), dtype)
 
@@ -119,6 +120,7 @@ def compute(
     loaded: Loaded | None = None,
     trust_remote_code: bool = False,
     family: str | None = None,
+    device_map: str | None = None,
 ) -> dict:
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md."""
     out = Path(out) if out is not None else Path("runs") / recipe.name
@@ -129,7 +131,8 @@ def compute(
     t0 = time.perf_counter()
     if loaded is None:
         log(f"loading model {recipe.model}")
-        loaded = load_model(recipe.model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
+        loaded = load_model(recipe.model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family,
+                            device_map=device_map)
     t_load = time.perf_counter() - t0
     texts = patch_texts(recipe)
     log(f"computing the patch from {len(texts)} example texts on {model_device(loaded.model)}")

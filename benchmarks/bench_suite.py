@@ -1,0 +1,325 @@
+"""The whole benchmark suite in one command: one table on stdout, every number in --json.
+
+    python benchmarks/bench_suite.py [--model gemma-3-270m] [--recipe recipes/translate-en-fr.yaml]
+        [--device auto] [--json results/bench.json] [--quick] [--tiny] [--skip-engine] [--lora-lr 3e-3]
+
+1+4. cost of compute and scaling in examples: bench_engine.py in a subprocess (same flags), merged.
+2.   against fine-tuning: time to compute the thought patch vs time for a LoRA (r=8, alpha=16, MLP
+     projections, AdamW lr=LORA_LR, full batch) to reach the patched accuracy on the held-out pairs.
+     LoRA targets are the *prompted* model's greedy answers on the recipe's example inputs (the
+     behaviour the patch imitates); the loss covers the answer and its newline, no instruction in
+     the input.  Accuracy is checked every 10 steps; training time excludes eval (both reported).
+     Stop at the patched accuracy or 300 steps (100 with --quick): then the ratio is a lower bound.
+3.   inference throughput: greedy generation of exactly GEN_TOKENS new tokens for every eval query
+     in one batch: merged patch without prompt (a), base with prompt (b), base without (c); median
+     of 3 interleaved repeats.
+5.   model loading: first GGUF conversion vs cached load, in a fresh TRANSMUTE_CACHE (not --tiny).
+--tiny: tests/tiny.py's random gemma3 and a built-in tiny recipe (a smoke run, numbers meaningless).
+LORA_LR = 3e-3: on tiny, 60 full-batch steps reached a loss of 2.45 at 3e-3 vs 2.99 at 1e-3, both
+decreasing smoothly; the faster rate is the stricter baseline for transmute (--lora-lr overrides; the loss curve
+is in the JSON).  Transmute's compute is one cold call, as a user runs it.  Table: stdout; progress: stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_engine as be  # noqa: E402
+from bench_engine import ROOT, log, sync  # noqa: E402
+
+from transmute_cli import models, pipeline  # noqa: E402
+from transmute_cli.engine import compute_patch, special_prefix  # noqa: E402
+from transmute_cli.evaluate import evaluate, generate_answers  # noqa: E402
+from transmute_cli.families import family_for  # noqa: E402
+from transmute_cli.patch import fold_statistics, merge, vector_fold_kind  # noqa: E402
+from transmute_cli.recipe import load_recipe, parse_recipe, render  # noqa: E402
+
+LORA_LR, LORA_RANK, LORA_ALPHA, EVAL_EVERY, MAX_STEPS, QUICK_MAX_STEPS = 3e-3, 8, 16, 10, 300, 100
+GEN_TOKENS, REPEATS = 8, 3
+_TINY = [("dog", "god"), ("cat", "tac"), ("sun", "nus"), ("map", "pam"), ("red", "der"), ("box", "xob"),
+         ("fig", "gif"), ("jam", "maj")], [("pen", "nep"), ("cup", "puc"), ("hat", "tah"), ("log", "gol"),
+                                           ("net", "ten"), ("owl", "lwo")]
+TINY_RECIPE = "\n".join([
+    "name: tiny-reverse", "instruction: " + json.dumps("Reverse the word:\nabc -> cba\n"),
+    'template: "{input} -> {output}"', "examples: " + json.dumps([list(p) for p in _TINY[0]]),
+    "eval: " + json.dumps([list(p) for p in _TINY[1]]), "rho: 1.0", "solver: joint",
+    "components: [vector, matrix]", "max_new_tokens: 8", ""])
+
+
+def ids_fn(tok):
+    return lambda s: list(tok(s, add_special_tokens=False)["input_ids"])
+
+
+def timed_once(fn, model):
+    sync(model)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(model)
+    return time.perf_counter() - t0, out
+
+
+# --------------------------------------------------------------------------- 1+4. engine
+
+
+def run_engine(args, recipe_path: str, tmp: Path) -> tuple[dict, list[tuple]]:
+    out = tmp / "engine.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--json", str(out), "--model", args.model,
+           "--recipe", recipe_path, "--device", args.device] + ["--quick"] * args.quick + ["--tiny"] * args.tiny
+    log("engine benchmark (subprocess): " + " ".join(cmd[1:]))
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    lines = [l for l in res.stdout.splitlines() if l.strip() and not l.startswith("#")][2:]  # header, dashes
+    rows = []
+    for line in lines:  # the engine's own table: columns are separated by two spaces or more
+        name, value, target, met = (re.split(r"\s{2,}", line.strip()) + ["", "", ""])[:4]
+        rows.append((f"engine: {name}", value, target, met or "info"))
+    return json.loads(out.read_text()), rows
+
+
+# --------------------------------------------------------------------------- 2. LoRA
+
+
+def lora_batch(tok, recipe, answers, device):
+    """Right-padded full batch of query + ' ' + answer + newline; labels only on answer and newline."""
+    ids, pre = ids_fn(tok), special_prefix(tok)
+    rows = []
+    for p, a in zip(recipe.examples, answers):
+        q, full = pre + ids(render(recipe.template, p.input)), pre + ids(render(recipe.template, p.input, a) + "\n")
+        k = next((i for i, (x, y) in enumerate(zip(q, full)) if x != y), min(len(q), len(full)))
+        rows.append((full, [-100] * k + full[k:]))
+    width, pad = max(len(f) for f, _ in rows), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.tensor([f + [pad] * (width - len(f)) for f, _ in rows], device=device)
+    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows], device=device)
+    mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f, _ in rows], device=device)
+    return input_ids, mask, labels
+
+
+def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, object]:
+    from peft import LoraConfig, get_peft_model
+
+    ids, pre, out = ids_fn(tok), special_prefix(tok), {}
+    log(f"compute_patch on {len(pipeline.patch_texts(recipe))} texts")
+    out["transmute_s"], res = timed_once(
+        lambda: compute_patch(model, tok, recipe.instruction, pipeline.patch_texts(recipe), pipeline.engine_config(recipe)),
+        model)
+    out["transmute_engine_timings"] = res.timings
+    log("evaluating patched / prompted / base accuracy")
+    accs = {r.condition: r.accuracy for r in evaluate(
+        model, tok, recipe.instruction, recipe.eval, [recipe.template], res.patch,
+        conditions=("patched", "prompt", "base"), max_new_tokens=recipe.max_new_tokens)}
+    out.update(patched_accuracy=accs["patched"], prompt_accuracy=accs["prompt"], base_accuracy=accs["base"])
+    answers = generate_answers(model, tok, [pre + ids(recipe.instruction) + ids(render(recipe.template, p.input))
+                                            for p in recipe.examples], recipe.max_new_tokens)
+    out["lora_targets"] = answers
+    batch = lora_batch(tok, recipe, answers, next(model.parameters()).device)
+    queries = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                  target_modules=["gate_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    train_s = eval_s = 0.0
+    step, acc, history = 0, accs["base"], []
+    try:
+        while step < max_steps:
+            def one_step():
+                loss = peft_model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.item()
+            dt, loss = timed_once(one_step, model)
+            train_s, step = train_s + dt, step + 1
+            if step % EVAL_EVERY == 0 or step == max_steps:
+                dt, got = timed_once(lambda: generate_answers(peft_model, tok, queries, recipe.max_new_tokens), model)
+                eval_s += dt
+                acc = sum(a == p.output.strip() for a, p in zip(got, recipe.eval)) / len(recipe.eval)
+                history.append({"step": step, "loss": loss, "accuracy": acc, "train_s": train_s})
+                log(f"LoRA step {step}: loss {loss:.4f}, accuracy {acc:.3f}, train {train_s:.1f} s")
+                if acc >= accs["patched"]:
+                    break
+    finally:
+        peft_model.unload()  # LoRA layers out: the loaded model is the base model again
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, True))
+    out.update(lora_lr=lr, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_max_steps=max_steps, lora_steps=step,
+               lora_reached=acc >= accs["patched"], lora_accuracy=acc, lora_train_s=train_s, lora_eval_s=eval_s,
+               lora_history=history, ratio_lora_transmute=train_s / out["transmute_s"])
+    return out, res.patch
+
+
+# --------------------------------------------------------------------------- 3. throughput
+
+
+def generate_fixed(model, tok, prompts, n: int) -> int:
+    """Greedy, exactly n new tokens per row (no newline/EOS stop), one left-padded batch; returns tokens made."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width, dev = max(len(p) for p in prompts), next(model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             top_p=None, top_k=None, temperature=None, pad_token_id=pad)
+    return (gen.shape[1] - width) * len(prompts)
+
+
+def throughput_section(model, tok, recipe, patch) -> dict:
+    ids, pre, fam = ids_fn(tok), special_prefix(tok), family_for(model)
+    queries = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
+    prompted = [pre + ids(recipe.instruction) + q[len(pre):] for q in queries]
+    loaded = pipeline.Loaded(model, tok, fam, None, "", "float32")
+    texts = pipeline.patch_texts(recipe)
+    log("fold statistics for the merged patch")
+    stats = (fold_statistics(model, fam, patch, pipeline._token_batches(loaded, texts))
+             if patch.vectors and vector_fold_kind(model, fam) != "bias" else None)
+    out: dict = {"gen_tokens": GEN_TOKENS, "batch": len(queries), "repeats": REPEATS,
+                 "vector_fold": vector_fold_kind(model, fam) if patch.vectors else "none"}
+    times: dict[str, list[float]] = {"merged": [], "prompt": [], "base": []}
+    for r in range(REPEATS + 1):  # round 0 is a warm-up
+        for cond in times:
+            info = merge(model, fam, patch, 1.0, stats) if cond == "merged" else None
+            try:
+                if cond == "merged" and r == 0:
+                    got = generate_answers(model, tok, queries, recipe.max_new_tokens)
+                    out["merged_accuracy"] = sum(a == p.output.strip() for a, p in zip(got, recipe.eval)) / len(got)
+                dt, n = timed_once(lambda: generate_fixed(model, tok, prompted if cond == "prompt" else queries,
+                                                          GEN_TOKENS), model)
+            finally:
+                if info is not None:
+                    info["undo"]()
+            if r:
+                times[cond].append(n / dt)
+        log(f"throughput round {r}{' (warm-up)' if r == 0 else ''}")
+    for cond, v in times.items():
+        out[f"{cond}_tok_s"], out[f"{cond}_tok_s_all"] = statistics.median(v), v
+    out["ratio_merged_prompt"] = out["merged_tok_s"] / out["prompt_tok_s"]
+    out["ratio_merged_base"] = out["merged_tok_s"] / out["base_tok_s"]
+    out["prompt_tokens"] = len(prompted[0]) - len(queries[0])
+    return out
+
+
+# --------------------------------------------------------------------------- 5. loading
+
+
+def loading_section(args) -> dict:
+    if args.tiny:
+        return {"skipped": "no GGUF for the tiny model"}
+    if args.model not in models.ALIASES and not args.model.lower().endswith(".gguf"):
+        return {"skipped": f"{args.model} is not a GGUF model"}
+    old = os.environ.get("TRANSMUTE_CACHE")
+    out = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="transmute-cache-") as d:
+            os.environ["TRANSMUTE_CACHE"] = d
+            for key in ("first_load_s", "cached_load_s"):
+                log(f"model loading: {key} (cache {d})")
+                t0 = time.perf_counter()
+                m = models.load(args.model, device=args.device)[0]
+                sync(m)
+                out[key] = time.perf_counter() - t0
+                del m
+                gc.collect()
+    finally:
+        os.environ.pop("TRANSMUTE_CACHE") if old is None else os.environ.__setitem__("TRANSMUTE_CACHE", old)
+    out["ratio_first_cached"] = out["first_load_s"] / out["cached_load_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "translate-en-fr.yaml"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="engine sizes 10/30/100, LoRA capped at 100 steps")
+    ap.add_argument("--tiny", action="store_true", help="tiny random gemma3 and a built-in tiny recipe (smoke run)")
+    ap.add_argument("--skip-engine", action="store_true", help="leave out bench_engine.py (sections 1 and 4)")
+    ap.add_argument("--lora-lr", type=float, default=LORA_LR, help=f"LoRA AdamW learning rate ({LORA_LR:g})")
+    args = ap.parse_args(argv)
+    res: dict = {}
+    rows: list[tuple] = []
+    with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmpd:
+        tmp = Path(tmpd)
+        recipe_path = args.recipe
+        if args.tiny:
+            recipe_path = str(tmp / "tiny-reverse.yaml")
+            Path(recipe_path).write_text(TINY_RECIPE)
+        recipe = parse_recipe(TINY_RECIPE, source="<tiny recipe>") if args.tiny else load_recipe(recipe_path)
+        if not recipe.eval:
+            raise SystemExit(f"{recipe_path}: the suite needs eval pairs")
+        if not args.skip_engine:  # first, while this process holds no model
+            res["engine"], engine_rows = run_engine(args, recipe_path, tmp)
+            rows += engine_rows
+
+    model, tok = be.load_model(args)
+    info = be.machine_info(model)
+    log(f"{'tiny gemma3' if args.tiny else args.model} on {info['device']} ({info['device_name']}), "
+        f"{info['torch_threads']} threads; recipe {recipe.name}: {len(recipe.examples)} examples, {len(recipe.eval)} eval")
+    max_steps = QUICK_MAX_STEPS if args.quick else MAX_STEPS
+    res["lora"], patch = lora_section(model, tok, recipe, args.lora_lr, max_steps)
+    res["throughput"] = throughput_section(model, tok, recipe, patch)
+    del model, patch
+    gc.collect()
+    res["loading"] = loading_section(args)
+
+    L, T, ld = res["lora"], res["throughput"], res["loading"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    bound = "" if L["lora_reached"] else ">= "
+    rows += [
+        ("lora: transmute compute_patch", f"{L['transmute_s']:.2f} s", "", "info"),
+        ("lora: accuracy patched / prompt / base", f"{L['patched_accuracy']:.3f} / {L['prompt_accuracy']:.3f} / "
+         f"{L['base_accuracy']:.3f}", "", "info"),
+        ("lora: steps to reach patched acc", f"{L['lora_steps']}" + ("" if L["lora_reached"] else " (not reached)"),
+         f"<= {max_steps}", yes(L["lora_reached"])),
+        ("lora: train time (excl. eval)", f"{L['lora_train_s']:.2f} s", "", "info"),
+        ("lora: eval time during training", f"{L['lora_eval_s']:.2f} s", "", "info"),
+        ("lora: final accuracy", f"{L['lora_accuracy']:.3f}", "", "info"),
+        ("lora train / transmute compute", f"{bound}{L['ratio_lora_transmute']:.1f}x", ">= 20 (equal acc)",
+         yes(L["ratio_lora_transmute"] >= 20)),
+        ("infer: merged patch, no prompt (a)", f"{T['merged_tok_s']:.1f} tok/s", "", "info"),
+        ("infer: base + prompt (b)", f"{T['prompt_tok_s']:.1f} tok/s", "", "info"),
+        ("infer: base, no prompt (c)", f"{T['base_tok_s']:.1f} tok/s", "", "info"),
+        ("infer: merged accuracy", f"{T['merged_accuracy']:.3f} ({T['vector_fold']})", "", "info"),
+        ("infer: (a) / (b)", f"{T['ratio_merged_prompt']:.2f}x", ">= 1.5", yes(T["ratio_merged_prompt"] >= 1.5)),
+        ("infer: (a) / (c)", f"{T['ratio_merged_base']:.2f}x", ">= 0.95", yes(T["ratio_merged_base"] >= 0.95)),
+    ]
+    if "skipped" in ld:
+        rows.append(("load: GGUF first / cached", f"skipped: {ld['skipped']}", "", "info"))
+    else:
+        rows += [("load: first (GGUF conversion)", f"{ld['first_load_s']:.1f} s", "", "info"),
+                 ("load: cached", f"{ld['cached_load_s']:.1f} s", "", "info"),
+                 ("load: first / cached", f"{ld['ratio_first_cached']:.1f}x", "", "info")]
+    head = ("name", "value", "target", "met")
+    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(4)]
+    print(f"# {info['command']}\n# {info['device_name']} | {info['device']} | torch {info['torch']} | "
+          f"{info['torch_threads']} threads | {info['date']}\n# model {'tiny-gemma3' if args.tiny else args.model} | "
+          f"recipe {recipe.name}: {len(recipe.examples)} examples, {len(recipe.eval)} eval")
+    for r in [head, tuple("-" * x for x in w), *rows]:
+        print("  ".join(str(c).ljust(x) for c, x in zip(r, w)).rstrip())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "machine": info, "model": "tiny-gemma3" if args.tiny else args.model,
+            "recipe": "<tiny recipe>" if args.tiny else str(args.recipe), "quick": args.quick, "results": res,
+            "table": [dict(zip(head, r)) for r in rows]}, indent=2, default=str))
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
