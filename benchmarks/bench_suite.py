@@ -37,15 +37,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_engine as be  # noqa: E402
-from bench_engine import ROOT, log, sync  # noqa: E402
+import bench_engine as be
+from bench_engine import ROOT, log, sync
 
-from transmute_cli import models, pipeline  # noqa: E402
-from transmute_cli.engine import compute_patch, special_prefix  # noqa: E402
-from transmute_cli.evaluate import evaluate, generate_answers  # noqa: E402
-from transmute_cli.families import family_for  # noqa: E402
-from transmute_cli.patch import fold_statistics, merge, vector_fold_kind  # noqa: E402
-from transmute_cli.recipe import load_recipe, parse_recipe, render  # noqa: E402
+from transmute_cli import models, pipeline
+from transmute_cli.engine import compute_patch, special_prefix
+from transmute_cli.evaluate import evaluate, generate_answers
+from transmute_cli.families import family_for
+from transmute_cli.patch import fold_statistics, merge, vector_fold_kind
+from transmute_cli.recipe import load_recipe, parse_recipe, render
 
 LORA_LR, LORA_RANK, LORA_ALPHA, EVAL_EVERY, MAX_STEPS, QUICK_MAX_STEPS = 3e-3, 8, 16, 10, 300, 100
 GEN_TOKENS, REPEATS = 8, 3
@@ -84,7 +84,7 @@ def run_engine(args, recipe_path: str, tmp: Path) -> tuple[dict, list[tuple]]:
     rows = []
     for line in lines:  # the engine's own table: columns are separated by two spaces or more
         name, value, target, met = (re.split(r"\s{2,}", line.strip()) + ["", "", ""])[:4]
-        rows.append((f"engine: {name}", value, target, met or "info"))
+        rows.append((f"engine: {name}", value, target, met.lower() or "info"))
     return json.loads(out.read_text()), rows
 
 
@@ -188,19 +188,19 @@ def throughput_section(model, tok, recipe, patch) -> dict:
                  "vector_fold": vector_fold_kind(model, fam) if patch.vectors else "none"}
     times: dict[str, list[float]] = {"merged": [], "prompt": [], "base": []}
     for r in range(REPEATS + 1):  # round 0 is a warm-up
-        for cond in times:
+        for cond, got_s in times.items():
             info = merge(model, fam, patch, 1.0, stats) if cond == "merged" else None
             try:
                 if cond == "merged" and r == 0:
                     got = generate_answers(model, tok, queries, recipe.max_new_tokens)
                     out["merged_accuracy"] = sum(a == p.output.strip() for a, p in zip(got, recipe.eval)) / len(got)
-                dt, n = timed_once(lambda: generate_fixed(model, tok, prompted if cond == "prompt" else queries,
-                                                          GEN_TOKENS), model)
+                ps = prompted if cond == "prompt" else queries
+                dt, n = timed_once(lambda ps=ps: generate_fixed(model, tok, ps, GEN_TOKENS), model)
             finally:
                 if info is not None:
                     info["undo"]()
             if r:
-                times[cond].append(n / dt)
+                got_s.append(n / dt)
         log(f"throughput round {r}{' (warm-up)' if r == 0 else ''}")
     for cond, v in times.items():
         out[f"{cond}_tok_s"], out[f"{cond}_tok_s_all"] = statistics.median(v), v
@@ -278,12 +278,12 @@ def main(argv=None) -> int:
     res["loading"] = loading_section(args)
 
     L, T, ld = res["lora"], res["throughput"], res["loading"]
-    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    yes = lambda ok: "yes" if ok else "no"
     bound = "" if L["lora_reached"] else ">= "
     rows += [
         ("lora: transmute compute_patch", f"{L['transmute_s']:.2f} s", "", "info"),
-        ("lora: accuracy patched / prompt / base", f"{L['patched_accuracy']:.3f} / {L['prompt_accuracy']:.3f} / "
-         f"{L['base_accuracy']:.3f}", "", "info"),
+        ("lora: accuracy patched / prompt / base",
+         f"{L['patched_accuracy']:.3f} / {L['prompt_accuracy']:.3f} / {L['base_accuracy']:.3f}", "", "info"),
         ("lora: steps to reach patched acc", f"{L['lora_steps']}" + ("" if L["lora_reached"] else " (not reached)"),
          f"<= {max_steps}", yes(L["lora_reached"])),
         ("lora: train time (excl. eval)", f"{L['lora_train_s']:.2f} s", "", "info"),
