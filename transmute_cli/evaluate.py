@@ -50,7 +50,7 @@ class _NewlineStop:
 
 
 def generate_answers(
-    model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 16, batch_size: int = 32
+    model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 16, batch_size: int = 64
 ) -> list[str]:
     """Greedy continuations of token-id prompts, cut at the first newline and stripped."""
     from transformers import StoppingCriteriaList
