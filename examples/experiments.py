@@ -7,6 +7,7 @@ measurements.  Every number in README's "Results" section comes from this script
     python examples/experiments.py components   # vector vs matrix vs both, independent vs joint, table + PNG
     python examples/experiments.py augment      # template augmentation vs template-shift drop (dictionaries)
     python examples/experiments.py side-effects # translation patch vs prompted antonyms; perplexity of a neutral text
+    python examples/experiments.py compose      # patch arithmetic: en->fr + uppercase summed
     python examples/experiments.py all
 
 Results go to results/<experiment>.json, .md and .png.  Needs matplotlib for the plots
@@ -280,8 +281,37 @@ def exp_side_effects(m) -> None:
     save("side_effects", data, "\n".join(md) + "\n")
 
 
+def exp_compose(m) -> None:
+    """Patch arithmetic: an en->fr patch and an uppercase patch queried with its own template,
+    summed (`apply -p a:1 -p b:1`); each task evaluated with the composed patch."""
+    from transmute_cli.patch import combine
+
+    tasks = [recipe("translate-en-fr"), recipe("uppercase", template="Uppercase of {input}: {output}")]
+    patches = [patch_for(m, r)[0].patch for r in tasks]
+    both = combine([(p, 1.0) for p in patches])
+    data = {}
+    for r, p in zip(tasks, patches):
+        alone = accuracy(m, r, [r.template], p)[(r.template, "patched")]
+        composed = accuracy(m, r, [r.template], both)[(r.template, "patched")]
+        prompt = accuracy(m, r, [r.template], None, ("prompt",))[(r.template, "prompt")]
+        data[r.name] = {"template": r.template, "prompt": prompt, "alone": alone, "composed": composed}
+        log(f"compose {r.name}: {data[r.name]}")
+    from transmute_cli.diff import diff_patches
+
+    d = diff_patches(patches[0], patches[1], "en-fr", "uppercase").to_json()
+    data["overlap"] = d.get("overlap")
+    md = ["| task (template) | prompt | its patch alone | both patches summed |", "|---|---|---|---|"]
+    for k, v in data.items():
+        if k != "overlap":
+            md.append(f"| {k} (`{v['template']}`) | {v['prompt']:.2f} | {v['alone']:.2f} | {v['composed']:.2f} |")
+    ov = data["overlap"] or {}
+    md.append(f"\noverlap (transmute diff): cosine of all tensors {ov.get('cosine_all', float('nan')):.3f}, "
+              f"matrix subspace overlap {ov.get('matrix_subspace_overlap', float('nan')):.3f}")
+    save("compose", data, "\n".join(md) + "\n")
+
+
 EXPERIMENTS = {"table": exp_table, "rho": exp_rho, "examples": exp_examples, "components": exp_components,
-               "augment": exp_augment, "side-effects": exp_side_effects}
+               "augment": exp_augment, "side-effects": exp_side_effects, "compose": exp_compose}
 
 
 def main() -> None:

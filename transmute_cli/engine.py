@@ -50,7 +50,9 @@ class EngineConfig:
     seed: int = 0  # order in which examples are dealt into batches
     micro_batch: int = 16  # examples run through a layer at once (memory, not maths)
     stats_dtype: torch.dtype = torch.float64
-    propagation: str = "incremental"  # "naive": rerun the whole model for every layer (benchmark/oracle)
+    # "naive": rerun the whole model (lm_head included) for every layer — the benchmark baseline
+    # and a test oracle for the incremental propagation
+    propagation: str = "incremental"
     fidelity: bool = True  # end-to-end KL / top-1 on the patch examples
     # shard examples over an initialised torch.distributed group: each rank accumulates its
     # share and the sums are all_reduce'd before every solve (they are sums, so this is exact)
@@ -320,7 +322,7 @@ class _Loop:
         try:
             with capture(layer, self.fam) as c:
                 if self.cfg.propagation == "naive":
-                    self.base(input_ids=mb.ctx_ids, use_cache=False)
+                    self.model(input_ids=mb.ctx_ids, use_cache=False)  # the whole model, lm_head included
                     out = None
                 else:
                     B = mb.ctx_ids.shape[0]
@@ -333,7 +335,7 @@ class _Loop:
         layer = self.layers[l]
         with capture(layer, self.fam) as c:
             if self.cfg.propagation == "naive":
-                self.base(input_ids=mb.nctx_ids, use_cache=False)
+                self.model(input_ids=mb.nctx_ids, use_cache=False)
                 out = None
             else:
                 out = mb.nctx_call[l](layer, mb.xn)
