@@ -16,7 +16,18 @@ from torch import nn
 from .families import Family, base_model, decoder_layers, get_module
 
 
-class ThoughtHooks:
+class _HookSet:
+    """Hooks registered on entry and all removed on exit (also on an exception)."""
+
+    _handles: list[Any]
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class ThoughtHooks(_HookSet):
     """Applies a thought patch in-process, without touching any weight.
 
     For a layer with input-space thought matrix ``A`` [d, d] and thought vector ``δ`` [d]:
@@ -105,13 +116,8 @@ class ThoughtHooks:
             self._handles.append(get_module(layer, self.fam.mlp_out).register_forward_hook(self._out_hook(i)))
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
-
-class TokenPatchHooks:
+class TokenPatchHooks(_HookSet):
     """The exact, token-dependent patch (ground truth): per position t of a fixed batch,
 
     * every MLP input projection W gets the rank-one update ``W dz_t n_tᵀ / |n_t|²`` applied to
@@ -158,11 +164,6 @@ class TokenPatchHooks:
                 self._handles.append(lin.register_forward_hook(self._in_hook(i, lin.weight)))
             self._handles.append(get_module(layer, self.fam.mlp_out).register_forward_hook(self._out_hook(i)))
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 @contextlib.contextmanager
