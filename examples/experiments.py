@@ -257,9 +257,26 @@ def perplexity(m, text: str, patch=None) -> float:
 
 
 def exp_side_effects(m) -> None:
-    tr = recipe("translate-en-fr")
-    res, _ = patch_for(m, tr)
     data = {}
+    for label, over in (("vector+matrix", {}), ("matrix only", {"components": ("matrix",)})):
+        data[label] = _side_effects(m, **over)
+    md = ["| prompted task | accuracy before | with the en→fr patch (vector+matrix) | with the en→fr patch (matrix only) |",
+          "|---|---|---|---|"]
+    for k in ("antonyms", "country-capital", "plural"):
+        a, b = data["vector+matrix"][k], data["matrix only"][k]
+        md.append(f"| {k} | {a['prompted_before']:.2f} | {a['prompted_with_translation_patch']:.2f} ({a['change_points']:+.0f} pts) | "
+                  f"{b['prompted_with_translation_patch']:.2f} ({b['change_points']:+.0f} pts) |")
+    for label, v in data.items():
+        md.append(f"\nperplexity of examples/neutral.txt, {label}: {v['perplexity']['before']:.2f} before, "
+                  f"{v['perplexity']['with_translation_patch']:.2f} with the en→fr patch "
+                  f"(its own accuracy: {v['own_accuracy']:.2f})")
+    save("side_effects", data, "\n".join(md) + "\n")
+
+
+def _side_effects(m, **over) -> dict:
+    tr = recipe("translate-en-fr")
+    res, _ = patch_for(m, tr, **over)
+    data = {"own_accuracy": accuracy(m, tr, [tr.template], res.patch)[(tr.template, "patched")]}
     for other in ("antonyms", "country-capital", "plural"):
         r = recipe(other)
         before = accuracy(m, r, [r.template], None, ("prompt",))[(r.template, "prompt")]
@@ -272,13 +289,7 @@ def exp_side_effects(m) -> None:
         log(f"side effects {other}: {data[other]}")
     text = (ROOT / "examples" / "neutral.txt").read_text()
     data["perplexity"] = {"before": perplexity(m, text), "with_translation_patch": perplexity(m, text, res.patch)}
-    md = ["| prompted task | accuracy before | with the en→fr patch applied | change |", "|---|---|---|---|"]
-    for k in ("antonyms", "country-capital", "plural"):
-        v = data[k]
-        md.append(f"| {k} | {v['prompted_before']:.2f} | {v['prompted_with_translation_patch']:.2f} | {v['change_points']:+.0f} pts |")
-    p = data["perplexity"]
-    md.append(f"\nperplexity of examples/neutral.txt: {p['before']:.2f} before, {p['with_translation_patch']:.2f} with the en→fr patch")
-    save("side_effects", data, "\n".join(md) + "\n")
+    return data
 
 
 def exp_compose(m) -> None:
@@ -286,7 +297,10 @@ def exp_compose(m) -> None:
     summed (`apply -p a:1 -p b:1`); each task evaluated with the composed patch."""
     from transmute_cli.patch import combine
 
-    tasks = [recipe("translate-en-fr"), recipe("uppercase", template="Uppercase of {input}: {output}")]
+    up = recipe("uppercase")
+    # the second task gets its own cue, "=>", in its demonstrations and its template
+    tasks = [recipe("translate-en-fr"), dataclasses.replace(up, instruction=up.instruction.replace(" -> ", " => "),
+                                                             template="{input} => {output}")]
     patches = [patch_for(m, r)[0].patch for r in tasks]
     both = combine([(p, 1.0) for p in patches])
     data = {}
