@@ -269,12 +269,13 @@ def _deal(n: int, batches: int, seed: int) -> list[list[int]]:
 
 
 def _gram(layer: nn.Module, fam: Family) -> torch.Tensor:
-    """Σ_W WᵀW over the MLP input projections [d, d] (for the fit residual)."""
+    """Σ_W WᵀW over the MLP input projections [d, d] (for the fit residual).  A figure, not the
+    solve: float32 is plenty and several times cheaper than float64 on a CPU."""
     g = None
     for path in fam.mlp_in:
-        w = weight_of(get_module(layer, path)).detach().double()
+        w = weight_of(get_module(layer, path)).detach().float()
         g = w.T @ w if g is None else g + w.T @ w
-    return g
+    return g.double()
 
 
 class _Loop:
@@ -357,8 +358,9 @@ class _Loop:
                     for mb in mbs:
                         h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
                         h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
-                        prefix = h_ctx[:1, : self.P]  # the shared prefix, identical in every row
-                        mb.xc, mb.xn = h_ctx[:, self.P :], h_n
+                        prefix = h_ctx[:1, : self.P].clone()  # the shared prefix, identical in every row
+                        # copies, not views: a view would keep every example's prefix states alive
+                        mb.xc, mb.xn = h_ctx[:, self.P :].clone(), h_n
                     hooks.enabled = True
                 t0 = self._tick("record", t0)
                 for l in range(self.L):
@@ -397,9 +399,9 @@ class _Loop:
         for k, mb in enumerate(mbs):
             if patched or cfg.propagation == "incremental":
                 c, out = self._ctx_pass(l, mb, prefix, hooks)
-                next_xc.append(out[:, P:] if out is not None else None)
+                next_xc.append(out[:, P:].clone() if out is not None else None)  # drop the prefix rows
                 if k == 0 and out is not None:
-                    next_prefix = out[:1, :P]
+                    next_prefix = out[:1, :P].clone()
             if not patched:
                 continue
             m = mb.xmask
