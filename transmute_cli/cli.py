@@ -61,10 +61,13 @@ def _errors(fn):
 def _silence_libraries() -> None:
     """transformers' own progress bars and warnings would break the one-line-error contract and
     duplicate our progress on stderr."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
 
 
 def _emit_json(doc: dict) -> None:
