@@ -281,10 +281,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
             **_compare_logits(ref, got, "in_process"),
         }
         if patched_answers is not None and recipe is not None and recipe.eval:
-            pre = special_prefix(loaded.tokenizer)
-            ids = lambda s: list(loaded.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-            prompts = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
-            answers = generate_answers(model, loaded.tokenizer, prompts, recipe.max_new_tokens)
+            answers = _eval_answers(loaded, recipe)
             result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
             result["accuracy"] = sum(x == p.output.strip() for x, p in zip(answers, recipe.eval)) / len(answers)
         out.mkdir(parents=True, exist_ok=True)
@@ -386,11 +383,16 @@ def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[s
     return info
 
 
-def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
+def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:
+    """Greedy answers to the recipe's eval queries, no prompt (``model`` defaults to the loaded one)."""
     pre = special_prefix(loaded.tokenizer)
     ids = lambda s: list(loaded.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     prompts = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
-    answers = generate_answers(model or loaded.model, loaded.tokenizer, prompts, recipe.max_new_tokens)
+    return generate_answers(model or loaded.model, loaded.tokenizer, prompts, recipe.max_new_tokens)
+
+
+def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
+    answers = _eval_answers(loaded, recipe, model)
     return sum(a == p.output.strip() for a, p in zip(answers, recipe.eval)) / len(recipe.eval)
 
 
