@@ -284,7 +284,6 @@ class _Loop:
         self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
         self.fam = family_for(model, family)
         self.layers = decoder_layers(model, self.fam)
-        self.base = base_model(model, self.fam)
         self.L = len(self.layers)
         self.patch_layers = resolve_layers(cfg.layers, self.L)
         self.device = model_device(model)

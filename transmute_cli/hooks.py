@@ -200,8 +200,8 @@ def capture(layer: nn.Module, fam: Family) -> Iterator[dict[str, torch.Tensor]]:
 class LayerCall:
     """Replays one decoder layer on new hidden states with the arguments the model gave it."""
 
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], returns_tuple: bool):
-        self.args, self.kwargs, self.returns_tuple = args, kwargs, returns_tuple
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.args, self.kwargs = args, kwargs
 
     def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         out = layer(hidden, *self.args, **self.kwargs)
@@ -248,4 +248,4 @@ def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor) 
             h.remove()
         for i in range(1, len(layers)):
             del layers[i].forward
-    return first["h"], [LayerCall(a, k, bool(first.get("tuple"))) for a, k in records]
+    return first["h"], [LayerCall(a, k) for a, k in records]

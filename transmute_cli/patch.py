@@ -174,6 +174,8 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
     saved = [(get_module(layers[l], path), get_module(layers[l], path).weight.detach().clone())
              for l in patch.layers for path in (*fam.mlp_in, fam.mlp_down)]
     added_bias = patch.vectors and kind == "bias" and not getattr(model.config, fam.bias_flag)
+    biases = [(l, get_module(layers[l], fam.mlp_down).bias.detach().clone()) for l in patch.vectors
+              if get_module(layers[l], fam.mlp_down).bias is not None]
 
     def undo() -> None:
         for lin, w in saved:
@@ -187,8 +189,6 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
             for l, b in biases:
                 get_module(layers[l], fam.mlp_down).bias.data.copy_(b)
 
-    biases = [(l, get_module(layers[l], fam.mlp_down).bias.detach().clone()) for l in patch.vectors
-              if get_module(layers[l], fam.mlp_down).bias is not None]
     info["undo"] = undo
     if added_bias:
         # every layer's projections need a bias parameter once the config says so
