@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.engine import EngineConfig, compute_patch, leave_distributed
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -23,14 +23,16 @@ CFG = dict(rho=0.1, batches=2, solver="joint", micro_batch=2)
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
     try:
         torch.set_num_threads(1)
         res = compute_patch(tiny_model("llama"), tiny_tokenizer(), INSTRUCTION, TEXTS, EngineConfig(distributed=True, **CFG))
         if rank == 0:
             torch.save({"m": res.patch.matrices, "v": res.patch.vectors, "d": res.patch.downs,
                         "kl": res.fidelity.mean_kl, "tokens": res.fidelity.tokens}, out)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        leave_distributed(barrier=ok)  # a bare destroy_process_group can SIGABRT at exit (see its doc)
 
 
 def _free_port() -> int:

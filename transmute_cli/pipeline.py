@@ -19,7 +19,8 @@ import torch
 
 from . import __version__, models
 from .engine import (
-    EngineConfig, PatchResult, ProgressFn, ThoughtPatch, _micro_batches, _pad_id, compute_patch, encode, special_prefix,
+    EngineConfig, PatchResult, ProgressFn, ThoughtPatch, _micro_batches, _pad_id, compute_patch, encode, leave_distributed,
+    special_prefix,
 )
 from .errors import InputError, PatchError
 from .evaluate import Result, evaluate, generate_answers
@@ -125,7 +126,7 @@ def compute(
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md."""
     out = Path(out) if out is not None else Path("runs") / recipe.name
     check_target(out, overwrite)
-    rank, distributed = _init_distributed(device)
+    rank, distributed, owned = _init_distributed(device)
     if distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     t0 = time.perf_counter()
@@ -137,11 +138,16 @@ def compute(
     texts = patch_texts(recipe)
     log(f"computing the patch from {len(texts)} example texts on {model_device(loaded.model)}")
     t1 = time.perf_counter()
+    done = False
     try:
         res = compute_patch(loaded.model, loaded.tokenizer, recipe.instruction, texts,
                             engine_config(recipe, distributed=distributed), progress=progress, family=family)
+        done = True
     except InputError as e:
         raise _with_source(e, recipe) from None
+    finally:
+        if owned:
+            leave_distributed(barrier=done)
     t_compute = time.perf_counter() - t1
     if rank != 0:  # every rank holds the same patch; rank 0 evaluates and writes
         return {"rank": rank, "output": None}
@@ -185,19 +191,21 @@ def compute(
     return report
 
 
-def _init_distributed(device: str) -> tuple[int, bool]:
+def _init_distributed(device: str) -> tuple[int, bool, bool]:
     """Under torchrun (WORLD_SIZE > 1) join the process group: examples are sharded over ranks
-    and the statistics all_reduce'd (gloo on CPU, nccl on CUDA)."""
+    and the statistics all_reduce'd (gloo on CPU, nccl on CUDA). Returns (rank, distributed,
+    owned): owned when this call created the group, so `compute` must also take it down."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, False
+        return 0, False, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), True
+    return dist.get_rank(), True, owned
 
 
 def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
