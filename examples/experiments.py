@@ -33,7 +33,7 @@ from transmute_cli import pipeline  # noqa: E402
 from transmute_cli.engine import compute_patch  # noqa: E402
 from transmute_cli.evaluate import evaluate  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
-from transmute_cli.recipe import load_recipe, load_templates  # noqa: E402
+from transmute_cli.recipe import load_recipe, load_templates, load_texts  # noqa: E402
 
 OUT = ROOT / "results"
 CAPABILITIES = ["translate-en-fr", "antonyms", "country-capital", "plural", "uppercase", "addition"]
@@ -58,7 +58,8 @@ def alt_templates(name: str) -> list[str]:
 
 def patch_for(m, r, **over):
     t0 = time.perf_counter()
-    res = compute_patch(m.model, m.tokenizer, r.instruction, pipeline.patch_texts(r), pipeline.engine_config(r, **over))
+    res = compute_patch(m.model, m.tokenizer, r.instruction, pipeline.patch_texts(r), pipeline.engine_config(r, **over),
+                        preserve=r.preserve)
     return res, time.perf_counter() - t0
 
 
@@ -273,8 +274,8 @@ def exp_side_effects(m) -> None:
     save("side_effects", data, "\n".join(md) + "\n")
 
 
-def _side_effects(m, **over) -> dict:
-    tr = recipe("translate-en-fr")
+def _side_effects(m, tr=None, **over) -> dict:
+    tr = tr or recipe("translate-en-fr")
     res, _ = patch_for(m, tr, **over)
     data = {"own_accuracy": accuracy(m, tr, [tr.template], res.patch)[(tr.template, "patched")]}
     for other in ("antonyms", "country-capital", "plural"):
@@ -324,8 +325,36 @@ def exp_compose(m) -> None:
     save("compose", data, "\n".join(md) + "\n")
 
 
+PRESERVE_FILE = ROOT / "examples" / "preserve.txt"
+
+
+def exp_preserve(m, weights=(0.1, 0.3, 1.0)) -> None:
+    """Preservation texts (examples/preserve.txt: other prompted tasks and prose) against the side
+    effects of the en->fr patch, at several weights; the side effects are measured on prompted
+    tasks and a neutral text that are *not* among the preservation texts."""
+    texts = tuple(load_texts(PRESERVE_FILE))
+    tr = recipe("translate-en-fr")
+    data = {"none": _side_effects(m, tr)}
+    log(f"preserve none: {data['none']}")
+    for w in weights:
+        data[str(w)] = _side_effects(m, dataclasses.replace(tr, preserve=texts, preserve_weight=w))
+        log(f"preserve {w}: {data[str(w)]}")
+    tasks = ("antonyms", "country-capital", "plural")
+    md = ["| preservation weight | en→fr patched (own) | " + " | ".join(f"prompted {t}" for t in tasks)
+          + " | perplexity of neutral.txt |", "|---|---|" + "---|" * len(tasks) + "---|"]
+    before = data["none"]
+    md.append("| no patch | – | " + " | ".join(f"{before[t]['prompted_before']:.2f}" for t in tasks)
+              + f" | {before['perplexity']['before']:.2f} |")
+    for k, v in data.items():
+        md.append(f"| {'no preservation' if k == 'none' else k} | {v['own_accuracy']:.2f} | "
+                  + " | ".join(f"{v[t]['prompted_with_translation_patch']:.2f} ({v[t]['change_points']:+.0f})" for t in tasks)
+                  + f" | {v['perplexity']['with_translation_patch']:.2f} |")
+    save("preserve", data, "\n".join(md) + "\n")
+
+
 EXPERIMENTS = {"table": exp_table, "rho": exp_rho, "examples": exp_examples, "components": exp_components,
-               "augment": exp_augment, "side-effects": exp_side_effects, "compose": exp_compose}
+               "augment": exp_augment, "side-effects": exp_side_effects, "compose": exp_compose,
+               "preserve": exp_preserve}
 
 
 def main() -> None:

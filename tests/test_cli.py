@@ -495,7 +495,8 @@ BAD_RECIPES = {
     "root-list": ("- a\n- b\n", "the top level must be a mapping of keys, got a list"),
     "unknown-key": (dict(bogus=1),
                     "bogus: unknown key (allowed: batches, components, eta, eval, eval_file, examples, examples_file, "
-                    "instruction, layers, max_new_tokens, model, name, patch_templates, rho, seed, solver, template)"),
+                    "instruction, layers, max_new_tokens, model, name, patch_templates, preserve, preserve_file, preserve_weight, "
+                    "rho, seed, solver, template)"),
     "wrong-type": (dict(rho="abc"), "rho: must be a number >= 0, got a string ('abc')"),
     "empty-examples": (dict(examples=[]), "examples: at least one example is required (examples or examples_file)"),
     "no-output-field": (dict(template="{input} ->"), "template: must contain {input} and {output}"),

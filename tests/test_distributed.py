@@ -17,7 +17,9 @@ from tiny import tiny_model, tiny_tokenizer
 
 INSTRUCTION = "Reverse the word:\nabc -> cba\nhat -> tah\n"
 TEXTS = [f"{w} -> {w[::-1]}\n" for w in ("dog", "cat", "sun", "moon", "tree", "lamp", "fish", "bird", "road")]
-CFG = dict(rho=0.1, batches=2, solver="joint", micro_batch=2)
+CFG = dict(rho=0.1, batches=2, solver="joint", micro_batch=2, preserve_weight=0.5)
+# preservation texts are sharded over the ranks as well (3 texts: uneven shares)
+PRESERVE = ["Uppercase:\nab -> AB\n", "the quick brown fox\n", "one two three four five\n"]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -26,10 +28,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     ok = False
     try:
         torch.set_num_threads(1)
-        res = compute_patch(tiny_model("llama"), tiny_tokenizer(), INSTRUCTION, TEXTS, EngineConfig(distributed=True, **CFG))
+        res = compute_patch(tiny_model("llama"), tiny_tokenizer(), INSTRUCTION, TEXTS, EngineConfig(distributed=True, **CFG),
+                            preserve=PRESERVE)
         if rank == 0:
             torch.save({"m": res.patch.matrices, "v": res.patch.vectors, "d": res.patch.downs,
-                        "kl": res.fidelity.mean_kl, "tokens": res.fidelity.tokens}, out)
+                        "kl": res.fidelity.mean_kl, "tokens": res.fidelity.tokens, "pkl": res.fidelity.preserve_mean_kl}, out)
         ok = True
     finally:
         leave_distributed(barrier=ok)  # a bare destroy_process_group can SIGABRT at exit (see its doc)
@@ -46,9 +49,10 @@ def test_two_gloo_processes_give_the_same_patch_as_one(tmp_path, world):
     out = tmp_path / "patch.pt"
     mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
     got = torch.load(out, weights_only=True)  # our own file from this test, tensors only
-    one = compute_patch(tiny_model("llama"), tiny_tokenizer(), INSTRUCTION, TEXTS, EngineConfig(**CFG))
+    one = compute_patch(tiny_model("llama"), tiny_tokenizer(), INSTRUCTION, TEXTS, EngineConfig(**CFG), preserve=PRESERVE)
     assert got["tokens"] == one.fidelity.tokens
     assert abs(got["kl"] - one.fidelity.mean_kl) < 1e-5
+    assert abs(got["pkl"] - one.fidelity.preserve_mean_kl) < 1e-5
     for key, ref in (("m", one.patch.matrices), ("v", one.patch.vectors), ("d", one.patch.downs)):
         assert set(got[key]) == set(ref)
         for l in ref:

@@ -33,6 +33,7 @@ from transmute_cli.recipe import (  # noqa: E402
     load_pairs_file,
     load_recipe,
     load_templates,
+    load_texts,
     parse_recipe,
     query_prefix,
     render,
@@ -297,6 +298,27 @@ def test_examples_and_eval_jsonl(tmp_path):
     assert recipe.batches == 3
 
 
+def test_preserve_texts_and_file_relative_to_recipe_folder(tmp_path, monkeypatch):
+    _write(tmp_path / "recipes" / "keep.txt",
+           "# comments and blank lines separate texts\n\nSynonyms:\nbig -> large  \n\n\n# x\nPlain prose.\n")
+    recipe_path = _write(tmp_path / "recipes" / "r.yaml",
+                         BASE + "preserve: ['Inline text.']\npreserve_file: keep.txt\npreserve_weight: 1e-1\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(recipe_path)
+    assert recipe.preserve == ("Inline text.", "Synonyms:\nbig -> large\n", "Plain prose.\n")
+    assert recipe.preserve_weight == 0.1
+    assert parse_recipe(BASE).preserve == () and parse_recipe(BASE).preserve_weight == 1.0
+    assert load_texts(tmp_path / "recipes" / "keep.txt") == list(recipe.preserve[1:])
+
+
+def test_preserve_file_problems_name_the_field(tmp_path):
+    recipe_path = _write(tmp_path / "r.yaml", BASE + "preserve_file: missing.txt\n")
+    assert load_error(recipe_path) == f"{recipe_path}: preserve_file: file not found ({tmp_path / 'missing.txt'})"
+    _write(tmp_path / "empty.txt", "# only a comment\n\n")
+    recipe_path = _write(tmp_path / "r.yaml", BASE + "preserve_file: empty.txt\n")
+    assert load_error(recipe_path) == f"{recipe_path}: preserve_file: the file has no texts ({tmp_path / 'empty.txt'})"
+
+
 def test_examples_file_absolute_path(tmp_path):
     data = _write(tmp_path / "elsewhere" / "x.TSV", "a\tb\n")
     recipe_path = _write(tmp_path / "r.yaml", f"instruction: x\nexamples_file: '{data}'\n")
@@ -457,6 +479,14 @@ def test_message_without_source():
         # data files given in text
         (BASE + "examples_file: 3\n", "r.yaml: examples_file: must be a path to a .tsv or .jsonl file, got 3"),
         (BASE + "eval_file: ''\n", "r.yaml: eval_file: must be a path to a .tsv or .jsonl file, got a string ('')"),
+        # preservation texts
+        (BASE + "preserve: hello\n", "r.yaml: preserve: must be a list of texts, got a string ('hello')"),
+        (BASE + "preserve: [ok, '  ']\n", "r.yaml: preserve[1]: must not be empty"),
+        (BASE + "preserve: [ok, 3]\n", "r.yaml: preserve[1]: must be a string, got 3"),
+        (BASE + "preserve_file: 3\n", "r.yaml: preserve_file: must be a path to a text file, got 3"),
+        (BASE + "preserve_weight: 0\n", "r.yaml: preserve_weight: must be a number > 0, got 0"),
+        (BASE + "preserve_weight: -2\n", "r.yaml: preserve_weight: must be a number > 0, got -2"),
+        (BASE + "preserve_weight: lots\n", "r.yaml: preserve_weight: must be a number > 0, got a string ('lots')"),
     ],
 )
 def test_bad_recipe_messages(text, message):
@@ -658,6 +688,9 @@ _PLAUSIBLE = {
     "solver": ["joint", "independent"],
     "seed": [0, 5, 2**40],
     "max_new_tokens": [1, 512, 513],
+    "preserve": [[], ["Some text.\n"], [""], "x"],
+    "preserve_file": ["keep.txt", "missing.txt", "x.tsv"],
+    "preserve_weight": [1, 0.1, 0, -1, float("nan")],
 }
 _overrides = st.fixed_dictionaries(
     {},
@@ -677,6 +710,7 @@ def _check_parse(text: str, base_dir: Path) -> None:
         assert recipe.examples and all(isinstance(p.input, str) and p.input.strip() for p in recipe.examples)
         assert 1 <= recipe.batches <= len(recipe.examples)
         assert math.isfinite(recipe.rho) and recipe.step > 0
+        assert recipe.preserve_weight > 0 and all(t.strip() for t in recipe.preserve)
 
 
 @pytest.fixture(scope="module")
@@ -685,6 +719,7 @@ def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data")
     (folder / "x.tsv").write_text("a\tb\n", encoding="utf-8")
     (folder / "y.jsonl").write_text('["a", "b"]\nbroken\n', encoding="utf-8")
+    (folder / "keep.txt").write_text("one text\n\nanother\n", encoding="utf-8")
     return folder
 
 

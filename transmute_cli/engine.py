@@ -57,6 +57,8 @@ class EngineConfig:
     # shard examples over an initialised torch.distributed group: each rank accumulates its
     # share and the sums are all_reduce'd before every solve (they are sums, so this is exact)
     distributed: bool = False
+    # weight of each token of the preservation texts relative to a token of an example
+    preserve_weight: float = 1.0
 
     @property
     def step(self) -> float:
@@ -73,6 +75,8 @@ class EngineConfig:
             raise InputError(f"must be a non-empty subset of {list(COMPONENTS)}", field="components")
         if self.solver not in SOLVERS:
             raise InputError(f"must be one of {list(SOLVERS)}, got {self.solver!r}", field="solver")
+        if not (self.preserve_weight > 0 and math.isfinite(self.preserve_weight)):
+            raise InputError(f"must be a number > 0, got {self.preserve_weight}", field="preserve_weight")
         if self.propagation not in ("incremental", "naive"):
             raise InputError(f"unknown propagation {self.propagation!r}", field="propagation")
 
@@ -133,6 +137,10 @@ class Fidelity:
     mean_kl: float | None = None  # KL(prompted ‖ patched), nats per position of x
     base_top1_agreement: float | None = None  # unpatched, no prompt  vs  original, with prompt
     base_mean_kl: float | None = None
+    # preservation texts: patched vs original model on the same text (what the patch disturbs)
+    preserve_tokens: int = 0
+    preserve_top1_agreement: float | None = None
+    preserve_mean_kl: float | None = None
 
 
 @dataclass
@@ -161,11 +169,13 @@ ProgressFn = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids: ``pre`` (BOS or nothing), the instruction, and each example text x."""
+    """Token ids: ``pre`` (BOS or nothing), the instruction, each example text x, and each
+    preservation text z (run without the instruction in both passes)."""
 
     pre: tuple[int, ...]
     instruction: tuple[int, ...]
     texts: tuple[tuple[int, ...], ...]
+    preserve: tuple[tuple[int, ...], ...] = ()
 
     @property
     def prefix_len(self) -> int:  # tokens before x in the contextual sequence
@@ -182,10 +192,11 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def encode(tokenizer, instruction: str, texts: Sequence[str]) -> Encoded:
+def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence[str] = ()) -> Encoded:
     """Tokenize I and each x separately so the positions of x align in both passes."""
     ids = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    return Encoded(tuple(special_prefix(tokenizer)), ids(instruction), tuple(ids(t) for t in texts))
+    return Encoded(tuple(special_prefix(tokenizer)), ids(instruction), tuple(ids(t) for t in texts),
+                   tuple(ids(t) for t in preserve))
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -204,6 +215,12 @@ def check_lengths(model: nn.Module, enc: Encoded) -> None:
                 f"instruction + example is {enc.prefix_len + len(x)} tokens; the model's context is {limit}",
                 field=f"examples[{i}]",
             )
+    for i, z in enumerate(enc.preserve):
+        if not z:
+            raise InputError("the text is empty after tokenization", field=f"preserve[{i}]")
+        if limit is not None and len(enc.pre) + len(z) > limit:
+            raise InputError(f"the text is {len(enc.pre) + len(z)} tokens; the model's context is {limit}",
+                             field=f"preserve[{i}]")
 
 
 # --------------------------------------------------------------------------- batches of sequences
@@ -220,30 +237,40 @@ def _pad_id(tokenizer) -> int:
 @dataclass
 class _MicroBatch:
     """Right-padded sequences of a few examples.  Causal attention means padding at the end never
-    changes a real position, so no attention mask is needed and positions stay 0..T-1."""
+    changes a real position, so no attention mask is needed and positions stay 0..T-1.
+
+    A *preservation* micro-batch holds texts z whose target is the original model itself: both
+    "passes" run ``pre + z`` (the contextual one unpatched, the other patched), ``start`` is
+    ``p`` and the contextual state covers the whole sequence (there is no shared prefix)."""
 
     index: list[int]  # example indices
     ctx_ids: torch.Tensor  # [B, P + Tx]   pre + I + x
     nctx_ids: torch.Tensor  # [B, p + Tx]  pre + x
     xmask: torch.Tensor  # [B, Tx] bool: real tokens of x
+    start: int = 0  # where x starts in ctx_ids (P; p for preservation)
+    preserve: bool = False
+    weight: float = 1.0  # of each token in the least-squares sums
     # incremental state (hidden states entering the current layer)
-    xc: torch.Tensor | None = None  # [B, Tx, d]   contextual, positions of x only
+    xc: torch.Tensor | None = None  # [B, Tx, d]   contextual, positions of x only (preservation: whole sequence)
     xn: torch.Tensor | None = None  # [B, p + Tx, d] non-contextual, whole sequence
     ctx_call: list[LayerCall] | None = None
     nctx_call: list[LayerCall] | None = None
 
 
-def _micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, device) -> list[_MicroBatch]:
+def _micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, device, *, preserve: bool = False,
+                   weight: float = 1.0) -> list[_MicroBatch]:
+    texts = enc.preserve if preserve else enc.texts
+    ctx_prefix = enc.pre if preserve else enc.pre + enc.instruction
     out = []
     for s in range(0, len(index), size):
         idx = list(index[s : s + size])
-        tx = max(len(enc.texts[i]) for i in idx)
+        tx = max(len(texts[i]) for i in idx)
         xs = torch.full((len(idx), tx), pad, dtype=torch.long)
         xmask = torch.zeros((len(idx), tx), dtype=torch.bool)
         for r, i in enumerate(idx):
-            xs[r, : len(enc.texts[i])] = torch.tensor(enc.texts[i])
-            xmask[r, : len(enc.texts[i])] = True
-        ctx_pre = torch.tensor(enc.pre + enc.instruction, dtype=torch.long).expand(len(idx), -1)
+            xs[r, : len(texts[i])] = torch.tensor(texts[i])
+            xmask[r, : len(texts[i])] = True
+        ctx_pre = torch.tensor(ctx_prefix, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
         nctx_pre = torch.tensor(enc.pre, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
         out.append(
             _MicroBatch(
@@ -251,6 +278,9 @@ def _micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, devi
                 torch.cat([ctx_pre, xs], 1).to(device),
                 torch.cat([nctx_pre, xs], 1).to(device),
                 xmask.to(device),
+                start=len(ctx_prefix),
+                preserve=preserve,
+                weight=weight,
             )
         )
     return out
@@ -279,7 +309,7 @@ def _gram(layer: nn.Module, fam: Family) -> torch.Tensor:
 
 
 class _Loop:
-    def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family):
+    def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family, preserve=()):
         cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
         self.fam = family_for(model, family)
@@ -287,7 +317,7 @@ class _Loop:
         self.L = len(self.layers)
         self.patch_layers = resolve_layers(cfg.layers, self.L)
         self.device = model_device(model)
-        self.enc = encode(tokenizer, instruction, texts)
+        self.enc = encode(tokenizer, instruction, texts, preserve)
         if not self.enc.texts:
             raise InputError("at least one example is required", field="examples")
         if not self.enc.instruction:
@@ -324,6 +354,8 @@ class _Loop:
                 if self.cfg.propagation == "naive":
                     self.model(input_ids=mb.ctx_ids, use_cache=False)  # the whole model, lm_head included
                     out = None
+                elif mb.preserve:
+                    out = mb.ctx_call[l](layer, mb.xc)
                 else:
                     B = mb.ctx_ids.shape[0]
                     out = mb.ctx_call[l](layer, torch.cat([prefix.expand(B, -1, -1), mb.xc], 1))
@@ -351,12 +383,18 @@ class _Loop:
             for b, index in enumerate(batches):
                 self.progress(Progress("prepare", b, len(batches), 0, self.L))
                 mbs = _micro_batches(self.enc, index[rank::world], cfg.micro_batch, self.pad, self.device)
+                # every batch's solve keeps the preservation texts' anchors (sharded over ranks too)
+                mbs += _micro_batches(self.enc, list(range(len(self.enc.preserve)))[rank::world], cfg.micro_batch,
+                                      self.pad, self.device, preserve=True, weight=cfg.preserve_weight)
                 prefix = None
                 if cfg.propagation == "incremental":
                     hooks.enabled = False
                     for mb in mbs:
-                        h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
                         h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
+                        if mb.preserve:  # same tokens in both passes: one recording serves both
+                            mb.ctx_call, mb.xc, mb.xn = mb.nctx_call, h_n.clone(), h_n
+                            continue
+                        h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
                         prefix = h_ctx[:1, : self.P].clone()  # the shared prefix, identical in every row
                         # copies, not views: a view would keep every example's prefix states alive
                         mb.xc, mb.xn = h_ctx[:, self.P :].clone(), h_n
@@ -388,7 +426,7 @@ class _Loop:
         )
 
     def _layer(self, l: int, mbs: list[_MicroBatch], hooks: ThoughtHooks, prefix):
-        cfg, P, p = self.cfg, self.P, self.p
+        cfg, p = self.cfg, self.p
         patched = l in self.patch_layers
         joint = cfg.solver == "joint"
         stats = LayerStats(self.d, cfg.stats_dtype, self.device) if patched else None
@@ -396,11 +434,15 @@ class _Loop:
         ctx_out: list[torch.Tensor] = []  # joint: contextual layer output u^C + y^C at x [tokens, d]
         next_prefix = prefix
         for k, mb in enumerate(mbs):
+            P = mb.start
             if patched or cfg.propagation == "incremental":
                 c, out = self._ctx_pass(l, mb, prefix, hooks)
-                next_xc.append(out[:, P:].clone() if out is not None else None)  # drop the prefix rows
-                if k == 0 and out is not None:
-                    next_prefix = out[:1, :P].clone()
+                if out is None or mb.preserve:
+                    next_xc.append(out)
+                else:
+                    next_xc.append(out[:, P:].clone())  # drop the prefix rows
+                    if next_prefix is prefix:
+                        next_prefix = out[:1, :P].clone()
             if not patched:
                 continue
             m = mb.xmask
@@ -408,7 +450,7 @@ class _Loop:
             if joint:
                 ctx_out.append(uc + select(c["y"], P, m))
             c, _ = self._nctx_pass(l, mb)
-            stats.add(select(c["n"], p, m), nc, select(c["u"], p, m), uc)
+            stats.add(select(c["n"], p, m), nc, select(c["u"], p, m), uc, mb.weight)
         if patched and cfg.distributed:
             stats.all_reduce()
         if patched and stats.count:
@@ -435,7 +477,7 @@ class _Loop:
             self.fid[l][3] += 1.0
         elif "vector" in cfg.components:
             vec = mean_vector(stats)
-            self.fid[l][2] += max(stats.delta_sq.item() - stats.count * float(vec @ vec), 0.0)
+            self.fid[l][2] += max(stats.delta_sq.item() - stats.weight * float(vec @ vec), 0.0)
             self.fid[l][3] += stats.delta_sq.item()
         self.tokens[l] += stats.count
         eta = cfg.step
@@ -469,7 +511,7 @@ class _Loop:
                     # y = s ⊙ m / rms(m): with rms frozen per token, y is linear in D a / rms
                     mm = select(c["m"], self.p, m).to(self.cfg.stats_dtype)
                     act = act / torch.sqrt(mm.pow(2).mean(-1, keepdim=True) + eps)
-                st.add(act, e)
+                st.add(act, e, mb.weight)
         finally:
             self._install(hooks, l)
         if self.cfg.distributed:
@@ -491,13 +533,18 @@ def compute_patch(
     *,
     progress: ProgressFn | None = None,
     family: str | None = None,
+    preserve: Sequence[str] = (),
 ) -> PatchResult:
     """Compute a thought patch that makes ``model`` without ``instruction`` act as if it were there.
 
     ``texts`` are the example texts x (a rendered template, including the end-of-answer newline).
-    The model is left exactly as it was: patches live in hooks during the computation.
+    ``preserve`` are texts on which the patched model should act like the *original* one (other
+    prompted tasks, plain prose): their tokens enter every least-squares fit with the original
+    model's states as the target and ``config.preserve_weight`` as the weight, so the patch
+    learns to leave them alone.  The model is left exactly as it was: patches live in hooks
+    during the computation.
     """
-    return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family).run()
+    return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family, preserve).run()
 
 
 # --------------------------------------------------------------------------- end-to-end fidelity
@@ -559,10 +606,11 @@ def leave_distributed(barrier: bool = True) -> None:
 def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, fid: Fidelity, micro_batch: int,
                distributed: bool = False) -> None:
     """Top-1 agreement and mean KL at the positions of x: the patched model *without* I against
-    the original model *with* I, through the model's ordinary forward (hooks, not the loop)."""
+    the original model *with* I, through the model's ordinary forward (hooks, not the loop).
+    On the preservation texts: the patched model against the original one, same text."""
     base = base_model(model, fam)
     P, p = enc.prefix_len, len(enc.pre)
-    tot = {"kl": 0.0, "agree": 0.0, "bkl": 0.0, "bagree": 0.0, "n": 0}
+    tot = {"kl": 0.0, "agree": 0.0, "bkl": 0.0, "bagree": 0.0, "n": 0, "pkl": 0.0, "pagree": 0.0, "pn": 0}
     rank, world = _dist_rank_world(distributed)
     mbs = _micro_batches(enc, list(range(len(enc.texts)))[rank::world], micro_batch, pad, model_device(model))
     with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
@@ -581,6 +629,18 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
             tot["bkl"] += bkl
             tot["bagree"] += bagree
             tot["n"] += int(m.sum())
+        pmbs = _micro_batches(enc, list(range(len(enc.preserve)))[rank::world], micro_batch, pad, model_device(model),
+                              preserve=True)
+        for mb in pmbs:
+            m = mb.xmask
+            hooks.enabled = False
+            ref = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
+            hooks.enabled = True
+            patched = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
+            kl, agree = _compare(ref, patched)
+            tot["pkl"] += kl
+            tot["pagree"] += agree
+            tot["pn"] += int(m.sum())
     if distributed:
         import torch.distributed as dist
 
@@ -588,7 +648,10 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
         t = torch.tensor([float(tot[k]) for k in keys], dtype=torch.float64, device=model_device(model))
         dist.all_reduce(t)
         tot = dict(zip(keys, t.tolist()))
-        tot["n"] = int(tot["n"])
+        tot["n"], tot["pn"] = int(tot["n"]), int(tot["pn"])
+    if tot["pn"]:
+        fid.preserve_tokens = tot["pn"]
+        fid.preserve_mean_kl, fid.preserve_top1_agreement = tot["pkl"] / tot["pn"], tot["pagree"] / tot["pn"]
     n = max(tot["n"], 1)
     fid.tokens = tot["n"]
     fid.mean_kl, fid.top1_agreement = tot["kl"] / n, tot["agree"] / n

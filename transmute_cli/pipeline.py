@@ -64,7 +64,7 @@ def patch_texts(recipe: Recipe) -> list[str]:
 def engine_config(recipe: Recipe, **over) -> EngineConfig:
     cfg = dict(
         rho=recipe.rho, eta=recipe.eta, batches=recipe.batches, components=tuple(recipe.components),
-        layers=recipe.layers, solver=recipe.solver, seed=recipe.seed,
+        layers=recipe.layers, solver=recipe.solver, seed=recipe.seed, preserve_weight=recipe.preserve_weight,
     )
     cfg.update(over)
     return EngineConfig(**cfg)
@@ -100,6 +100,9 @@ def fidelity_json(res: PatchResult) -> dict:
         "mean_kl": f.mean_kl,
         "base_top1_agreement": f.base_top1_agreement,
         "base_mean_kl": f.base_mean_kl,
+        "preserve_tokens": f.preserve_tokens,
+        "preserve_top1_agreement": f.preserve_top1_agreement,
+        "preserve_mean_kl": f.preserve_mean_kl,
         "layers": [asdict(l) for l in f.layers],
     }
 
@@ -141,7 +144,8 @@ def compute(
     done = False
     try:
         res = compute_patch(loaded.model, loaded.tokenizer, recipe.instruction, texts,
-                            engine_config(recipe, distributed=distributed), progress=progress, family=family)
+                            engine_config(recipe, distributed=distributed), progress=progress, family=family,
+                            preserve=recipe.preserve)
         done = True
     except InputError as e:
         raise _with_source(e, recipe) from None
@@ -225,6 +229,8 @@ def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
         "solver": recipe.solver,
         "layers": "all" if recipe.layers == "all" else ",".join(map(str, recipe.layers)),
         "seed": str(recipe.seed),
+        "preserve_texts": str(len(recipe.preserve)),
+        "preserve_weight": repr(recipe.preserve_weight),
     }
 
 
@@ -243,6 +249,7 @@ def settings_json(recipe: Recipe) -> dict:
         "rho": recipe.rho, "eta": recipe.step, "batches": recipe.batches, "components": list(recipe.components),
         "layers": recipe.layers if recipe.layers == "all" else list(recipe.layers), "solver": recipe.solver,
         "seed": recipe.seed, "templates": list(recipe.all_templates()),
+        "preserve_texts": len(recipe.preserve), "preserve_weight": recipe.preserve_weight,
     }
 
 
@@ -524,6 +531,8 @@ def report_markdown(r: dict) -> str:
         "|---|---|---|",
         f"| unpatched, no prompt | {_fmt(f['base_top1_agreement'])} | {_fmt(f['base_mean_kl'])} |",
         f"| patched, no prompt | {_fmt(f['top1_agreement'])} | {_fmt(f['mean_kl'])} |",
+        *([f"| preservation texts ({f['preserve_tokens']} tokens): patched vs original | "
+           f"{_fmt(f['preserve_top1_agreement'])} | {_fmt(f['preserve_mean_kl'])} |"] if f.get("preserve_tokens") else []),
         "",
         "| layer | tokens | matrix fit residual | vector/joint residual | |δ| | |A| |",
         "|---|---|---|---|---|---|",

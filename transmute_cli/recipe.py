@@ -61,6 +61,9 @@ ALLOWED_KEYS = (
     "model",
     "name",
     "patch_templates",
+    "preserve",
+    "preserve_file",
+    "preserve_weight",
     "rho",
     "seed",
     "solver",
@@ -109,6 +112,9 @@ class Recipe:
     source: str | None
     text: str
     sha256: str
+    # texts on which the patched model should act like the original one (see engine.compute_patch)
+    preserve: tuple[str, ...] = ()
+    preserve_weight: float = 1.0
 
     @property
     def step(self) -> float:
@@ -318,6 +324,25 @@ def load_templates(path: str | os.PathLike) -> list[str]:
     if not templates:
         _fail(source, None, "no templates found")
     return templates
+
+
+def load_texts(path: str | os.PathLike, *, source: str | None = None, field: str | None = None) -> list[str]:
+    """Read a texts file (``preserve_file``): texts separated by blank lines, so a text may span
+    several lines (a prompt with its demonstrations); lines starting with ``#`` are comments.
+    Each text keeps its line breaks and ends with a newline."""
+    name = os.fsdecode(path)
+    where = f" ({name})" if source is not None else ""
+    data = _read_bytes(Path(name), source=source if source is not None else name, field=field, where=where)
+    texts, block = [], []
+    for line in _decode_lines(data, source=name) + [""]:
+        if line.strip().startswith("#"):
+            continue
+        if line.strip():
+            block.append(line.rstrip())
+        elif block:
+            texts.append("\n".join(block) + "\n")
+            block = []
+    return texts
 
 
 # --------------------------------------------------------------------------- pairs
@@ -539,6 +564,26 @@ def _pairs_from_file(
     return pairs
 
 
+def _preserve(value: object, file_value: object, source: str | None, base_dir: Path | None) -> tuple[str, ...]:
+    """``preserve`` (a list of texts) plus the texts of ``preserve_file``."""
+    texts: list[str] = []
+    if value is not _MISSING:
+        if not isinstance(value, list):
+            _fail(source, "preserve", f"must be a list of texts, got {_describe(value)}")
+        texts += [_text(item, f"preserve[{i}]", source) for i, item in enumerate(value)]
+    if file_value is not _MISSING:
+        if not isinstance(file_value, str) or not file_value.strip():
+            _fail(source, "preserve_file", f"must be a path to a text file, got {_describe(file_value)}")
+        path = Path(file_value)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        found = load_texts(path, source=source, field="preserve_file")
+        if not found:
+            _fail(source, "preserve_file", f"the file has no texts ({path})")
+        texts += found
+    return tuple(texts)
+
+
 def _components(value: object, source: str | None) -> tuple[str, ...]:
     """One component name or a list of them; returned in canonical order."""
     if value is _MISSING:
@@ -681,6 +726,12 @@ def parse_recipe(
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if get("max_new_tokens") is _MISSING else _integer(
         get("max_new_tokens"), "max_new_tokens", 1, MAX_NEW_TOKENS_LIMIT, source
     )
+    preserve = _preserve(get("preserve"), get("preserve_file"), source, base_dir)
+    preserve_weight = 1.0
+    if get("preserve_weight") is not _MISSING:
+        preserve_weight = _number(get("preserve_weight"), "preserve_weight", "> 0", source)
+        if preserve_weight <= 0:
+            _fail(source, "preserve_weight", f"must be a number > 0, got {_describe(get('preserve_weight'))}")
     return Recipe(
         name=name,
         model=model,
@@ -700,6 +751,8 @@ def parse_recipe(
         source=source,
         text=text,
         sha256=sha256,
+        preserve=preserve,
+        preserve_weight=preserve_weight,
     )
 
 

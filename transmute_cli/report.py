@@ -96,6 +96,9 @@ def show_compute(report: dict) -> None:
     t.add_column("mean KL (nats)", justify="right")
     t.add_row("no prompt, unpatched", _f(f["base_top1_agreement"]), _f(f["base_mean_kl"]))
     t.add_row("no prompt, patched", _f(f["top1_agreement"]), _f(f["mean_kl"]))
+    if f.get("preserve_tokens"):
+        t.add_row(f"preservation texts, patched vs original ({f['preserve_tokens']} tokens)",
+                  _f(f["preserve_top1_agreement"]), _f(f["preserve_mean_kl"]))
     out.print(t)
     lt = Table(title="Per layer", title_justify="left")
     for c in ("layer", "tokens", "matrix fit residual", "vector/joint residual", "|δ|", "|A|"):

@@ -19,7 +19,8 @@ class LayerStats:
     d: int
     dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"
-    count: int = 0
+    count: int = 0  # tokens
+    weight: float = 0.0  # Σ of the tokens' weights (= count when every weight is 1)
     nn: torch.Tensor = field(init=False)  # Σ n nᵀ          [d, d]
     dzn: torch.Tensor = field(init=False)  # Σ dz nᵀ        [d, d]
     dzdz: torch.Tensor = field(init=False)  # Σ dz dzᵀ      [d, d]  (for the fit residual)
@@ -31,19 +32,22 @@ class LayerStats:
         self.nn, self.dzn, self.dzdz = z(self.d, self.d), z(self.d, self.d), z(self.d, self.d)
         self.delta, self.delta_sq = z(self.d), z(())
 
-    def add(self, n: torch.Tensor, n_ctx: torch.Tensor, u: torch.Tensor, u_ctx: torch.Tensor) -> None:
-        """Accumulate tokens: ``n``/``u`` non-contextual, ``*_ctx`` contextual, all ``[tokens, d]``.
+    def add(self, n: torch.Tensor, n_ctx: torch.Tensor, u: torch.Tensor, u_ctx: torch.Tensor, weight: float = 1.0) -> None:
+        """Accumulate tokens: ``n``/``u`` non-contextual, ``*_ctx`` contextual, all ``[tokens, d]``,
+        each token counted ``weight`` times in the least-squares sums.
         Inputs may live on another device than the sums (layers spread by a device map)."""
         f = lambda t: t.to(device=self.device, dtype=self.dtype)  # noqa: E731
         n = f(n)
         dz = f(n_ctx) - n
         delta = f(u_ctx) - f(u)
-        self.nn += n.T @ n
-        self.dzn += dz.T @ n
-        self.dzdz += dz.T @ dz
-        self.delta += delta.sum(0)
-        self.delta_sq += (delta * delta).sum()
+        w = float(weight)
+        self.nn += w * (n.T @ n)
+        self.dzn += w * (dz.T @ n)
+        self.dzdz += w * (dz.T @ dz)
+        self.delta += w * delta.sum(0)
+        self.delta_sq += w * (delta * delta).sum()
         self.count += n.shape[0]
+        self.weight += w * n.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.nn, self.dzn, self.dzdz, self.delta, self.delta_sq]
@@ -58,9 +62,9 @@ def _all_reduce(tensors: list[torch.Tensor], owner) -> None:
 
     for t in tensors:
         dist.all_reduce(t)
-    c = torch.tensor([float(owner.count)], dtype=torch.float64, device=tensors[0].device)
+    c = torch.tensor([float(owner.count), float(owner.weight)], dtype=torch.float64, device=tensors[0].device)
     dist.all_reduce(c)
-    owner.count = int(c.item())
+    owner.count, owner.weight = int(c[0].item()), float(c[1].item())
 
 
 def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float) -> torch.Tensor:
@@ -105,9 +109,9 @@ def fit_residual(stats: LayerStats, a: torch.Tensor, gram: torch.Tensor) -> tupl
 
 def mean_vector(stats: LayerStats) -> torch.Tensor:
     """The thought vector for this batch: the least-squares constant ``mean_t delta_t``."""
-    if stats.count == 0:
+    if stats.weight <= 0:
         return torch.zeros_like(stats.delta)
-    return stats.delta / stats.count
+    return stats.delta / stats.weight
 
 
 @dataclass
@@ -122,7 +126,8 @@ class DownStats:
     d: int
     dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"
-    count: int = 0
+    count: int = 0  # tokens
+    weight: float = 0.0  # Σ of the tokens' weights
     aa: torch.Tensor = field(init=False)  # Σ a aᵀ [f, f]
     ea: torch.Tensor = field(init=False)  # Σ e aᵀ [d, f]
     a: torch.Tensor = field(init=False)  # Σ a     [f]
@@ -133,14 +138,16 @@ class DownStats:
         z = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)  # noqa: E731
         self.aa, self.ea, self.a, self.e, self.ee = z(self.f, self.f), z(self.d, self.f), z(self.f), z(self.d), z(())
 
-    def add(self, a: torch.Tensor, e: torch.Tensor) -> None:
+    def add(self, a: torch.Tensor, e: torch.Tensor, weight: float = 1.0) -> None:
         a, e = a.to(self.device, self.dtype), e.to(self.device, self.dtype)
-        self.aa += a.T @ a
-        self.ea += e.T @ a
-        self.a += a.sum(0)
-        self.e += e.sum(0)
-        self.ee += (e * e).sum()
+        w = float(weight)
+        self.aa += w * (a.T @ a)
+        self.ea += w * (e.T @ a)
+        self.a += w * a.sum(0)
+        self.e += w * e.sum(0)
+        self.ee += w * (e * e).sum()
         self.count += a.shape[0]
+        self.weight += w * a.shape[0]
 
     def all_reduce(self) -> None:
         _all_reduce([self.aa, self.ea, self.a, self.e, self.ee], self)
@@ -150,9 +157,10 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True) -> 
     """``argmin_{D, c} Σ_t |D a_t + c − e_t|² + ρ'|D|²`` (the intercept is not shrunk).
 
     Centering turns it into a plain ridge solve: ``D = C_ea (C_aa + ρ' I)⁻¹``, ``c = ē − D ā``,
-    with the same relative ρ as ``ridge_solve``.  Returns (D [d, f], c [d], relative residual).
+    with the same relative ρ as ``ridge_solve`` (sums and means weighted by the tokens' weights).
+    Returns (D [d, f], c [d], relative residual).
     """
-    n = max(st.count, 1)
+    n = st.weight if st.weight > 0 else 1.0
     if intercept:
         ma, me = st.a / n, st.e / n
         caa = st.aa - n * torch.outer(ma, ma)
