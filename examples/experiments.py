@@ -7,7 +7,8 @@ measurements.  Every number in README's "Results" section comes from this script
     python examples/experiments.py components   # vector vs matrix vs both, independent vs joint, table + PNG
     python examples/experiments.py augment      # template augmentation vs template-shift drop (dictionaries)
     python examples/experiments.py side-effects # translation patch vs prompted antonyms; perplexity of a neutral text
-    python examples/experiments.py compose      # patch arithmetic: en->fr + uppercase summed
+    python examples/experiments.py compose      # patch arithmetic: en->fr + uppercase summed (with/without preservation)
+    python examples/experiments.py preserve     # preservation texts vs side effects, by weight
     python examples/experiments.py all
 
 Results go to results/<experiment>.json, .md and .png.  Needs matplotlib for the plots
@@ -36,6 +37,7 @@ from transmute_cli.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.recipe import load_recipe, load_templates, load_texts  # noqa: E402
 
 OUT = ROOT / "results"
+PRESERVE_FILE = ROOT / "examples" / "preserve.txt"  # preservation texts (experiments preserve, compose)
 CAPABILITIES = ["translate-en-fr", "antonyms", "country-capital", "plural", "uppercase", "addition"]
 KNOWLEDGE = ["dictionary-k8", "dictionary-k16", "dictionary-k32"]
 TEMPLATES = {"addition": "templates-addition.txt", **{k: "templates-dictionary.txt" for k in KNOWLEDGE}}
@@ -295,37 +297,43 @@ def _side_effects(m, tr=None, **over) -> dict:
 
 def exp_compose(m) -> None:
     """Patch arithmetic: an en->fr patch and an uppercase patch queried with its own template,
-    summed (`apply -p a:1 -p b:1`); each task evaluated with the composed patch."""
+    summed (`apply -p a:1 -p b:1`); each task evaluated with the composed patch.  Twice: patches
+    fitted on their task alone, and with examples/preserve.txt as preservation texts (weight 1),
+    which asks each patch to leave other inputs alone — and so to stay out of the other's way."""
+    from transmute_cli.diff import diff_patches
     from transmute_cli.patch import combine
 
     up = recipe("uppercase")
     # the second task gets its own cue, "=>", in its demonstrations and its template
     tasks = [recipe("translate-en-fr"), dataclasses.replace(up, instruction=up.instruction.replace(" -> ", " => "),
                                                              template="{input} => {output}")]
-    patches = [patch_for(m, r)[0].patch for r in tasks]
-    both = combine([(p, 1.0) for p in patches])
+    keep = tuple(load_texts(PRESERVE_FILE))
     data = {}
-    for r, p in zip(tasks, patches):
-        alone = accuracy(m, r, [r.template], p)[(r.template, "patched")]
-        composed = accuracy(m, r, [r.template], both)[(r.template, "patched")]
-        prompt = accuracy(m, r, [r.template], None, ("prompt",))[(r.template, "prompt")]
-        data[r.name] = {"template": r.template, "prompt": prompt, "alone": alone, "composed": composed}
-        log(f"compose {r.name}: {data[r.name]}")
-    from transmute_cli.diff import diff_patches
-
-    d = diff_patches(patches[0], patches[1], "en-fr", "uppercase").to_json()
-    data["overlap"] = d.get("overlap")
-    md = ["| task (template) | prompt | its patch alone | both patches summed |", "|---|---|---|---|"]
-    for k, v in data.items():
+    for label, over in (("alone", {}), ("preserve", {"preserve": keep, "preserve_weight": 1.0})):
+        rs = [dataclasses.replace(r, **over) for r in tasks]
+        patches = [patch_for(m, r)[0].patch for r in rs]
+        both = combine([(p, 1.0) for p in patches])
+        rows = {}
+        for r, p in zip(rs, patches):
+            alone = accuracy(m, r, [r.template], p)[(r.template, "patched")]
+            composed = accuracy(m, r, [r.template], both)[(r.template, "patched")]
+            prompt = accuracy(m, r, [r.template], None, ("prompt",))[(r.template, "prompt")]
+            rows[r.name] = {"template": r.template, "prompt": prompt, "alone": alone, "composed": composed}
+            log(f"compose ({label}) {r.name}: {rows[r.name]}")
+        rows["overlap"] = diff_patches(patches[0], patches[1], "en-fr", "uppercase").to_json().get("overlap")
+        data[label] = rows
+    md = ["| task (template) | prompt | patch alone | both summed | with preservation texts: alone | both summed |",
+          "|---|---|---|---|---|---|"]
+    for k, v in data["alone"].items():
         if k != "overlap":
-            md.append(f"| {k} (`{v['template']}`) | {v['prompt']:.2f} | {v['alone']:.2f} | {v['composed']:.2f} |")
-    ov = data["overlap"] or {}
-    md.append(f"\noverlap (transmute diff): cosine of all tensors {ov.get('cosine_all', float('nan')):.3f}, "
-              f"matrix subspace overlap {ov.get('matrix_subspace_overlap', float('nan')):.3f}")
+            w = data["preserve"][k]
+            md.append(f"| {k} (`{v['template']}`) | {v['prompt']:.2f} | {v['alone']:.2f} | {v['composed']:.2f} | "
+                      f"{w['alone']:.2f} | {w['composed']:.2f} |")
+    for label in data:
+        ov = data[label]["overlap"] or {}
+        md.append(f"\noverlap (transmute diff), {label}: cosine of all tensors {ov.get('cosine_all', float('nan')):.3f}, "
+                  f"matrix subspace overlap {ov.get('matrix_subspace_overlap', float('nan')):.3f}")
     save("compose", data, "\n".join(md) + "\n")
-
-
-PRESERVE_FILE = ROOT / "examples" / "preserve.txt"
 
 
 def exp_preserve(m, weights=(0.1, 0.3, 1.0)) -> None:

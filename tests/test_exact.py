@@ -105,3 +105,47 @@ def test_components_and_layers_select_what_is_patched():
     assert vec.layers == [1] and not vec.matrices and set(vec.vectors) == {1}
     mat = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(components=("matrix",), fidelity=False)).patch
     assert not mat.vectors and set(mat.matrices) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("rho", [0.3, 1e-3, 0.0])
+@pytest.mark.parametrize("intercept", [True, False])
+def test_token_space_joint_solve_equals_the_sums(rho, intercept):
+    """Fewer tokens than f: the joint solve runs on the kept rows (T×T); it must give the f×f
+    solve's D, c and residual, weights included."""
+    from transmute_cli.solve import DownStats, ridge_intercept_solve
+
+    torch.manual_seed(2)
+    f, d = 48, 12
+    rows = DownStats(f, d)
+    sums = DownStats(f, d, keep_rows=False)
+    for t, w in ((7, 1.0), (9, 0.25), (5, 3.0)):
+        a, e = torch.randn(t, f, dtype=torch.float64), torch.randn(t, d, dtype=torch.float64)
+        rows.add(a, e, w)
+        sums.add(a, e, w)
+    assert rows.rows is not None and sums.rows is None
+    d1, c1, r1 = ridge_intercept_solve(rows, rho, intercept)
+    d2, c2, r2 = ridge_intercept_solve(sums, rho, intercept)
+    assert torch.allclose(d1, d2, atol=1e-8, rtol=1e-6), (d1 - d2).abs().max()
+    assert torch.allclose(c1, c2, atol=1e-8, rtol=1e-6)
+    assert abs(r1 - r2) < 1e-6
+    # past f tokens the rows are folded into the sums (bounded memory) and the answer is unchanged
+    a, e = torch.randn(f, f, dtype=torch.float64), torch.randn(f, d, dtype=torch.float64)
+    rows.add(a, e)
+    sums.add(a, e)
+    assert rows.rows is None
+    assert torch.allclose(ridge_intercept_solve(rows, rho, intercept)[0], ridge_intercept_solve(sums, rho, intercept)[0],
+                          atol=1e-8, rtol=1e-6)
+
+
+def test_consuming_joint_solve_gives_the_same_answer_and_spends_the_sums():
+    from transmute_cli.solve import DownStats, ridge_intercept_solve
+
+    torch.manual_seed(3)
+    f, d = 40, 10
+    st = DownStats(f, d, keep_rows=False)
+    st.add(torch.randn(60, f, dtype=torch.float64), torch.randn(60, d, dtype=torch.float64), 0.5)
+    keep = ridge_intercept_solve(st, 0.2)
+    assert st.aa is not None
+    spent = ridge_intercept_solve(st, 0.2, consume=True)
+    assert torch.allclose(keep[0], spent[0], atol=1e-12) and torch.allclose(keep[1], spent[1], atol=1e-12)
+    assert abs(keep[2] - spent[2]) < 1e-9 and st.aa is None

@@ -85,3 +85,33 @@ def test_checkpoint_round_trip_with_plain_transformers(gemma, enfr, tmp_path):
     from transmute_cli import models
 
     assert models.fingerprint(gemma.model) == gemma.fingerprint
+
+
+def test_preservation_texts_cut_the_side_effect_on_another_prompted_task(gemma, enfr):
+    """The en->fr patch alone turns prompted antonyms into translations; fitted with the
+    preservation texts (recipes/translate-en-fr-preserve.yaml: other prompted tasks and prose,
+    not antonyms) it leaves them nearly alone and still translates."""
+    from transmute_cli.hooks import ThoughtHooks
+
+    keep = load_recipe(ROOT / "recipes" / "translate-en-fr-preserve.yaml")
+    assert keep.examples == enfr.examples and keep.preserve
+    ant = load_recipe(ROOT / "recipes" / "antonyms.yaml")
+
+    def prompted_antonyms(patch):
+        with ThoughtHooks(gemma.model, gemma.fam) as hooks:
+            hooks.set_patch(patch)
+            return evaluate(gemma.model, gemma.tokenizer, ant.instruction, ant.eval, [ant.template], None,
+                            conditions=("prompt",), max_new_tokens=8)[0].accuracy
+
+    def patch(r):
+        return compute_patch(gemma.model, gemma.tokenizer, r.instruction, pipeline.patch_texts(r),
+                             pipeline.engine_config(r, fidelity=False), preserve=r.preserve).patch
+
+    before = evaluate(gemma.model, gemma.tokenizer, ant.instruction, ant.eval, [ant.template], None,
+                      conditions=("prompt",), max_new_tokens=8)[0].accuracy
+    plain, kept = patch(enfr), patch(keep)
+    assert prompted_antonyms(plain) < before - 0.4  # the side effect is real
+    assert prompted_antonyms(kept) >= before - 0.1
+    own = evaluate(gemma.model, gemma.tokenizer, keep.instruction, keep.eval, [keep.template], kept,
+                   conditions=("patched",), max_new_tokens=8)[0].accuracy
+    assert own >= 0.8

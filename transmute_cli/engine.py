@@ -430,17 +430,17 @@ class _Loop:
         patched = l in self.patch_layers
         joint = cfg.solver == "joint"
         stats = LayerStats(self.d, cfg.stats_dtype, self.device) if patched else None
-        next_xc: list[torch.Tensor | None] = []
         ctx_out: list[torch.Tensor] = []  # joint: contextual layer output u^C + y^C at x [tokens, d]
         next_prefix = prefix
-        for k, mb in enumerate(mbs):
+        for mb in mbs:
             P = mb.start
             if patched or cfg.propagation == "incremental":
                 c, out = self._ctx_pass(l, mb, prefix, hooks)
-                if out is None or mb.preserve:
-                    next_xc.append(out)
-                else:
-                    next_xc.append(out[:, P:].clone())  # drop the prefix rows
+                # the contextual state moves on at once (it is read once per layer): one copy alive
+                if out is not None and mb.preserve:
+                    mb.xc = out
+                elif out is not None:
+                    mb.xc = out[:, P:].clone()  # drop the prefix rows
                     if next_prefix is prefix:
                         next_prefix = out[:1, :P].clone()
             if not patched:
@@ -456,8 +456,7 @@ class _Loop:
         if patched and stats.count:
             self._solve(l, stats, mbs, ctx_out, hooks)
         if cfg.propagation == "incremental":
-            for mb, xc in zip(mbs, next_xc):
-                mb.xc = xc
+            for mb in mbs:
                 mb.xn = mb.nctx_call[l](self.layers[l], mb.xn)  # with layer l's (new) patch
         return next_prefix
 
@@ -516,7 +515,7 @@ class _Loop:
             self._install(hooks, l)
         if self.cfg.distributed:
             st.all_reduce()
-        dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept)
+        dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept, consume=True)
         if scale is not None:
             # a channel whose norm scale is ~0 cannot be moved by D at all: leave its row at 0
             live = scale.abs() > 1e-3 * scale.abs().max()

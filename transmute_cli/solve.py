@@ -7,6 +7,7 @@ number of examples and the sums add across batches and processes (all_reduce).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +42,9 @@ class LayerStats:
         dz = f(n_ctx) - n
         delta = f(u_ctx) - f(u)
         w = float(weight)
-        self.nn += w * (n.T @ n)
-        self.dzn += w * (dz.T @ n)
-        self.dzdz += w * (dz.T @ dz)
+        self.nn.addmm_(n.T, n, alpha=w)  # in place: no d×d temporaries
+        self.dzn.addmm_(dz.T, n, alpha=w)
+        self.dzdz.addmm_(dz.T, dz, alpha=w)
         self.delta += w * delta.sum(0)
         self.delta_sq += w * (delta * delta).sum()
         self.count += n.shape[0]
@@ -67,7 +68,7 @@ def _all_reduce(tensors: list[torch.Tensor], owner) -> None:
     owner.count, owner.weight = int(c[0].item()), float(c[1].item())
 
 
-def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float) -> torch.Tensor:
+def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool = False) -> torch.Tensor:
     """``A = dzn (nn + ρ·s·I)⁻¹``: the input-space thought matrix, so that ``Δ(W) = W A``.
 
     ``argmin_M Σ_t |M n_t − W dz_t|² + ρ'|M|²`` is ``W (Σ dz nᵀ)(Σ n nᵀ + ρ' I)⁻¹`` for every
@@ -76,14 +77,17 @@ def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float) -> torch.Tensor
     same ρ means the same shrinkage whatever the model's activation scale or the number of
     tokens.  ρ = 0 gives the minimum-norm least-squares solution (pseudo-inverse), which for
     one token is exactly the rank-one patch ``dz nᵀ / |n|²``.
+
+    Only the lower triangle of ``nn`` is read (Cholesky and eigh both use it).  ``overwrite``
+    lets the solve add the ridge to ``nn`` in place instead of copying it (f×f on the joint path).
     """
     d = nn.shape[0]
-    nn = 0.5 * (nn + nn.T)  # symmetric to the last bit before factorising
     scale = torch.trace(nn) / d
     if scale <= 0:
         return torch.zeros_like(dzn)
     if rho > 0:
-        reg = nn + (rho * scale) * torch.eye(d, dtype=nn.dtype, device=nn.device)
+        reg = nn if overwrite else nn.clone()
+        reg.diagonal().add_(rho * scale)
         chol = torch.linalg.cholesky(reg)
         # A reg = dzn  <=>  reg A^T = dzn^T   (reg symmetric)
         return torch.cholesky_solve(dzn.T, chol).T
@@ -116,63 +120,139 @@ def mean_vector(stats: LayerStats) -> torch.Tensor:
 
 @dataclass
 class DownStats:
-    """Sums for the joint solve of a down-projection thought matrix and the thought vector.
+    """Statistics for the joint solve of a down-projection thought matrix and the thought vector.
 
     Per token: ``a`` [f] the (scaled) input of the down projection, ``e`` [d] the gap between the
     contextual and the non-contextual layer output left after the input-side patch.
+
+    While there are at most ``f/2`` tokens (a recipe of tens of examples: ~10² tokens against
+    f = 2048 on Gemma 3 270M) the token rows themselves are kept and the solve runs in token
+    space (a T×T system instead of f×f, and no f×f sums to build); past that, or before an
+    all_reduce, the rows are folded into the sums (freed as they go), so memory stays O(f²).
     """
 
     f: int
     d: int
     dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"
+    keep_rows: bool = True
     count: int = 0  # tokens
     weight: float = 0.0  # Σ of the tokens' weights
-    aa: torch.Tensor = field(init=False)  # Σ a aᵀ [f, f]
-    ea: torch.Tensor = field(init=False)  # Σ e aᵀ [d, f]
-    a: torch.Tensor = field(init=False)  # Σ a     [f]
-    e: torch.Tensor = field(init=False)  # Σ e     [d]
-    ee: torch.Tensor = field(init=False)  # Σ |e|²  []
+    # token rows (a, e, weight) while they are fewer than f; None once folded into the sums
+    rows: list[tuple[torch.Tensor, torch.Tensor, float]] | None = field(init=False)
+    aa: torch.Tensor | None = field(init=False, default=None)  # Σ a aᵀ [f, f]
+    ea: torch.Tensor | None = field(init=False, default=None)  # Σ e aᵀ [d, f]
+    a: torch.Tensor | None = field(init=False, default=None)  # Σ a     [f]
+    e: torch.Tensor | None = field(init=False, default=None)  # Σ e     [d]
+    ee: torch.Tensor | None = field(init=False, default=None)  # Σ |e|²  []
 
     def __post_init__(self) -> None:
+        self.rows = [] if self.keep_rows else None
+        if not self.keep_rows:
+            self._zero_sums()
+
+    def _zero_sums(self) -> None:
         z = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)  # noqa: E731
         self.aa, self.ea, self.a, self.e, self.ee = z(self.f, self.f), z(self.d, self.f), z(self.f), z(self.d), z(())
+
+    def _add_sums(self, a: torch.Tensor, e: torch.Tensor, w: float) -> None:
+        self.aa.addmm_(a.T, a, alpha=w)  # in place: an f×f temporary is 32 MB on Gemma 3 270M
+        self.ea.addmm_(e.T, a, alpha=w)
+        self.a += w * a.sum(0)
+        self.e += w * e.sum(0)
+        self.ee += w * (e * e).sum()
+
+    def fold(self) -> None:
+        """Turn the kept rows into sums (from here on every token goes into the sums)."""
+        if self.rows is None:
+            return
+        rows, self.rows = self.rows, None
+        self._zero_sums()
+        while rows:
+            a, e, w = rows.pop(0)  # freed as they are folded: sums and rows never both whole
+            self._add_sums(a, e, w)
+            del a, e
 
     def add(self, a: torch.Tensor, e: torch.Tensor, weight: float = 1.0) -> None:
         a, e = a.to(self.device, self.dtype), e.to(self.device, self.dtype)
         w = float(weight)
-        self.aa += w * (a.T @ a)
-        self.ea += w * (e.T @ a)
-        self.a += w * a.sum(0)
-        self.e += w * e.sum(0)
-        self.ee += w * (e * e).sum()
+        if self.rows is not None and self.count + a.shape[0] > self.f // 2:
+            self.fold()
+        if self.rows is not None:
+            self.rows.append((a, e, w))
+        else:
+            self._add_sums(a, e, w)
         self.count += a.shape[0]
         self.weight += w * a.shape[0]
 
     def all_reduce(self) -> None:
+        self.fold()
         _all_reduce([self.aa, self.ea, self.a, self.e, self.ee], self)
 
 
-def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``argmin_{D, c} Σ_t |D a_t + c − e_t|² + ρ'|D|²`` (the intercept is not shrunk).
+def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, consume: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``argmin_{D, c} Σ_t w_t |D a_t + c − e_t|² + ρ'|D|²`` (the intercept is not shrunk).
 
     Centering turns it into a plain ridge solve: ``D = C_ea (C_aa + ρ' I)⁻¹``, ``c = ē − D ā``,
     with the same relative ρ as ``ridge_solve`` (sums and means weighted by the tokens' weights).
-    Returns (D [d, f], c [d], relative residual).
+    With the token rows kept, the same D comes from the T×T system (push-through identity):
+    ``D = Yᵀ (X Xᵀ + ρ' I)⁻¹ X`` for the centred, √w-scaled rows X [T, f] and Y [T, d].
+    Returns (D [d, f], c [d], relative residual).  ``consume``: the f×f sums are centred and
+    regularised in place (no f×f copy: 32 MB each on Gemma 3 270M) and ``st`` is spent.
     """
+    if st.rows is not None and st.rows:
+        return _ridge_intercept_rows(st, rho, intercept)
+    st.fold()
     n = st.weight if st.weight > 0 else 1.0
     if intercept:
         ma, me = st.a / n, st.e / n
-        caa = st.aa - n * torch.outer(ma, ma)
-        cea = st.ea - n * torch.outer(me, ma)
     else:
         ma, me = torch.zeros_like(st.a), torch.zeros_like(st.e)
-        caa, cea = st.aa, st.ea
-    dmat = ridge_solve(caa, cea, rho)
+    caa = (st.aa if consume else st.aa.clone()).addr_(ma, ma, alpha=-n)
+    cea = (st.ea if consume else st.ea.clone()).addr_(me, ma, alpha=-n)
+    cee = st.ee - n * (me @ me)
+    # the residual Σ_t w|D a_t + c − e_t|² = Σ_t w|D ã_t − ẽ_t|² (centred) = tr(D C_aa Dᵀ) − 2⟨D, C_ea⟩ + C_ee;
+    # the solve adds its ridge λI to C_aa in place, so λ|D|² comes off again
+    lam = rho * float(torch.trace(caa)) / caa.shape[0] if rho > 0 else 0.0
+    dmat = ridge_solve(caa, cea, rho, overwrite=True)
+    res = torch.sum((dmat @ caa) * dmat) - lam * torch.sum(dmat * dmat) - 2 * torch.sum(dmat * cea) + cee
     c = me - dmat @ ma
-    # Σ|D a + c − e|² from the sums
-    quad = torch.sum((dmat @ st.aa) * dmat) + 2 * c @ (dmat @ st.a) + n * (c @ c)
-    cross = torch.sum(dmat * st.ea) + c @ st.e
-    res = (quad - 2 * cross + st.ee).clamp_min(0)
-    rel = float(torch.sqrt(res / st.ee)) if st.ee > 0 else 0.0
+    rel = math.sqrt(max(float(res), 0.0) / float(st.ee)) if st.ee > 0 else 0.0
+    if consume:
+        st.aa = st.ea = None  # centred and regularised: no longer the sums
+    return dmat, c, rel
+
+
+def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    a = torch.cat([r[0] for r in st.rows])
+    e = torch.cat([r[1] for r in st.rows])
+    w = torch.cat([torch.full((r[0].shape[0],), r[2], dtype=a.dtype, device=a.device) for r in st.rows])
+    n = float(w.sum()) if float(w.sum()) > 0 else 1.0
+    if intercept:
+        ma, me = (w @ a) / n, (w @ e) / n
+    else:
+        ma, me = torch.zeros(st.f, dtype=a.dtype, device=a.device), torch.zeros(st.d, dtype=a.dtype, device=a.device)
+    sw = w.sqrt()[:, None]
+    x, y = sw * (a - ma), sw * (e - me)
+    k = x @ x.T  # [T, T]
+    k = 0.5 * (k + k.T)
+    scale = torch.trace(k) / st.f  # = tr(C_aa)/f, the mean eigenvalue ridge_solve uses
+    t = k.shape[0]
+    if scale <= 0:
+        dmat = torch.zeros(st.d, st.f, dtype=a.dtype, device=a.device)
+    elif rho > 0:
+        chol = torch.linalg.cholesky(k + (rho * scale) * torch.eye(t, dtype=k.dtype, device=k.device))
+        dmat = torch.cholesky_solve(y, chol).T @ x
+    else:
+        evals, evecs = torch.linalg.eigh(k)
+        # the same cut-off as ridge_solve's pseudo-inverse of the f×f matrix (same nonzero spectrum)
+        tol = evals.max() * st.f * torch.finfo(k.dtype).eps
+        inv = torch.where(evals > tol, 1.0 / evals.clamp_min(tol), torch.zeros_like(evals))
+        dmat = (((y.T @ evecs) * inv) @ evecs.T) @ x
+    c = me - dmat @ ma
+    r = a @ dmat.T + c - e
+    res = float(w @ (r * r).sum(1))
+    tot = float(w @ (e * e).sum(1))
+    rel = math.sqrt(max(res, 0.0) / tot) if tot > 0 else 0.0
     return dmat, c, rel
