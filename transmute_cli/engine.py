@@ -392,7 +392,8 @@ class _Loop:
                     for mb in mbs:
                         h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
                         if mb.preserve:  # same tokens in both passes: one recording serves both
-                            mb.ctx_call, mb.xc, mb.xn = mb.nctx_call, h_n.clone(), h_n
+                            # (no copy: both states are replaced, never written, as the loop moves on)
+                            mb.ctx_call, mb.xc, mb.xn = mb.nctx_call, h_n, h_n
                             continue
                         h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
                         prefix = h_ctx[:1, : self.P].clone()  # the shared prefix, identical in every row
@@ -583,8 +584,7 @@ def leave_distributed(barrier: bool = True) -> None:
     gloo runs collectives on worker threads, and the worker drops its reference to the
     all-reduced tensors *after* waking the caller; dropping a tensor Python also knew needs the
     GIL. A process that reaches interpreter shutdown before that worker got the GIL dies in
-    std::terminate (SIGABRT, "terminate called without an active exception"; seen here in 2 of
-    15 spawned runs, and once in CI). So: a barrier (no rank leaves while a peer is mid-
+    std::terminate (SIGABRT, "terminate called without an active exception"; once in CI). So: a barrier (no rank leaves while a peer is mid-
     collective; skipped after a failure, when peers may wait in a collective this rank never
     joins), destroy, then a short GIL-free sleep that lets the workers finish their last
     release. Before: 3 aborts in 35 spawned 2-rank runs; with the sleep alone: 0 in 40."""

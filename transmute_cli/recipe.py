@@ -547,6 +547,12 @@ def _pairs(value: object, field: str, source: str | None) -> list[Pair]:
     return pairs
 
 
+def _relative_to_recipe(value: str, base_dir: Path | None) -> Path:
+    """A ``*_file`` path: relative ones are anchored at the recipe's folder (else the cwd)."""
+    path = Path(value)
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
 def _pairs_from_file(
     value: object, field: str, source: str | None, base_dir: Path | None
 ) -> list[Pair]:
@@ -555,9 +561,7 @@ def _pairs_from_file(
         return []
     if not isinstance(value, str) or not value.strip():
         _fail(source, field, f"must be a path to a .tsv or .jsonl file, got {_describe(value)}")
-    path = Path(value)
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
+    path = _relative_to_recipe(value, base_dir)
     pairs = load_pairs_file(path, source_field=field, source=source)
     if not pairs:
         _fail(source, field, f"the file has no pairs ({path})")
@@ -574,9 +578,7 @@ def _preserve(value: object, file_value: object, source: str | None, base_dir: P
     if file_value is not _MISSING:
         if not isinstance(file_value, str) or not file_value.strip():
             _fail(source, "preserve_file", f"must be a path to a text file, got {_describe(file_value)}")
-        path = Path(file_value)
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
+        path = _relative_to_recipe(file_value, base_dir)
         found = load_texts(path, source=source, field="preserve_file")
         if not found:
             _fail(source, "preserve_file", f"the file has no texts ({path})")

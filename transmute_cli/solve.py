@@ -68,7 +68,8 @@ def _all_reduce(tensors: list[torch.Tensor], owner) -> None:
     owner.count, owner.weight = int(c[0].item()), float(c[1].item())
 
 
-def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool = False) -> torch.Tensor:
+def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool = False, dim: int | None = None
+                ) -> torch.Tensor:
     """``A = dzn (nn + ρ·s·I)⁻¹``: the input-space thought matrix, so that ``Δ(W) = W A``.
 
     ``argmin_M Σ_t |M n_t − W dz_t|² + ρ'|M|²`` is ``W (Σ dz nᵀ)(Σ n nᵀ + ρ' I)⁻¹`` for every
@@ -80,8 +81,10 @@ def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool
 
     Only the lower triangle of ``nn`` is read (Cholesky and eigh both use it).  ``overwrite``
     lets the solve add the ridge to ``nn`` in place instead of copying it (f×f on the joint path).
+    ``dim`` is the dimension the mean eigenvalue and the pseudo-inverse cut-off refer to, when
+    ``nn`` is the token-space Gram ``X Xᵀ`` of an f-dimensional problem (same nonzero spectrum).
     """
-    d = nn.shape[0]
+    d = nn.shape[0] if dim is None else dim
     scale = torch.trace(nn) / d
     if scale <= 0:
         return torch.zeros_like(dzn)
@@ -138,7 +141,7 @@ class DownStats:
     keep_rows: bool = True
     count: int = 0  # tokens
     weight: float = 0.0  # Σ of the tokens' weights
-    # token rows (a, e, weight) while they are fewer than f; None once folded into the sums
+    # token rows (a, e, weight) while they are at most f/2; None once folded into the sums
     rows: list[tuple[torch.Tensor, torch.Tensor, float]] | None = field(init=False)
     aa: torch.Tensor | None = field(init=False, default=None)  # Σ a aᵀ [f, f]
     ea: torch.Tensor | None = field(init=False, default=None)  # Σ e aᵀ [d, f]
@@ -235,21 +238,8 @@ def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[t
         ma, me = torch.zeros(st.f, dtype=a.dtype, device=a.device), torch.zeros(st.d, dtype=a.dtype, device=a.device)
     sw = w.sqrt()[:, None]
     x, y = sw * (a - ma), sw * (e - me)
-    k = x @ x.T  # [T, T]
-    k = 0.5 * (k + k.T)
-    scale = torch.trace(k) / st.f  # = tr(C_aa)/f, the mean eigenvalue ridge_solve uses
-    t = k.shape[0]
-    if scale <= 0:
-        dmat = torch.zeros(st.d, st.f, dtype=a.dtype, device=a.device)
-    elif rho > 0:
-        chol = torch.linalg.cholesky(k + (rho * scale) * torch.eye(t, dtype=k.dtype, device=k.device))
-        dmat = torch.cholesky_solve(y, chol).T @ x
-    else:
-        evals, evecs = torch.linalg.eigh(k)
-        # the same cut-off as ridge_solve's pseudo-inverse of the f×f matrix (same nonzero spectrum)
-        tol = evals.max() * st.f * torch.finfo(k.dtype).eps
-        inv = torch.where(evals > tol, 1.0 / evals.clamp_min(tol), torch.zeros_like(evals))
-        dmat = (((y.T @ evecs) * inv) @ evecs.T) @ x
+    # Yᵀ (X Xᵀ + ρ' I)⁻¹ with ρ' from tr(X Xᵀ)/f = tr(C_aa)/f: ridge_solve's scale and cut-off
+    dmat = ridge_solve(x @ x.T, y.T, rho, overwrite=True, dim=st.f) @ x
     c = me - dmat @ ma
     r = a @ dmat.T + c - e
     res = float(w @ (r * r).sum(1))
