@@ -64,6 +64,58 @@ def test_ridge_matches_closed_form_and_shrinks():
     assert ridge_solve(st.nn, st.dzn, 10.0).norm() < ridge_solve(st.nn, st.dzn, 0.1).norm()
 
 
+def test_ridge_with_fewer_tokens_than_dimensions_matches_closed_form():
+    """T < d: only T eigenvalues are non-zero, so ρ is relative to tr/T (the mean non-zero one)."""
+    torch.manual_seed(4)
+    d, t = 32, 5
+    n, nc = torch.randn(t, d, dtype=torch.float64), torch.randn(t, d, dtype=torch.float64)
+    st = LayerStats(d)
+    st.add(n, nc, n, n)
+    rho = 0.3
+    s = torch.trace(n.T @ n) / t
+    want = (nc - n).T @ n @ torch.linalg.inv(n.T @ n + rho * s * torch.eye(d, dtype=torch.float64))
+    assert torch.allclose(ridge_solve(st.nn, st.dzn, rho, rank=st.count), want, atol=1e-10)
+
+
+@pytest.mark.parametrize("t", [1, 3, 12])
+@pytest.mark.parametrize("rho", [0.1, 1.0])
+def test_rho_shrinks_the_same_at_any_number_of_tokens(t, rho):
+    """Tokens with orthogonal inputs of equal norm: every non-zero eigenvalue is tr/T, so the
+    ridge solution is exactly 1/(1+ρ) of the least-squares one — whatever T (and d)."""
+    torch.manual_seed(5)
+    d = 16
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    n = 3.0 * q[:t]  # t orthogonal rows, |n_t| = 3
+    nc = n + torch.randn(t, d, dtype=torch.float64)
+    st = LayerStats(d)
+    st.add(n, nc, n, n)
+    exact = ridge_solve(st.nn, st.dzn, 0.0)
+    got = ridge_solve(st.nn, st.dzn, rho, rank=st.count)
+    assert torch.allclose(got, exact / (1 + rho), atol=1e-12)
+
+
+def test_joint_solve_with_vector_only_fits_no_matrix():
+    """components [vector] with the joint solver: the intercept alone, the mean gap at the layer
+    output (no A, no D stored or applied)."""
+    from transmute_cli.engine import encode
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    cfg = EngineConfig(solver="joint", components=("vector",), layers=[0], fidelity=False)
+    patch = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg).patch
+    assert not patch.matrices and not patch.downs and set(patch.vectors) == {0}
+    # closed form at layer 0 (nothing before it is patched): mean of h'^C − h' over the tokens of x
+    enc = encode(tok, INSTRUCTION, TEXTS)
+    pre, instr = list(enc.pre), list(enc.instruction)
+    gaps = []
+    with torch.no_grad():
+        for x in enc.texts:
+            hc = model(input_ids=torch.tensor([pre + instr + list(x)]), output_hidden_states=True).hidden_states[1]
+            hn = model(input_ids=torch.tensor([pre + list(x)]), output_hidden_states=True).hidden_states[1]
+            gaps.append((hc[0, len(pre) + len(instr):] - hn[0, len(pre):]).double())
+    want = torch.cat(gaps).mean(0)
+    assert torch.allclose(patch.vectors[0].double(), want, atol=1e-5), (patch.vectors[0].double() - want).abs().max()
+
+
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
 @pytest.mark.parametrize("solver", ["independent", "joint"])
 def test_incremental_equals_naive(family, solver):

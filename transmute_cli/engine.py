@@ -465,14 +465,16 @@ class _Loop:
         cfg = self.cfg
         if not torch.isfinite(stats.nn).all() or not torch.isfinite(stats.dzn).all():
             raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
-        a = ridge_solve(stats.nn, stats.dzn, cfg.rho) if "matrix" in cfg.components else None
+        a = ridge_solve(stats.nn, stats.dzn, cfg.rho, rank=stats.count) if "matrix" in cfg.components else None
         if a is not None:
             num, den = fit_residual(stats, a, _gram(self.layers[l], self.fam))
             self.fid[l][0] += num
             self.fid[l][1] += den
         vec = down = None
         if cfg.solver == "joint":
-            down, vec, rel = self._joint(l, a, mbs, ctx_out, hooks, intercept="vector" in cfg.components)
+            # "matrix" is A and D, "vector" the intercept: components [vector] is a vector only
+            down, vec, rel = self._joint(l, a, mbs, ctx_out, hooks, intercept="vector" in cfg.components,
+                                         matrix="matrix" in cfg.components)
             self.fid[l][2] += rel**2
             self.fid[l][3] += 1.0
         elif "vector" in cfg.components:
@@ -487,7 +489,7 @@ class _Loop:
                 store[l] = store[l] + t32 if l in store else t32
         self._install(hooks, l)
 
-    def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool):
+    def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool, matrix: bool = True):
         """Down-projection thought matrix D and thought vector c fitted *jointly* (ridge with an
         intercept) to the token-dependent gap e_t = h'^C_t − h'_t(A) that this batch's input-side
         matrix A leaves at the layer output — the part of the attention discrepancy that a
@@ -516,7 +518,9 @@ class _Loop:
             self._install(hooks, l)
         if self.cfg.distributed:
             st.all_reduce()
-        dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept, consume=True)
+        dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept, consume=True, matrix=matrix)
+        if dmat is None:
+            return None, vec, rel
         if scale is not None:
             # a channel whose norm scale is ~0 cannot be moved by D at all: leave its row at 0
             live = scale.abs() > 1e-3 * scale.abs().max()

@@ -28,6 +28,8 @@ class Result:
     correct: int
     n: int
     answers: list[str] = field(default_factory=list)
+    # the generated token ids of each answer, up to and including the token that ended it
+    answer_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -49,10 +51,23 @@ class _NewlineStop:
         return torch.tensor(["\n" in t for t in texts], device=input_ids.device)
 
 
+def _stop_cut(tokenizer, row: Sequence[int]) -> list[int]:
+    """The generated ids up to and including the first one that holds a newline or is EOS."""
+    eos = tokenizer.eos_token_id
+    out: list[int] = []
+    for t in row:
+        out.append(int(t))
+        if t == eos or "\n" in tokenizer.decode([int(t)], skip_special_tokens=False):
+            break
+    return out
+
+
 def generate_answers(
-    model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 16, batch_size: int = 64
+    model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 16, batch_size: int = 64,
+    ids_out: list[list[int]] | None = None,
 ) -> list[str]:
-    """Greedy continuations of token-id prompts, cut at the first newline and stripped."""
+    """Greedy continuations of token-id prompts, cut at the first newline and stripped.
+    ``ids_out``, when given, receives each continuation's token ids up to its stop token."""
     from transformers import StoppingCriteriaList
 
     dev = model_device(model)
@@ -80,6 +95,8 @@ def generate_answers(
             )
         for row in gen[:, width:]:
             out.append(_cut(tokenizer.decode(row, skip_special_tokens=True)))
+            if ids_out is not None:
+                ids_out.append(_stop_cut(tokenizer, row.tolist()))
     return out
 
 
@@ -118,9 +135,94 @@ def evaluate(
                 with ThoughtHooks(model, fam) as hooks:
                     hooks.scale = scale
                     hooks.set_patch(patch)
-                    answers = generate_answers(model, tokenizer, prompts, max_new_tokens)
+                    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []))
             else:
-                answers = generate_answers(model, tokenizer, prompts, max_new_tokens)
+                answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []))
             correct = sum(a == p.output.strip() for a, p in zip(answers, pairs))
-            results.append(Result(template, cond, correct, len(pairs), answers))
+            results.append(Result(template, cond, correct, len(pairs), answers, got))
     return results
+
+
+@dataclass
+class HeldoutFidelity:
+    """How closely the patched model (no prompt) follows the prompted one on held-out queries:
+    the share of identical greedy answers, and KL(prompted ‖ patched) per answer position with
+    the prompted model's own answer (its stop token included) fed to both."""
+
+    template: str
+    n: int
+    answer_agreement: float
+    mean_kl: float
+    positions: int
+    base_answer_agreement: float  # unpatched, no prompt, against the prompted model
+    base_mean_kl: float
+
+
+def _answer_logits(model: nn.Module, seqs: Sequence[list[int]], starts: Sequence[int], lengths: Sequence[int],
+                   batch_size: int = 32) -> list[torch.Tensor]:
+    """Per sequence, the float32 logits at the positions that predict its last ``lengths[i]``
+    tokens (which begin at ``starts[i]``).  Right padding: causal attention means the padding
+    never changes a real position."""
+    dev = model_device(model)
+    out: list[torch.Tensor] = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s : s + batch_size]
+        ids = torch.zeros((len(chunk), max(len(q) for q in chunk)), dtype=torch.long)
+        for r, q in enumerate(chunk):
+            ids[r, : len(q)] = torch.tensor(q)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(dev), use_cache=False).logits
+        for r in range(len(chunk)):
+            i = s + r
+            out.append(logits[r, starts[i] - 1 : starts[i] - 1 + lengths[i]].float().cpu())
+    return out
+
+
+def _kl_sum(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).sum())
+
+
+def heldout_fidelity(
+    model: nn.Module,
+    tokenizer,
+    instruction: str,
+    pairs: Sequence[Pair],
+    template: str,
+    patch: ThoughtPatch,
+    prompted: Result,
+    patched: Result,
+    base: Result | None = None,
+    *,
+    scale: float = 1.0,
+    family: str | None = None,
+) -> HeldoutFidelity:
+    """Held-out fidelity from the greedy answers ``evaluate`` already produced (``prompted`` must
+    carry ``answer_ids``); the KL costs two teacher-forced forwards (three with ``base``)."""
+    fam: Family = family_for(model, family)
+    pre = special_prefix(tokenizer)
+    ids = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    instr = ids(instruction)
+    queries = [ids(render(template, p.input)) for p in pairs]
+    answers = [a if a else [] for a in prompted.answer_ids]
+    keep = [i for i, a in enumerate(answers) if a]
+    lengths = [len(answers[i]) for i in keep]
+    ctx = [pre + instr + queries[i] + answers[i] for i in keep]
+    plain = [pre + queries[i] + answers[i] for i in keep]
+    ref = _answer_logits(model, ctx, [len(pre + instr + queries[i]) for i in keep], lengths)
+    starts = [len(pre + queries[i]) for i in keep]
+    bkl = 0.0
+    if base is not None:
+        bkl = sum(_kl_sum(r, g) for r, g in zip(ref, _answer_logits(model, plain, starts, lengths)))
+    with ThoughtHooks(model, fam) as hooks:
+        hooks.scale = scale
+        hooks.set_patch(patch)
+        got = _answer_logits(model, plain, starts, lengths)
+    kl = sum(_kl_sum(r, g) for r, g in zip(ref, got))
+    positions = sum(lengths)
+    n = len(pairs)
+    agree = lambda res: sum(x == y for x, y in zip(res.answers, prompted.answers)) / n if n else 0.0  # noqa: E731
+    return HeldoutFidelity(
+        template, n, agree(patched), kl / max(positions, 1), positions,
+        agree(base) if base is not None else float("nan"), bkl / max(positions, 1) if base is not None else float("nan"),
+    )

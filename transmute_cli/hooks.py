@@ -208,6 +208,9 @@ class LayerCall:
         return out[0] if isinstance(out, tuple) else out
 
 
+_NONE = object()
+
+
 def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerCall]]:
     """The embeddings entering layer 0 and, per layer, the extra arguments the model passes it
     (attention masks, rotary embeddings, positions) for inputs shaped like ``input_ids``.
@@ -238,8 +241,11 @@ def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor) 
         layers[0].register_forward_pre_hook(pre0, with_kwargs=True),
         layers[0].register_forward_hook(post0, with_kwargs=True),
     ]
+    # an instance attribute shadows the class method; one may be there already (accelerate's
+    # device-moving wrapper on a device map): keep it and put it back afterwards
+    saved = [vars(layers[i]).get("forward", _NONE) for i in range(len(layers))]
     for i in range(1, len(layers)):
-        layers[i].forward = identity(i)  # instance attribute shadows the class method
+        layers[i].forward = identity(i)
     try:
         with torch.no_grad():
             base_model(model, fam)(input_ids=input_ids, use_cache=False)
@@ -247,5 +253,8 @@ def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor) 
         for h in handles:
             h.remove()
         for i in range(1, len(layers)):
-            del layers[i].forward
+            if saved[i] is _NONE:
+                del layers[i].forward
+            else:
+                layers[i].forward = saved[i]
     return first["h"], [LayerCall(a, k) for a, k in records]

@@ -135,6 +135,39 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(value: str) -> str | dict:
+    """``--device-map``: one of accelerate's strategies, or a JSON file mapping module names to
+    devices (``{"model.layers.5": "disk", "lm_head": 0, ...}``)."""
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ModelError(f"must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON file of module -> device, "
+                         f"got {value!r} (no such file)", field="--device-map")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"not valid JSON ({_short(e)})", source=value, field="--device-map") from None
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(k, str) and (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)))
+            for k, v in data.items()):
+        raise ModelError("must be a JSON object of module name -> device (\"cpu\", \"disk\", a GPU index)",
+                         source=value, field="--device-map")
+    return data
+
+
+def _offload_folder() -> str:
+    """Where a device map's disk-offloaded weights go: a folder of this process, removed at exit."""
+    import atexit
+
+    folder = tempfile.mkdtemp(prefix="offload-", dir=_ensure(cache_dir()))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
          device_map: str | dict | None = None, offload_folder: str | None = None):
     """(model, tokenizer, source) with the model in eval mode on the chosen device.
@@ -147,6 +180,10 @@ def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remot
         raise ModelError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})", field="--dtype")
     src = resolve(spec)
     dev = pick_device(device) if device_map is None else None
+    if isinstance(device_map, str):
+        device_map = parse_device_map(device_map)
+    if device_map is not None and offload_folder is None:
+        offload_folder = _offload_folder()
     extra = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     try:
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code)
@@ -163,6 +200,22 @@ def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remot
     return model, tok, src
 
 
+def _parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``named_parameters()`` (same names, same sharing rule) with the values of parameters that a
+    device map offloaded to disk read from accelerate's weights map instead of the meta tensors."""
+    from .families import weight_of
+
+    seen: set[int] = set()
+    out = []
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            out.append((f"{mname}.{pname}" if mname else pname, weight_of(mod, pname)))
+    return out
+
+
 def fingerprint(model: nn.Module) -> str:
     """A short id of the base weights that survives dtype changes (float32 vs bfloat16 loads).
 
@@ -176,7 +229,7 @@ def fingerprint(model: nn.Module) -> str:
     for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
         h.update(f"{k}={getattr(cfg, k, None)};".encode())
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for name, p in sorted(_parameters(model), key=lambda kv: kv[0]):
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             sample = flat[::step][:4096].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()

@@ -21,6 +21,27 @@ def check_target(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
         raise InputError("exists and is not a folder", source=str(out))
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _umask_modes(root: Path) -> None:
+    """Give every folder and file under ``root`` (itself included) the mode a plain ``mkdir`` or
+    ``open`` would: ``mkdtemp`` makes 0700 and safetensors writes 0600, which would keep a
+    checkpoint from the other users of a shared machine."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     check_target(out, overwrite)
@@ -28,7 +49,7 @@ def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)
+        _umask_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")  # move the previous output aside, then swap in the new one

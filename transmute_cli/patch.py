@@ -258,6 +258,10 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
                 if fam.out_norm == "gemma":
                     norm = get_module(layers[l], fam.mlp_out)
                     m = caps[l]["m"][mask.to(caps[l]["m"].device)].double().cpu()
+                    if l in patch.downs:
+                        # capture() sees W_down a before the patch's D; the norm (in process and in
+                        # the merged checkpoint alike) normalises (W_down + D) a
+                        m = m + a @ patch.downs[l].double().cpu().T
                     a = a / torch.sqrt(m.pow(2).mean(-1, keepdim=True) + float(norm.eps))
                 s = stats.setdefault(l, {"aa": 0.0, "a": 0.0, "count": 0})
                 s["aa"] = s["aa"] + a.T @ a

@@ -22,8 +22,8 @@ from .engine import (
     EngineConfig, PatchResult, ProgressFn, ThoughtPatch, _micro_batches, _pad_id, compute_patch, encode, leave_distributed,
     special_prefix,
 )
-from .errors import InputError, PatchError
-from .evaluate import Result, evaluate, generate_answers
+from .errors import InputError, PatchError, RecipeError
+from .evaluate import HeldoutFidelity, Result, evaluate, generate_answers, heldout_fidelity
 from .families import Family, family_for, model_device
 from .hooks import ThoughtHooks
 from .outputs import atomic_dir, check_target
@@ -92,6 +92,11 @@ def results_json(results: Sequence[Result]) -> list[dict]:
     ]
 
 
+def heldout_json(h: HeldoutFidelity) -> dict:
+    return {"queries": h.n, "template": h.template, "answer_agreement": h.answer_agreement, "mean_kl": h.mean_kl,
+            "positions": h.positions, "base_answer_agreement": h.base_answer_agreement, "base_mean_kl": h.base_mean_kl}
+
+
 def fidelity_json(res: PatchResult) -> dict:
     f = res.fidelity
     return {
@@ -104,6 +109,7 @@ def fidelity_json(res: PatchResult) -> dict:
         "preserve_top1_agreement": f.preserve_top1_agreement,
         "preserve_mean_kl": f.preserve_mean_kl,
         "layers": [asdict(l) for l in f.layers],
+        "heldout": None,  # filled in when the recipe has eval pairs (see heldout_json)
     }
 
 
@@ -176,7 +182,16 @@ def compute(
         results = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, recipe.eval, [recipe.template], patch,
                            max_new_tokens=recipe.max_new_tokens, family=family)
         report["eval"] = {"results": results_json(results)}
+        by = {r.condition: r for r in results}
+        held = heldout_fidelity(loaded.model, loaded.tokenizer, recipe.instruction, recipe.eval, recipe.template, patch,
+                                by["prompt"], by["patched"], by["base"], family=family)
+        report["fidelity"]["heldout"] = heldout_json(held)
         report["timings"]["eval_s"] = time.perf_counter() - t2
+    if checkpoint and any(p.device.type == "meta" for p in loaded.model.parameters()):
+        # merging needs every weight in memory; the patch is complete without the checkpoint
+        log("no checkpoint: the model has layers offloaded to disk (run `transmute apply` where it fits in memory)")
+        report["checkpoint"] = {"skipped": "layers offloaded to disk by the device map"}
+        checkpoint = False
     with atomic_dir(out, overwrite) as tmp:
         save_patch(patch, tmp / "patch.safetensors", meta)
         if checkpoint:
@@ -219,7 +234,7 @@ def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
         "base_fingerprint": loaded.fingerprint,
         "model_type": str(getattr(cfg, "model_type", "")),
         "family": loaded.fam.name,
-        "recipe": recipe.text,
+        "recipe": recipe.self_contained_text,  # re-parses without the recipe's folder
         "recipe_sha256": recipe.sha256,
         "recipe_name": recipe.name,
         "components": ",".join(recipe.components),
@@ -309,7 +324,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         "base_model": loaded.source.spec,
         "base_fingerprint": loaded.fingerprint,
         "patch_metadata": {k: v for k, v in patch.metadata.items() if k != "recipe"},
-        "recipe": recipe.text if recipe is not None else patch.metadata.get("recipe"),
+        "recipe": recipe.self_contained_text if recipe is not None else patch.metadata.get("recipe"),
         **(provenance or {}),
         "fidelity": {k: v for k, v in result.items() if k != "path"},
     })
@@ -347,14 +362,22 @@ def apply(
     for (p, _s), (path, _) in zip(patches, patch_specs):
         check_compatible(p, loaded.model, loaded.fam, loaded.fingerprint, force=force, source=path)
     patch = combine(patches) if len(patches) > 1 or patches[0][1] != 1.0 else first
+    needs_fold = bool(patch.vectors) and (fmt == "peft" or vector_fold_kind(loaded.model, loaded.fam) != "bias")
     texts: list[str] = []
     recipes = []
-    for p, _ in patches:
-        if p.metadata.get("recipe"):
-            r = parse_recipe(p.metadata["recipe"], source="<recipe in patch>")
-            recipes.append(r)
-            texts += patch_texts(r)
-    needs_fold = patch.vectors and (fmt == "peft" or vector_fold_kind(loaded.model, loaded.fam) != "bias")
+    for (p, _), (path, _) in zip(patches, patch_specs):
+        if not p.metadata.get("recipe"):
+            continue
+        try:
+            r = parse_recipe(p.metadata["recipe"], source=f"{path} (recipe)")
+        except RecipeError:
+            # the recipe is needed only to fold thought vectors; a patch written before recipes
+            # were stored self-contained may name files relative to a folder we do not know
+            if needs_fold:
+                raise
+            continue
+        recipes.append(r)
+        texts += patch_texts(r)
     if needs_fold and not texts:
         raise PatchError("the patch carries no recipe to fold its thought vectors with", source=patch_specs[0][0])
     provenance = {"patches": [{"path": p, "scale": s} for p, s in patch_specs]}
@@ -527,6 +550,8 @@ def report_markdown(r: dict) -> str:
         "",
         "## Fidelity on the patch examples (patched, no prompt  vs  original, with prompt)",
         "",
+        "In-sample: the solve was fitted to these tokens; see the held-out section below for queries it never saw.",
+        "",
         "| | top-1 agreement | mean KL (nats) |",
         "|---|---|---|",
         f"| unpatched, no prompt | {_fmt(f['base_top1_agreement'])} | {_fmt(f['base_mean_kl'])} |",
@@ -540,12 +565,20 @@ def report_markdown(r: dict) -> str:
     for l in f["layers"]:
         lines.append(f"| {l['layer']} | {l['tokens']} | {_fmt(l['matrix_residual'])} | {_fmt(l['vector_residual'])} | "
                      f"{_fmt(l['vector_norm'], 2)} | {_fmt(l['matrix_norm'], 2)} |")
+    h = f.get("heldout")
+    if h:
+        lines += ["", f"## Fidelity on the {h['queries']} held-out eval queries (against the prompted model)", "",
+                  "| | greedy answers identical | mean KL on the prompted answer (nats/token) |", "|---|---|---|",
+                  f"| unpatched, no prompt | {_fmt(h['base_answer_agreement'])} | {_fmt(h['base_mean_kl'])} |",
+                  f"| patched, no prompt | {_fmt(h['answer_agreement'])} | {_fmt(h['mean_kl'])} |"]
     if r.get("eval"):
         lines += ["", "## Accuracy on held-out pairs (greedy, answer cut at the first newline, exact match)", "",
                   "| template | condition | accuracy | correct / n |", "|---|---|---|---|"]
         for e in r["eval"]["results"]:
             lines.append(f"| `{e['template']!r}` | {e['condition']} | {e['accuracy']:.3f} | {e['correct']}/{e['n']} |")
-    if r.get("checkpoint"):
+    if r.get("checkpoint") and "skipped" in r["checkpoint"]:
+        lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
+    elif r.get("checkpoint"):
         c = r["checkpoint"]
         lines += ["", "## Saved checkpoint vs in-process patch", "",
                   f"- thought vectors stored as: {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'})",

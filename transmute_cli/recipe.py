@@ -46,6 +46,7 @@ OUTPUT_FIELD = "{output}"
 COMPONENTS = ("vector", "matrix")
 SOLVERS = ("independent", "joint")
 PAIRS_SUFFIXES = (".tsv", ".jsonl")
+FILE_KEYS = ("examples_file", "eval_file", "preserve_file")
 
 ALLOWED_KEYS = (
     "batches",
@@ -115,6 +116,14 @@ class Recipe:
     # texts on which the patched model should act like the original one (see engine.compute_patch)
     preserve: tuple[str, ...] = ()
     preserve_weight: float = 1.0
+    # the recipe with the contents of its *_file keys written in (empty when it has none):
+    # what a patch and a checkpoint record, so they re-parse anywhere, without the recipe's folder
+    inlined: str = ""
+
+    @property
+    def self_contained_text(self) -> str:
+        """Recipe text that parses without the files it names (see ``inlined``)."""
+        return self.inlined or self.text
 
     @property
     def step(self) -> float:
@@ -734,6 +743,9 @@ def parse_recipe(
         preserve_weight = _number(get("preserve_weight"), "preserve_weight", "> 0", source)
         if preserve_weight <= 0:
             _fail(source, "preserve_weight", f"must be a number > 0, got {_describe(get('preserve_weight'))}")
+    inlined = ""
+    if any(get(k) is not _MISSING for k in FILE_KEYS):
+        inlined = _inline_files(data, examples, eval_pairs, preserve, source)
     return Recipe(
         name=name,
         model=model,
@@ -755,7 +767,25 @@ def parse_recipe(
         sha256=sha256,
         preserve=preserve,
         preserve_weight=preserve_weight,
+        inlined=inlined,
     )
+
+
+def _inline_files(data: dict, examples: list[Pair], eval_pairs: list[Pair], preserve: tuple[str, ...],
+                  source: str | None) -> str:
+    """The recipe's keys with every ``*_file`` replaced by what it held (order of keys kept)."""
+    out: dict = {}
+    lists = {"examples": [[p.input, p.output] for p in examples], "eval": [[p.input, p.output] for p in eval_pairs],
+             "preserve": list(preserve)}
+    for key, value in data.items():
+        target = key.removesuffix("_file")
+        if target in lists:
+            if target not in out and lists[target]:
+                out[target] = lists[target]
+        else:
+            out[key] = value
+    head = f"# {source or 'recipe'} with the contents of its *_file keys written in\n"
+    return head + yaml.safe_dump(out, allow_unicode=True, sort_keys=False, width=1000)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -90,7 +90,8 @@ def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact ma
 
 def show_compute(report: dict) -> None:
     f = report["fidelity"]
-    t = Table(title="Fidelity on the patch examples (vs the original model with the prompt)", title_justify="left")
+    t = Table(title="Fidelity on the patch examples, in-sample (vs the original model with the prompt)",
+              title_justify="left")
     t.add_column("")
     t.add_column("top-1 agreement", justify="right")
     t.add_column("mean KL (nats)", justify="right")
@@ -100,6 +101,16 @@ def show_compute(report: dict) -> None:
         t.add_row(f"preservation texts, patched vs original ({f['preserve_tokens']} tokens)",
                   _f(f["preserve_top1_agreement"]), _f(f["preserve_mean_kl"]))
     out.print(t)
+    h = f.get("heldout")
+    if h:
+        ht = Table(title=f"Fidelity on the {h['queries']} held-out eval queries (vs the prompted model)",
+                   title_justify="left")
+        ht.add_column("")
+        ht.add_column("same greedy answer", justify="right")
+        ht.add_column("KL on its answer (nats/token)", justify="right")
+        ht.add_row("no prompt, unpatched", _f(h["base_answer_agreement"]), _f(h["base_mean_kl"]))
+        ht.add_row("no prompt, patched", _f(h["answer_agreement"]), _f(h["mean_kl"]))
+        out.print(ht)
     lt = Table(title="Per layer", title_justify="left")
     for c in ("layer", "tokens", "matrix fit residual", "vector/joint residual", "|δ|", "|A|"):
         lt.add_column(c, justify="right")
@@ -110,7 +121,9 @@ def show_compute(report: dict) -> None:
     if report.get("eval"):
         out.print(accuracy_table(report["eval"]["results"]))
     c = report.get("checkpoint")
-    if c:
+    if c and "skipped" in c:
+        out.print(f"checkpoint: not written ({c['skipped']})")
+    elif c:
         line = (f"checkpoint: vectors stored as {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'}); "
                 f"vs in-process: top-1 {_f(c['top1_agreement_vs_in_process'])}, KL {_f(c['mean_kl_vs_in_process'], 5)}")
         if "answer_agreement_vs_in_process" in c:

@@ -68,16 +68,19 @@ def _all_reduce(tensors: list[torch.Tensor], owner) -> None:
     owner.count, owner.weight = int(c[0].item()), float(c[1].item())
 
 
-def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool = False, dim: int | None = None
-                ) -> torch.Tensor:
+def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool = False, dim: int | None = None,
+                rank: int | None = None) -> torch.Tensor:
     """``A = dzn (nn + ρ·s·I)⁻¹``: the input-space thought matrix, so that ``Δ(W) = W A``.
 
     ``argmin_M Σ_t |M n_t − W dz_t|² + ρ'|M|²`` is ``W (Σ dz nᵀ)(Σ n nᵀ + ρ' I)⁻¹`` for every
     MLP input projection W, so one d×d solve serves gate and up alike.  ρ is *relative*:
-    ``ρ' = ρ·s`` with ``s = tr(Σ n nᵀ)/d`` the mean eigenvalue of the second moment, so the
-    same ρ means the same shrinkage whatever the model's activation scale or the number of
-    tokens.  ρ = 0 gives the minimum-norm least-squares solution (pseudo-inverse), which for
-    one token is exactly the rank-one patch ``dz nᵀ / |n|²``.
+    ``ρ' = ρ·s`` with ``s = tr(Σ n nᵀ)/r`` the mean *non-zero* eigenvalue of the second moment,
+    ``r = min(rank, d)`` where ``rank`` bounds its rank (the number of tokens T: with T < d only
+    T eigenvalues are non-zero, and ``tr/d`` would shrink T/d times less than it says).  So
+    ρ = 1 shrinks every direction the data span as much as an average one of them is worth,
+    whatever the model's activation scale, its width or the number of tokens.  ρ = 0 gives the
+    minimum-norm least-squares solution (pseudo-inverse), which for one token is exactly the
+    rank-one patch ``dz nᵀ / |n|²``.
 
     Only the lower triangle of ``nn`` is read (Cholesky and eigh both use it).  ``overwrite``
     lets the solve add the ridge to ``nn`` in place instead of copying it (f×f on the joint path).
@@ -85,7 +88,7 @@ def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool
     ``nn`` is the token-space Gram ``X Xᵀ`` of an f-dimensional problem (same nonzero spectrum).
     """
     d = nn.shape[0] if dim is None else dim
-    scale = torch.trace(nn) / d
+    scale = torch.trace(nn) / max(1, min(d, rank if rank is not None else d))
     if scale <= 0:
         return torch.zeros_like(dzn)
     if rho > 0:
@@ -193,8 +196,8 @@ class DownStats:
         _all_reduce([self.aa, self.ea, self.a, self.e, self.ee], self)
 
 
-def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, consume: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, consume: bool = False,
+                          matrix: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, float]:
     """``argmin_{D, c} Σ_t w_t |D a_t + c − e_t|² + ρ'|D|²`` (the intercept is not shrunk).
 
     Centering turns it into a plain ridge solve: ``D = C_ea (C_aa + ρ' I)⁻¹``, ``c = ē − D ā``,
@@ -203,7 +206,10 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, con
     ``D = Yᵀ (X Xᵀ + ρ' I)⁻¹ X`` for the centred, √w-scaled rows X [T, f] and Y [T, d].
     Returns (D [d, f], c [d], relative residual).  ``consume``: the f×f sums are centred and
     regularised in place (no f×f copy: 32 MB each on Gemma 3 270M) and ``st`` is spent.
+    ``matrix=False``: the intercept alone (D is None), the weighted mean of ``e``.
     """
+    if not matrix:
+        return (None, *_intercept_only(st))
     if st.rows is not None and st.rows:
         return _ridge_intercept_rows(st, rho, intercept)
     st.fold()
@@ -217,14 +223,36 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, con
     cee = st.ee - n * (me @ me)
     # the residual Σ_t w|D a_t + c − e_t|² = Σ_t w|D ã_t − ẽ_t|² (centred) = tr(D C_aa Dᵀ) − 2⟨D, C_ea⟩ + C_ee;
     # the solve adds its ridge λI to C_aa in place, so λ|D|² comes off again
-    lam = rho * float(torch.trace(caa)) / caa.shape[0] if rho > 0 else 0.0
-    dmat = ridge_solve(caa, cea, rho, overwrite=True)
+    rank = _centred_rank(st.count, intercept)
+    lam = rho * float(torch.trace(caa)) / max(1, min(caa.shape[0], rank)) if rho > 0 else 0.0
+    dmat = ridge_solve(caa, cea, rho, overwrite=True, rank=rank)
     res = torch.sum((dmat @ caa) * dmat) - lam * torch.sum(dmat * dmat) - 2 * torch.sum(dmat * cea) + cee
     c = me - dmat @ ma
     rel = math.sqrt(max(float(res), 0.0) / float(st.ee)) if st.ee > 0 else 0.0
     if consume:
         st.aa = st.ea = None  # centred and regularised: no longer the sums
     return dmat, c, rel
+
+
+def _intercept_only(st: DownStats) -> tuple[torch.Tensor, float]:
+    """``argmin_c Σ_t w_t |c − e_t|²`` = the weighted mean of e, and its relative residual."""
+    if st.rows is not None:
+        w = [r[2] for r in st.rows]
+        se = sum(wi * r[1].sum(0) for wi, r in zip(w, st.rows))
+        ee = sum(wi * (r[1] * r[1]).sum() for wi, r in zip(w, st.rows))
+    else:
+        se, ee = st.e, st.ee
+    n = st.weight if st.weight > 0 else 1.0
+    c = se / n
+    res = float(ee) - n * float(c @ c)
+    rel = math.sqrt(max(res, 0.0) / float(ee)) if float(ee) > 0 else 0.0
+    return c, rel
+
+
+def _centred_rank(tokens: int, intercept: bool) -> int:
+    """A bound on the rank of the (centred) second moment of ``tokens`` rows: centring on the
+    mean takes one dimension away."""
+    return max(1, tokens - 1 if intercept else tokens)
 
 
 def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -238,8 +266,8 @@ def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[t
         ma, me = torch.zeros(st.f, dtype=a.dtype, device=a.device), torch.zeros(st.d, dtype=a.dtype, device=a.device)
     sw = w.sqrt()[:, None]
     x, y = sw * (a - ma), sw * (e - me)
-    # Yᵀ (X Xᵀ + ρ' I)⁻¹ with ρ' from tr(X Xᵀ)/f = tr(C_aa)/f: ridge_solve's scale and cut-off
-    dmat = ridge_solve(x @ x.T, y.T, rho, overwrite=True, dim=st.f) @ x
+    # Yᵀ (X Xᵀ + ρ' I)⁻¹ with ρ' from tr(X Xᵀ) = tr(C_aa): ridge_solve's scale and cut-off
+    dmat = ridge_solve(x @ x.T, y.T, rho, overwrite=True, dim=st.f, rank=_centred_rank(st.count, intercept)) @ x
     c = me - dmat @ ma
     r = a @ dmat.T + c - e
     res = float(w @ (r * r).sum(1))
