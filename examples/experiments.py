@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from transmute_cli import pipeline  # noqa: E402
 from transmute_cli.engine import compute_patch  # noqa: E402
-from transmute_cli.evaluate import evaluate  # noqa: E402
+from transmute_cli.evaluate import answer_agreement, answer_kl, evaluate, prompted_reference  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.recipe import load_recipe, load_templates, load_texts  # noqa: E402
 
@@ -146,7 +146,7 @@ def exp_table(m) -> None:
 
 
 def exp_rho(m) -> None:
-    rhos = [0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    rhos = [0.0, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 10.0]
     data = {}
     for name, solvers in (("translate-en-fr", ("joint",)), ("dictionary-k8", ("joint",))):
         r = recipe(name)
@@ -197,18 +197,29 @@ def exp_components(m) -> None:
     data = {}
     for name in ("translate-en-fr", "dictionary-k8"):
         r = recipe(name)
+        (prompted,) = evaluate(m.model, m.tokenizer, r.instruction, r.eval, [r.template], None, conditions=("prompt",),
+                               max_new_tokens=min(r.max_new_tokens, 8))
+        ref = prompted_reference(m.model, m.tokenizer, r.instruction, r.eval, r.template, prompted)
         accs = []
         for comps, solver in variants:
             log(f"components {name} {comps} {solver}")
             res, _ = patch_for(m, r, components=tuple(comps.split(",")), solver=solver)
-            acc = accuracy(m, r, [r.template], res.patch)[(r.template, "patched")]
-            accs.append({"components": comps, "solver": solver, "accuracy": acc,
-                         "kl": res.fidelity.mean_kl, "top1": res.fidelity.top1_agreement})
+            (pat,) = evaluate(m.model, m.tokenizer, r.instruction, r.eval, [r.template], res.patch,
+                              conditions=("patched",), max_new_tokens=min(r.max_new_tokens, 8))
+            accs.append({"components": comps, "solver": solver, "accuracy": pat.accuracy,
+                         "kl": res.fidelity.mean_kl, "top1": res.fidelity.top1_agreement,
+                         "heldout_answer_agreement": answer_agreement(pat.answers, ref),
+                         "heldout_kl": answer_kl(m.model, ref, res.patch)})
         data[name] = accs
     md = ["| recipe | " + " | ".join(f"{c} ({s})" for c, s in variants) + " |", "|---" * (len(variants) + 1) + "|"]
     for k, v in data.items():
         md.append(f"| {k} | " + " | ".join(f"{x['accuracy']:.2f}" for x in v) + " |")
-    md.append("\nKL (nats/position, patch examples) per variant:")
+    md.append("\nHeld-out fidelity (eval queries): same greedy answer as the prompted model / KL(prompted ‖ patched) "
+              "on its answer, nats per token:")
+    for k, v in data.items():
+        md.append(f"- {k}: " + ", ".join(f"{x['components']}/{x['solver']} {x['heldout_answer_agreement']:.2f} / "
+                                         f"{x['heldout_kl']:.3f}" for x in v))
+    md.append("\nIn-sample KL (nats/position, on the patch examples the solve was fitted to) per variant:")
     for k, v in data.items():
         md.append(f"- {k}: " + ", ".join(f"{x['components']}/{x['solver']} {x['kl']:.3f}" for x in v))
     save("components", {"variants": variants, "results": data}, "\n".join(md) + "\n")
@@ -261,12 +272,13 @@ def perplexity(m, text: str, patch=None) -> float:
 
 def exp_side_effects(m) -> None:
     data = {}
-    for label, over in (("vector+matrix", {}), ("matrix only", {"components": ("matrix",)})):
+    # with the joint solver "matrix" is the input-side A and the down-projection D: no thought vector
+    for label, over in (("vector+matrix", {}), ("matrices only (A, D)", {"components": ("matrix",)})):
         data[label] = _side_effects(m, **over)
-    md = ["| prompted task | accuracy before | with the en→fr patch (vector+matrix) | with the en→fr patch (matrix only) |",
+    md = ["| prompted task | accuracy before | with the en→fr patch (vector+matrices) | with the en→fr patch (matrices A, D only) |",
           "|---|---|---|---|"]
     for k in ("antonyms", "country-capital", "plural"):
-        a, b = data["vector+matrix"][k], data["matrix only"][k]
+        a, b = data["vector+matrix"][k], data["matrices only (A, D)"][k]
         md.append(f"| {k} | {a['prompted_before']:.2f} | {a['prompted_with_translation_patch']:.2f} ({a['change_points']:+.0f} pts) | "
                   f"{b['prompted_with_translation_patch']:.2f} ({b['change_points']:+.0f} pts) |")
     for label, v in data.items():

@@ -126,7 +126,7 @@ def test_missing_tensors_count_as_zeros_and_fingerprints_noted():
 
 def test_two_instructions(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    cfg = EngineConfig(rho=0.05, batches=2, fidelity=False)
+    cfg = EngineConfig(rho=0.05, batches=2, solver="independent", fidelity=False)  # A and δ only
     p1 = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg).patch
     p2 = compute_patch(model, tok, OTHER, TEXTS, cfg).patch
     a, b = saved(p1, tmp_path / "a.safetensors", "fp"), saved(p2, tmp_path / "b.safetensors", "fp")

@@ -141,12 +141,12 @@ def test_defaults():
         patch_templates=(),
         examples=(Pair("dog", "chien"),),
         eval=(),
-        rho=0.01,
+        rho=0.3,
         eta=None,
         batches=1,
         components=("vector", "matrix"),
         layers="all",
-        solver="independent",
+        solver="joint",
         seed=0,
         max_new_tokens=16,
         source=None,
@@ -155,6 +155,11 @@ def test_defaults():
     )
     assert recipe.step == 1.0
     assert DEFAULT_MODEL == "gemma-3-270m"
+    # the engine's own defaults are the recipe's (one place: transmute_cli/defaults.py)
+    from transmute_cli.engine import EngineConfig
+    from transmute_cli.pipeline import engine_config
+
+    assert engine_config(recipe) == EngineConfig()
     assert DEFAULT_TEMPLATE == "{input} -> {output}"
 
 

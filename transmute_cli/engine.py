@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import defaults
 from .errors import EngineError, InputError
 from .families import (
     Family, base_model, decoder_layers, family_for, get_module, model_device, resolve_layers, select, weight_of,
@@ -35,19 +36,19 @@ from .families import (
 from .hooks import LayerCall, ThoughtHooks, TokenPatchHooks, capture, record_layer_inputs
 from .solve import DownStats, LayerStats, fit_residual, mean_vector, ridge_intercept_solve, ridge_solve
 
-COMPONENTS = ("vector", "matrix")
-SOLVERS = ("independent", "joint")
+COMPONENTS = defaults.COMPONENTS
+SOLVERS = defaults.SOLVERS
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    rho: float = 0.01
+    rho: float = defaults.RHO
     eta: float | None = None  # None: 1/batches (the paper's choice)
-    batches: int = 1
+    batches: int = defaults.BATCHES
     components: tuple[str, ...] = COMPONENTS
     layers: str | Sequence[int] = "all"
-    solver: str = "independent"
-    seed: int = 0  # order in which examples are dealt into batches
+    solver: str = defaults.SOLVER
+    seed: int = defaults.SEED  # order in which examples are dealt into batches
     micro_batch: int = 16  # examples run through a layer at once (memory, not maths)
     stats_dtype: torch.dtype = torch.float64
     # "naive": rerun the whole model (lm_head included) for every layer — the benchmark baseline
@@ -554,7 +555,7 @@ def compute_patch(
 # --------------------------------------------------------------------------- end-to-end fidelity
 
 
-def _final_logits(model: nn.Module, fam: Family, hidden: torch.Tensor) -> torch.Tensor:
+def final_logits(model: nn.Module, fam: Family, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from last-layer states (final norm + lm_head), in float32."""
     h = get_module(model, fam.final_norm)(hidden)
     logits = get_module(model, fam.lm_head)(h).float()
@@ -621,10 +622,10 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
         for mb in mbs:
             m = mb.xmask
             hooks.enabled = False
-            ref = _final_logits(model, fam, select(_last_hidden(base, mb.ctx_ids), P, m))
-            plain = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
+            ref = final_logits(model, fam, select(last_hidden(base, mb.ctx_ids), P, m))
+            plain = final_logits(model, fam, select(last_hidden(base, mb.nctx_ids), p, m))
             hooks.enabled = True
-            patched = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
+            patched = final_logits(model, fam, select(last_hidden(base, mb.nctx_ids), p, m))
             kl, agree = _compare(ref, patched)
             bkl, bagree = _compare(ref, plain)
             tot["kl"] += kl
@@ -637,9 +638,9 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
         for mb in pmbs:
             m = mb.xmask
             hooks.enabled = False
-            ref = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
+            ref = final_logits(model, fam, select(last_hidden(base, mb.nctx_ids), p, m))
             hooks.enabled = True
-            patched = _final_logits(model, fam, select(_last_hidden(base, mb.nctx_ids), p, m))
+            patched = final_logits(model, fam, select(last_hidden(base, mb.nctx_ids), p, m))
             kl, agree = _compare(ref, patched)
             tot["pkl"] += kl
             tot["pagree"] += agree
@@ -661,7 +662,7 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
     fid.base_mean_kl, fid.base_top1_agreement = tot["bkl"] / n, tot["bagree"] / n
 
 
-def _last_hidden(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def last_hidden(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Hidden states after the last layer, *before* the final norm [B, T, d]."""
     store: dict[str, torch.Tensor] = {}
     norm = base.norm

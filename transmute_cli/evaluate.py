@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .engine import ThoughtPatch, special_prefix
-from .families import Family, family_for, model_device
+from .engine import ThoughtPatch, final_logits, last_hidden, special_prefix
+from .families import Family, base_model, family_for, model_device, select
 from .hooks import ThoughtHooks
 from .recipe import Pair, render
 
@@ -158,29 +158,82 @@ class HeldoutFidelity:
     base_mean_kl: float
 
 
-def _answer_logits(model: nn.Module, seqs: Sequence[list[int]], starts: Sequence[int], lengths: Sequence[int],
-                   batch_size: int = 32) -> list[torch.Tensor]:
+def _answer_logits(model: nn.Module, fam: Family, seqs: Sequence[list[int]], starts: Sequence[int],
+                   lengths: Sequence[int], batch_size: int = 32) -> list[torch.Tensor]:
     """Per sequence, the float32 logits at the positions that predict its last ``lengths[i]``
-    tokens (which begin at ``starts[i]``).  Right padding: causal attention means the padding
-    never changes a real position."""
+    tokens (which begin at ``starts[i]``): the head runs on those positions only (a vocabulary
+    of 262k makes whole-sequence logits the cost).  Right padding: causal attention means the
+    padding never changes a real position."""
     dev = model_device(model)
+    base = base_model(model, fam)
     out: list[torch.Tensor] = []
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s : s + batch_size]
         ids = torch.zeros((len(chunk), max(len(q) for q in chunk)), dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
         for r, q in enumerate(chunk):
             ids[r, : len(q)] = torch.tensor(q)
+            mask[r, starts[s + r] - 1 : starts[s + r] - 1 + lengths[s + r]] = True
         with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), use_cache=False).logits
-        for r in range(len(chunk)):
-            i = s + r
-            out.append(logits[r, starts[i] - 1 : starts[i] - 1 + lengths[i]].float().cpu())
+            logits = final_logits(model, fam, select(last_hidden(base, ids.to(dev)), 0, mask)).cpu()
+        out += list(torch.split(logits, [lengths[s + r] for r in range(len(chunk))]))
     return out
 
 
 def _kl_sum(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
     return float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).sum())
+
+
+@dataclass
+class PromptedReference:
+    """The prompted model's greedy answers to held-out queries, as teacher-forcing targets: per
+    query with a non-empty answer, the no-prompt sequence ``pre + query + answer``, where the
+    answer starts, its length, and the prompted model's logits on it (they do not depend on any
+    patch, so one reference serves every patch compared against it)."""
+
+    template: str
+    prompted: Result
+    plain: list[list[int]]
+    starts: list[int]
+    lengths: list[int]
+    logits: list[torch.Tensor]
+
+
+def prompted_reference(model: nn.Module, tokenizer, instruction: str, pairs: Sequence[Pair], template: str,
+                       prompted: Result, *, family: str | None = None) -> PromptedReference:
+    """``prompted`` is ``evaluate``'s prompt-condition result (it carries ``answer_ids``)."""
+    fam: Family = family_for(model, family)
+    pre = special_prefix(tokenizer)
+    ids = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    instr = ids(instruction)
+    queries = [ids(render(template, p.input)) for p in pairs]
+    keep = [i for i, a in enumerate(prompted.answer_ids) if a]
+    lengths = [len(prompted.answer_ids[i]) for i in keep]
+    ctx = [pre + instr + queries[i] + prompted.answer_ids[i] for i in keep]
+    logits = _answer_logits(model, fam, ctx, [len(pre + instr + queries[i]) for i in keep], lengths)
+    plain = [pre + queries[i] + prompted.answer_ids[i] for i in keep]
+    return PromptedReference(template, prompted, plain, [len(pre + queries[i]) for i in keep], lengths, logits)
+
+
+def answer_kl(model: nn.Module, ref: PromptedReference, patch: ThoughtPatch | None = None, *, scale: float = 1.0,
+              family: str | None = None) -> float:
+    """Mean KL(prompted ‖ model without the prompt, patched when ``patch`` is given) per answer token."""
+    fam: Family = family_for(model, family)
+    if patch is None:
+        got = _answer_logits(model, fam, ref.plain, ref.starts, ref.lengths)
+    else:
+        with ThoughtHooks(model, fam) as hooks:
+            hooks.scale = scale
+            hooks.set_patch(patch)
+            got = _answer_logits(model, fam, ref.plain, ref.starts, ref.lengths)
+    return sum(_kl_sum(r, g) for r, g in zip(ref.logits, got)) / max(sum(ref.lengths), 1)
+
+
+def answer_agreement(answers: Sequence[str], ref: PromptedReference) -> float:
+    """Share of queries whose greedy answer is the prompted model's."""
+    n = len(ref.prompted.answers)
+    return sum(x == y for x, y in zip(answers, ref.prompted.answers)) / n if n else 0.0
 
 
 def heldout_fidelity(
@@ -196,33 +249,15 @@ def heldout_fidelity(
     *,
     scale: float = 1.0,
     family: str | None = None,
+    reference: PromptedReference | None = None,
 ) -> HeldoutFidelity:
-    """Held-out fidelity from the greedy answers ``evaluate`` already produced (``prompted`` must
-    carry ``answer_ids``); the KL costs two teacher-forced forwards (three with ``base``)."""
-    fam: Family = family_for(model, family)
-    pre = special_prefix(tokenizer)
-    ids = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    instr = ids(instruction)
-    queries = [ids(render(template, p.input)) for p in pairs]
-    answers = [a if a else [] for a in prompted.answer_ids]
-    keep = [i for i, a in enumerate(answers) if a]
-    lengths = [len(answers[i]) for i in keep]
-    ctx = [pre + instr + queries[i] + answers[i] for i in keep]
-    plain = [pre + queries[i] + answers[i] for i in keep]
-    ref = _answer_logits(model, ctx, [len(pre + instr + queries[i]) for i in keep], lengths)
-    starts = [len(pre + queries[i]) for i in keep]
-    bkl = 0.0
-    if base is not None:
-        bkl = sum(_kl_sum(r, g) for r, g in zip(ref, _answer_logits(model, plain, starts, lengths)))
-    with ThoughtHooks(model, fam) as hooks:
-        hooks.scale = scale
-        hooks.set_patch(patch)
-        got = _answer_logits(model, plain, starts, lengths)
-    kl = sum(_kl_sum(r, g) for r, g in zip(ref, got))
-    positions = sum(lengths)
-    n = len(pairs)
-    agree = lambda res: sum(x == y for x, y in zip(res.answers, prompted.answers)) / n if n else 0.0  # noqa: E731
+    """Held-out fidelity from the greedy answers ``evaluate`` already produced; the KL costs one
+    teacher-forced forward per model compared (plus one for the reference, unless given)."""
+    ref = reference or prompted_reference(model, tokenizer, instruction, pairs, template, prompted, family=family)
+    nan = float("nan")
     return HeldoutFidelity(
-        template, n, agree(patched), kl / max(positions, 1), positions,
-        agree(base) if base is not None else float("nan"), bkl / max(positions, 1) if base is not None else float("nan"),
+        template, len(pairs), answer_agreement(patched.answers, ref),
+        answer_kl(model, ref, patch, scale=scale, family=family), sum(ref.lengths),
+        answer_agreement(base.answers, ref) if base is not None else nan,
+        answer_kl(model, ref, None, family=family) if base is not None else nan,
     )

@@ -27,13 +27,14 @@ from typing import NoReturn
 
 import yaml
 
+from transmute_cli import defaults
 from transmute_cli.errors import RecipeError
 
 DEFAULT_TEMPLATE = "{input} -> {output}"
 DEFAULT_MODEL = "gemma-3-270m"
-DEFAULT_RHO = 0.01
-DEFAULT_BATCHES = 1
-DEFAULT_SEED = 0
+DEFAULT_RHO = defaults.RHO
+DEFAULT_BATCHES = defaults.BATCHES
+DEFAULT_SEED = defaults.SEED
 DEFAULT_MAX_NEW_TOKENS = 16
 MAX_NEW_TOKENS_LIMIT = 512
 # numpy's generators only take 32-bit seeds; refusing bigger ones here beats a crash later.
@@ -43,8 +44,8 @@ MAX_NAME_LENGTH = 128
 
 INPUT_FIELD = "{input}"
 OUTPUT_FIELD = "{output}"
-COMPONENTS = ("vector", "matrix")
-SOLVERS = ("independent", "joint")
+COMPONENTS = defaults.COMPONENTS
+SOLVERS = defaults.SOLVERS
 PAIRS_SUFFIXES = (".tsv", ".jsonl")
 FILE_KEYS = ("examples_file", "eval_file", "preserve_file")
 
@@ -641,7 +642,7 @@ def _layers(value: object, source: str | None) -> str | tuple[int, ...]:
 
 def _solver(value: object, source: str | None) -> str:
     if value is _MISSING:
-        return SOLVERS[0]
+        return defaults.SOLVER
     if not isinstance(value, str) or value not in SOLVERS:
         _fail(source, "solver", f"must be 'independent' or 'joint', got {_describe(value)}")
     return value
