@@ -146,7 +146,7 @@ def exp_table(m) -> None:
 
 
 def exp_rho(m) -> None:
-    rhos = [0.0, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 10.0]
+    rhos = [0.0, 1e-3, 1e-2, 0.03, 1e-1, 0.3, 1.0, 10.0]
     data = {}
     for name, solvers in (("translate-en-fr", ("joint",)), ("dictionary-k8", ("joint",))):
         r = recipe(name)

@@ -141,7 +141,7 @@ def test_defaults():
         patch_templates=(),
         examples=(Pair("dog", "chien"),),
         eval=(),
-        rho=0.3,
+        rho=0.03,
         eta=None,
         batches=1,
         components=("vector", "matrix"),

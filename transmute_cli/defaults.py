@@ -11,6 +11,12 @@ COMPONENTS = ("vector", "matrix")
 SOLVERS = ("independent", "joint")
 
 SOLVER = "joint"  # the independent solve (the paper's) never learns where an answer stops
-RHO = 0.3  # relative to the mean non-zero eigenvalue (solve.ridge_solve)
+RHO = 0.03  # relative to the mean non-zero eigenvalue (solve.ridge_solve); see below
 BATCHES = 1  # one batch, step η = 1/batches = 1
 SEED = 0
+
+# Why ρ = 0.03: on the tune half, ρ = 0.03, 0.3 and 1 all keep every task with a working prompt
+# within 0.9x of it (0.01: one task at 0.89x; the independent solver: 0.58x on average). The tune
+# half holds no new-knowledge task, and the ρ sweep on the shipped dictionary-k8 recipe (not in
+# the suite) shows larger ρ forgetting facts: 0.75 of its keys right at ρ <= 0.03 (= the prompt),
+# 0.62 at 0.1, 0.38 at 0.3. 0.03 is the largest ρ that serves both kinds of prompt.
