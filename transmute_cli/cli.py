@@ -86,7 +86,7 @@ def compute(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="write the patch and report only"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the accuracy report"),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': spread a large model over GPUs/CPU (accelerate)"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto|balanced|sequential, or a JSON file of module -> device ('cpu', 'disk', GPU index): spread a large model (accelerate)"),
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
 ) -> None:
