@@ -61,7 +61,7 @@ def main() -> None:
     rows = []
     for fam in ("gemma3", "llama", "qwen2", "qwen3", "mistral"):
         m = tiny_model(fam)
-        rows.append((f"tiny {fam}", measure(m, tiny_tokenizer(), INSTRUCTION, TEXTS, EngineConfig(rho=0.1, solver="joint"))))
+        rows.append((f"tiny {fam}", measure(m, tiny_tokenizer(), INSTRUCTION, TEXTS, EngineConfig())))
     if args.real:
         r = load_recipe(ROOT / "recipes" / "translate-en-fr.yaml")
         g = pipeline.load_model("gemma-3-270m", device="cpu")

@@ -310,7 +310,8 @@ def _side_effects(m, tr=None, **over) -> dict:
 def exp_compose(m) -> None:
     """Patch arithmetic: an en->fr patch and an uppercase patch queried with its own template,
     summed (`apply -p a:1 -p b:1`); each task evaluated with the composed patch.  Twice: patches
-    fitted on their task alone, and with examples/preserve.txt as preservation texts (weight 1),
+    fitted on their task alone, and with examples/preserve.txt as preservation texts (weight 1, ρ 1
+    as in recipes/translate-en-fr-preserve.yaml),
     which asks each patch to leave other inputs alone — and so to stay out of the other's way."""
     from transmute_cli.diff import diff_patches
     from transmute_cli.patch import combine
@@ -321,7 +322,7 @@ def exp_compose(m) -> None:
                                                              template="{input} => {output}")]
     keep = tuple(load_texts(PRESERVE_FILE))
     data = {}
-    for label, over in (("alone", {}), ("preserve", {"preserve": keep, "preserve_weight": 1.0})):
+    for label, over in (("alone", {}), ("preserve", {"preserve": keep, "preserve_weight": 1.0, "rho": 1.0})):
         rs = [dataclasses.replace(r, **over) for r in tasks]
         patches = [patch_for(m, r)[0].patch for r in rs]
         both = combine([(p, 1.0) for p in patches])
@@ -348,19 +349,22 @@ def exp_compose(m) -> None:
     save("compose", data, "\n".join(md) + "\n")
 
 
-def exp_preserve(m, weights=(0.1, 0.3, 1.0)) -> None:
+def exp_preserve(m, weights=(0.1, 0.3, 1.0), rhos=(0.3, 1.0)) -> None:
     """Preservation texts (examples/preserve.txt: other prompted tasks and prose) against the side
-    effects of the en->fr patch, at several weights; the side effects are measured on prompted
-    tasks and a neutral text that are *not* among the preservation texts."""
+    effects of the en->fr patch, at several weights (recipe's ρ), then at weight 1 with larger ρ;
+    the side effects are measured on prompted tasks and a neutral text that are *not* among the
+    preservation texts."""
     texts = tuple(load_texts(PRESERVE_FILE))
     tr = recipe("translate-en-fr")
     data = {"none": _side_effects(m, tr)}
     log(f"preserve none: {data['none']}")
-    for w in weights:
-        data[str(w)] = _side_effects(m, dataclasses.replace(tr, preserve=texts, preserve_weight=w))
-        log(f"preserve {w}: {data[str(w)]}")
+    runs = [(str(w), w, {}) for w in weights] + [(f"1.0, rho={r:g}", 1.0, {"rho": r}) for r in rhos]
+    for key, w, over in runs:
+        data[key] = _side_effects(m, dataclasses.replace(tr, preserve=texts, preserve_weight=w, **over))
+        log(f"preserve {key}: {data[key]}")
     tasks = ("antonyms", "country-capital", "plural")
-    md = ["| preservation weight | en→fr patched (own) | " + " | ".join(f"prompted {t}" for t in tasks)
+    md = [f"| preservation weight (ρ = {tr.rho:g} unless stated) | en→fr patched (own) | "
+          + " | ".join(f"prompted {t}" for t in tasks)
           + " | perplexity of neutral.txt |", "|---|---|" + "---|" * len(tasks) + "---|"]
     before = data["none"]
     md.append("| no patch | – | " + " | ".join(f"{before[t]['prompted_before']:.2f}" for t in tasks)

@@ -35,9 +35,13 @@ TASKS = ROOT / "examples" / "tasks"
 SWEEP = [
     *({"solver": "joint", "rho": rho} for rho in (0.01, 0.03, 0.1, 0.3, 1.0)),
     *({"solver": "independent", "rho": rho} for rho in (0.01, 0.1)),
-    {"solver": "joint", "rho": 0.1, "batches": 2},
-    {"solver": "joint", "rho": 0.1, "components": ("matrix",)},
-    {"solver": "joint", "rho": 0.1, "components": ("vector",)},
+    # batches (step η = 1/batches unless given), η and components at the chosen ρ
+    {"solver": "joint", "rho": 0.03, "batches": 2},
+    {"solver": "joint", "rho": 0.03, "batches": 4},
+    {"solver": "joint", "rho": 0.03, "batches": 2, "eta": 1.0},
+    {"solver": "joint", "rho": 0.03, "eta": 0.7},
+    {"solver": "joint", "rho": 0.03, "components": ("matrix",)},
+    {"solver": "joint", "rho": 0.03, "components": ("vector",)},
 ]
 FLOOR = 0.3  # the target (patched >= 0.9 x prompted) applies where the prompt reaches this
 
@@ -97,6 +101,10 @@ def run(args) -> dict:
                 "answer_agreement": agree, "mean_kl": kl,
                 "base_answer_agreement": answer_agreement(fixed["base"].answers, ref), "base_mean_kl": base_kl,
                 "compute_s": t_compute, "eval_no_prompt_and_prompt_s": t_fixed,
+                # every held-out query's answers, to see where a task misses
+                "answers": [{"input": p.input, "gold": p.output, "no_prompt": a, "prompt": b, "patched": c}
+                            for p, a, b, c in zip(r.eval, fixed["base"].answers, fixed["prompt"].answers,
+                                                  patched.answers)],
             }
             rows.append(row)
             print(f"{row['task']:20s} {row['settings']:28s} none {row['no_prompt']:.2f} prompt {prompt:.2f} "

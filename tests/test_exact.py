@@ -51,30 +51,19 @@ def test_ridge_one_token_equals_rank_one_patch():
     assert torch.allclose((w + w @ ridge_solve(st.nn, st.dzn, 0.0)) @ n.T, w @ nc.T)
 
 
-def test_ridge_matches_closed_form_and_shrinks():
-    torch.manual_seed(1)
-    d, t = 8, 50
+@pytest.mark.parametrize("d,t,seed", [(8, 50, 1), (32, 5, 4)])
+def test_ridge_matches_closed_form_and_shrinks(d, t, seed):
+    """ρ is relative to the mean non-zero eigenvalue of Σ n nᵀ: tr/d with more tokens than
+    dimensions, tr/T with fewer (only T eigenvalues are non-zero)."""
+    torch.manual_seed(seed)
     n, nc = torch.randn(t, d, dtype=torch.float64), torch.randn(t, d, dtype=torch.float64)
     st = LayerStats(d)
     st.add(n, nc, n, n)
     rho = 0.3
-    s = torch.trace(n.T @ n) / d
-    want = (nc - n).T @ n @ torch.linalg.inv(n.T @ n + rho * s * torch.eye(d, dtype=torch.float64))
-    assert torch.allclose(ridge_solve(st.nn, st.dzn, rho), want, atol=1e-10)
-    assert ridge_solve(st.nn, st.dzn, 10.0).norm() < ridge_solve(st.nn, st.dzn, 0.1).norm()
-
-
-def test_ridge_with_fewer_tokens_than_dimensions_matches_closed_form():
-    """T < d: only T eigenvalues are non-zero, so ρ is relative to tr/T (the mean non-zero one)."""
-    torch.manual_seed(4)
-    d, t = 32, 5
-    n, nc = torch.randn(t, d, dtype=torch.float64), torch.randn(t, d, dtype=torch.float64)
-    st = LayerStats(d)
-    st.add(n, nc, n, n)
-    rho = 0.3
-    s = torch.trace(n.T @ n) / t
+    s = torch.trace(n.T @ n) / min(t, d)
     want = (nc - n).T @ n @ torch.linalg.inv(n.T @ n + rho * s * torch.eye(d, dtype=torch.float64))
     assert torch.allclose(ridge_solve(st.nn, st.dzn, rho, rank=st.count), want, atol=1e-10)
+    assert ridge_solve(st.nn, st.dzn, 10.0, rank=st.count).norm() < ridge_solve(st.nn, st.dzn, 0.1, rank=st.count).norm()
 
 
 @pytest.mark.parametrize("t", [1, 3, 12])

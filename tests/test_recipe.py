@@ -163,6 +163,26 @@ def test_defaults():
     assert DEFAULT_TEMPLATE == "{input} -> {output}"
 
 
+# keys every recipe states for itself (its content), not settings with a default
+_CONTENT_KEYS = {"name", "model", "instruction", "template", "examples", "examples_file", "eval", "eval_file",
+                 "preserve", "preserve_file"}
+
+
+@pytest.mark.parametrize("path", sorted((_ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_state_only_what_differs_from_the_defaults_and_say_why(path):
+    """A shipped recipe that sets a knob sets it to something else than the default, and a comment
+    line right above it says why (the defaults are product decisions: transmute_cli/defaults.py)."""
+    from transmute_cli.recipe import load_recipe
+
+    data = yaml.safe_load(path.read_text())
+    recipe, default = load_recipe(path), parse_recipe(BASE)
+    lines = path.read_text().splitlines()
+    for key in set(data) - _CONTENT_KEYS:
+        assert getattr(recipe, key) != getattr(default, key), f"{path.name}: {key} restates the default"
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+        assert at > 0 and lines[at - 1].lstrip().startswith("#"), f"{path.name}: {key} has no comment saying why"
+
+
 def test_default_name_argument_is_sanitized():
     assert parse_recipe(BASE, default_name="my run").name == "my-run"
 

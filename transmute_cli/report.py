@@ -88,13 +88,19 @@ def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact ma
     return t
 
 
+def _two_columns(title: str, columns: tuple[str, str]) -> Table:
+    """A table of rows labelled on the left with two right-aligned figures."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("")
+    for c in columns:
+        t.add_column(c, justify="right")
+    return t
+
+
 def show_compute(report: dict) -> None:
     f = report["fidelity"]
-    t = Table(title="Fidelity on the patch examples, in-sample (vs the original model with the prompt)",
-              title_justify="left")
-    t.add_column("")
-    t.add_column("top-1 agreement", justify="right")
-    t.add_column("mean KL (nats)", justify="right")
+    t = _two_columns("Fidelity on the patch examples, in-sample (vs the original model with the prompt)",
+                     ("top-1 agreement", "mean KL (nats)"))
     t.add_row("no prompt, unpatched", _f(f["base_top1_agreement"]), _f(f["base_mean_kl"]))
     t.add_row("no prompt, patched", _f(f["top1_agreement"]), _f(f["mean_kl"]))
     if f.get("preserve_tokens"):
@@ -103,11 +109,8 @@ def show_compute(report: dict) -> None:
     out.print(t)
     h = f.get("heldout")
     if h:
-        ht = Table(title=f"Fidelity on the {h['queries']} held-out eval queries (vs the prompted model)",
-                   title_justify="left")
-        ht.add_column("")
-        ht.add_column("same greedy answer", justify="right")
-        ht.add_column("KL on its answer (nats/token)", justify="right")
+        ht = _two_columns(f"Fidelity on the {h['queries']} held-out eval queries (vs the prompted model)",
+                          ("same greedy answer", "KL on its answer (nats/token)"))
         ht.add_row("no prompt, unpatched", _f(h["base_answer_agreement"]), _f(h["base_mean_kl"]))
         ht.add_row("no prompt, patched", _f(h["answer_agreement"]), _f(h["mean_kl"]))
         out.print(ht)
