@@ -81,7 +81,8 @@ def test_defaults_reach_the_prompt_on_a_recipe_with_no_optional_keys(gemma, tmp_
     assert acc["prompt"] >= 0.5 and acc["base"] < 0.2, acc
     assert acc["patched"] >= 0.9 * acc["prompt"], acc
     held = report["fidelity"]["heldout"]
-    # measured: 0.79 of the answers identical to the prompted ones, KL 0.14 vs 5+ unpatched
+    # measured (results/suite.json): 0.84 of the answers identical to the prompted ones, KL 0.18 vs 4.7
+    # unpatched; patched 0.79 vs prompt 0.82
     assert held["answer_agreement"] >= 0.7 and held["mean_kl"] < 0.1 * held["base_mean_kl"], held
 
 
