@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from transmute_cli.engine import EngineConfig, _micro_batches, _pad_id, compute_patch, encode
+from transmute_cli.engine import EngineConfig, compute_patch
 from transmute_cli.families import base_model, family_for
 from transmute_cli.recipe import load_recipe, render
+from transmute_cli.tokens import encode, micro_batches, pad_id
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO_BATCH = 16  # the engine's default, used for the forward baseline too
@@ -87,7 +88,7 @@ def forward_fn(model, tok, instruction: str, texts: list[str], whole: bool = Tru
     """One plain forward over ``pre + I + x`` for every example, batched like the engine."""
     enc = encode(tok, instruction, texts)
     device = next(model.parameters()).device
-    mbs = _micro_batches(enc, list(range(len(texts))), MICRO_BATCH, _pad_id(tok), device)
+    mbs = micro_batches(enc, list(range(len(texts))), MICRO_BATCH, pad_id(tok), device)
     net = model if whole else base_model(model, family_for(model))
 
     def run():

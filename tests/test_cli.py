@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.engine import special_prefix
+from transmute_cli.tokens import special_prefix
 from transmute_cli.evaluate import generate_answers
 from transmute_cli.families import family_for
 from transmute_cli.hooks import ThoughtHooks

@@ -16,7 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.engine import EngineConfig, ThoughtPatch, compute_patch
+from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.patch import ThoughtPatch
 from transmute_cli.evaluate import evaluate, heldout_fidelity
 from transmute_cli.families import decoder_layers, family_for, get_module
 from transmute_cli.hooks import ThoughtHooks, record_layer_inputs

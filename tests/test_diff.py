@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from transmute_cli.diff import DiffReport, diff_patches, diff_paths, diff_state_dicts, effective_rank
-from transmute_cli.engine import EngineConfig, ThoughtPatch, compute_patch
+from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.patch import ThoughtPatch
 from transmute_cli.errors import InputError, PatchError
 from transmute_cli.families import family_for
 from transmute_cli.patch import merge, save_patch

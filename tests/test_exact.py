@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transmute_cli.engine import EngineConfig, compute_patch, exact_token_patch
+from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.exact import exact_token_patch
 from transmute_cli.solve import LayerStats, ridge_solve
 
 from tiny import tiny_model, tiny_tokenizer
@@ -86,7 +87,7 @@ def test_rho_shrinks_the_same_at_any_number_of_tokens(t, rho):
 def test_joint_solve_with_vector_only_fits_no_matrix():
     """components [vector] with the joint solver: the intercept alone, the mean gap at the layer
     output (no A, no D stored or applied)."""
-    from transmute_cli.engine import encode
+    from transmute_cli.tokens import encode
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     cfg = EngineConfig(solver="joint", components=("vector",), layers=[0], fidelity=False)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from transmute_cli import pipeline
-from transmute_cli.engine import compute_patch, exact_token_patch
+from transmute_cli.engine import compute_patch
+from transmute_cli.exact import exact_token_patch
 from transmute_cli.evaluate import evaluate, generate_answers
 from transmute_cli.recipe import load_recipe, render
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transmute_cli.engine import EngineConfig, compute_patch, encode
+from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.tokens import encode
 from transmute_cli.families import decoder_layers, family_for
 from transmute_cli.hooks import capture
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .engine import ThoughtPatch
 from .errors import InputError
+from .patch import ThoughtPatch, load_patch
 
 PATCH_FILE = "patch.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -445,7 +445,6 @@ def diff_paths(a: str, b: str) -> DiffReport:
     if ka != kb:
         raise InputError("cannot compare a patch with a checkpoint")
     if ka == "patch":
-        from .patch import load_patch
 
         return diff_patches(load_patch(pa), load_patch(pb), str(a), str(b))
     return diff_checkpoints(pa, pb, str(a), str(b))

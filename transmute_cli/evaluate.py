@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .engine import ThoughtPatch, final_logits, last_hidden, special_prefix
 from .families import Family, base_model, family_for, model_device, select
+from .fidelity import final_logits, last_hidden
 from .hooks import ThoughtHooks
+from .patch import ThoughtPatch
 from .recipe import Pair, render
+from .tokens import special_prefix, token_ids
 
 CONDITIONS = ("base", "prompt", "patched")
 
@@ -117,11 +119,10 @@ def evaluate(
     """One Result per (template, condition); ``patched`` needs ``patch``."""
     fam: Family = family_for(model, family)
     pre = special_prefix(tokenizer)
-    ids = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    instr = ids(instruction)
+    instr = token_ids(tokenizer, instruction)
     results: list[Result] = []
     for template in templates:
-        queries = [ids(render(template, p.input)) for p in pairs]
+        queries = [token_ids(tokenizer, render(template, p.input)) for p in pairs]
         for cond in conditions:
             if progress:
                 progress(template, cond)
@@ -205,9 +206,8 @@ def prompted_reference(model: nn.Module, tokenizer, instruction: str, pairs: Seq
     """``prompted`` is ``evaluate``'s prompt-condition result (it carries ``answer_ids``)."""
     fam: Family = family_for(model, family)
     pre = special_prefix(tokenizer)
-    ids = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    instr = ids(instruction)
-    queries = [ids(render(template, p.input)) for p in pairs]
+    instr = token_ids(tokenizer, instruction)
+    queries = [token_ids(tokenizer, render(template, p.input)) for p in pairs]
     keep = [i for i, a in enumerate(prompted.answer_ids) if a]
     lengths = [len(prompted.answer_ids[i]) for i in keep]
     ctx = [pre + instr + queries[i] + prompted.answer_ids[i] for i in keep]

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import ThoughtPatch
 from .errors import InputError
 from .families import Family, decoder_layers, get_module
-from .patch import _fold_matrix
+from .patch import ThoughtPatch, fold_matrix
 
 
 def _lora_pair(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -53,7 +52,7 @@ def deltas(model: nn.Module, fam: Family, patch: ThoughtPatch, fold_stats: dict 
         if l in patch.vectors:
             if fold_stats is None or l not in fold_stats:
                 raise InputError(f"layer {l}: exporting a thought vector needs activation statistics")
-            fold = _fold_matrix(patch.vectors[l], fold_stats[l]).float()
+            fold = fold_matrix(patch.vectors[l], fold_stats[l]).float()
             down = fold if down is None else down + fold.to(down.device)
         if down is not None:
             out[f"{fam.layers}.{l}.{fam.mlp_down}"] = down

@@ -16,18 +16,57 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import __version__
-from .engine import ThoughtPatch
-from .errors import PatchError
+from .errors import EngineError, PatchError
 from .families import Family, base_model, decoder_layers, get_module, weight_of
 
 FORMAT = "transmute-patch/1"
 _KEY = re.compile(r"^layers\.(\d+)\.(matrix|vector|down)$")
+
+
+@dataclass
+class ThoughtPatch:
+    """Per-layer thought matrices and vectors.
+
+    ``matrices[l]`` is the *input-space* form ``A`` [d, d]: the thought matrix of every MLP input
+    projection W of layer l is ``Δ(W) = W A`` (gate and up share it; it is how the ridge solution
+    factorises).  ``vectors[l]`` [d] is added where the MLP output joins the residual stream.
+    """
+
+    n_layers: int
+    d_model: int
+    matrices: dict[int, torch.Tensor] = field(default_factory=dict)
+    vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    # joint solver only: down-projection thought matrix D [d, f], W_down -> W_down + D
+    downs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.matrices) | set(self.vectors) | set(self.downs))
+
+    def scaled(self, s: float) -> "ThoughtPatch":
+        return ThoughtPatch(
+            self.n_layers,
+            self.d_model,
+            {l: s * a for l, a in self.matrices.items()},
+            {l: s * v for l, v in self.vectors.items()},
+            dict(self.metadata),
+            {l: s * d for l, d in self.downs.items()},
+        )
+
+    def check_finite(self) -> None:
+        for kind, tensors in (("matrix", self.matrices), ("vector", self.vectors), ("down matrix", self.downs)):
+            for l, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    raise EngineError(f"the thought {kind} of layer {l} has NaN or Inf values")
+
 
 
 def save_patch(patch: ThoughtPatch, path: Path, metadata: dict[str, str]) -> None:
@@ -218,11 +257,11 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
                 if fold_stats is None or l not in fold_stats:
                     raise PatchError(f"layer {l}: folding a thought vector into weights needs activation statistics")
                 w = down.weight.float()
-                down.weight.copy_((w + _fold_matrix(v, fold_stats[l])).to(down.weight.dtype))
+                down.weight.copy_((w + fold_matrix(v, fold_stats[l])).to(down.weight.dtype))
     return info
 
 
-def _fold_matrix(v: torch.Tensor, st: dict) -> torch.Tensor:
+def fold_matrix(v: torch.Tensor, st: dict) -> torch.Tensor:
     """ΔD with ``ΔD a_t ≈ v`` in what joins the residual: ridge regression of the constant target
     on the (rms-scaled) down inputs, ``ΔD' = v (Σ ã)ᵀ (Σ ã ãᵀ + λ I)⁻¹``, then the post-norm
     scale divided out (Gemma).  λ is relative (1e-3 of the mean eigenvalue)."""

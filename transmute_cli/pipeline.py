@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 
 from . import __version__, models
-from .engine import (
-    EngineConfig, PatchResult, ProgressFn, ThoughtPatch, _micro_batches, _pad_id, compute_patch, encode, leave_distributed,
-    special_prefix,
-)
+from .distributed import leave_distributed
+from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
 from .evaluate import HeldoutFidelity, Result, evaluate, generate_answers, heldout_fidelity
 from .families import Family, family_for, model_device
+from .fidelity import compare_logits
 from .hooks import ThoughtHooks
 from .outputs import atomic_dir, check_target
-from .patch import check_compatible, combine, fold_statistics, load_patch, merge, save_patch, sidecar, vector_fold_kind
+from .patch import ThoughtPatch, check_compatible, combine, fold_statistics, load_patch, merge, save_patch, sidecar, vector_fold_kind
 from .recipe import Recipe, load_recipe, load_templates, parse_recipe, render
+from .tokens import encode, micro_batches, pad_id, special_prefix, token_ids
 
 Log = Callable[[str], None]
 
@@ -273,7 +273,7 @@ def settings_json(recipe: Recipe) -> dict:
 
 def _token_batches(loaded: Loaded, texts: Sequence[str], size: int = 16):
     enc = encode(loaded.tokenizer, "", texts)
-    mbs = _micro_batches(enc, list(range(len(texts))), size, _pad_id(loaded.tokenizer), model_device(loaded.model))
+    mbs = micro_batches(enc, list(range(len(texts))), size, pad_id(loaded.tokenizer), model_device(loaded.model))
     p = len(enc.pre)
     out = []
     for mb in mbs:
@@ -424,8 +424,7 @@ def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[s
 def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:
     """Greedy answers to the recipe's eval queries, no prompt (``model`` defaults to the loaded one)."""
     pre = special_prefix(loaded.tokenizer)
-    ids = lambda s: list(loaded.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    prompts = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
+    prompts = [pre + token_ids(loaded.tokenizer, render(recipe.template, p.input)) for p in recipe.eval]
     return generate_answers(model or loaded.model, loaded.tokenizer, prompts, recipe.max_new_tokens)
 
 
@@ -437,10 +436,8 @@ def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
 def _compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor], name: str) -> dict:
     kl = agree = n = 0.0
     for r, g in zip(ref, got):
-        lr, lg = torch.log_softmax(r, -1), torch.log_softmax(g, -1)
-        kl += (lr.exp() * (lr - lg)).sum(-1).clamp_min(0).sum().item()
-        agree += (r.argmax(-1) == g.argmax(-1)).sum().item()
-        n += r.shape[0]
+        k, a = compare_logits(r, g)
+        kl, agree, n = kl + k, agree + a, n + r.shape[0]
     return {f"mean_kl_vs_{name}": kl / max(n, 1), f"top1_agreement_vs_{name}": agree / max(n, 1), "positions": int(n)}
 
 

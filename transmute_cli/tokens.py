@@ -1,0 +1,147 @@
+"""Token ids for the two passes: the instruction and each text tokenised separately (so the
+positions of x align with and without the instruction), checked against the model's context, and
+batched into right-padded micro-batches.  No model is run here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .hooks import LayerCall
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The ids of ``text`` alone, without the special tokens the tokenizer would add."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids: ``pre`` (BOS or nothing), the instruction, each example text x, and each
+    preservation text z (run without the instruction in both passes)."""
+
+    pre: tuple[int, ...]
+    instruction: tuple[int, ...]
+    texts: tuple[tuple[int, ...], ...]
+    preserve: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def prefix_len(self) -> int:  # tokens before x in the contextual sequence
+        return len(self.pre) + len(self.instruction)
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (Gemma/Llama: BOS; Qwen: nothing)."""
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = token_ids(tokenizer, "a")
+    k = len(with_sp) - len(without)
+    if k > 0 and with_sp[k:] == without:
+        return list(with_sp[:k])
+    return []
+
+
+def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence[str] = ()) -> Encoded:
+    """Tokenize I and each x separately so the positions of x align in both passes."""
+    ids = lambda s: tuple(token_ids(tokenizer, s))  # noqa: E731
+    return Encoded(tuple(special_prefix(tokenizer)), ids(instruction), tuple(ids(t) for t in texts),
+                   tuple(ids(t) for t in preserve))
+
+
+def context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def check_lengths(model: nn.Module, enc: Encoded) -> None:
+    """Examples whose contextual sequence exceeds the model's context are bad input."""
+    limit = context_length(model)
+    for i, x in enumerate(enc.texts):
+        if not x:
+            raise InputError("the example text is empty after tokenization", field=f"examples[{i}]")
+        if limit is not None and enc.prefix_len + len(x) > limit:
+            raise InputError(
+                f"instruction + example is {enc.prefix_len + len(x)} tokens; the model's context is {limit}",
+                field=f"examples[{i}]",
+            )
+    for i, z in enumerate(enc.preserve):
+        if not z:
+            raise InputError("the text is empty after tokenization", field=f"preserve[{i}]")
+        if limit is not None and len(enc.pre) + len(z) > limit:
+            raise InputError(f"the text is {len(enc.pre) + len(z)} tokens; the model's context is {limit}",
+                             field=f"preserve[{i}]")
+
+
+# --------------------------------------------------------------------------- batches of sequences
+
+
+def pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded sequences of a few examples.  Causal attention means padding at the end never
+    changes a real position, so no attention mask is needed and positions stay 0..T-1.
+
+    A *preservation* micro-batch holds texts z whose target is the original model itself: both
+    "passes" run ``pre + z`` (the contextual one unpatched, the other patched), ``start`` is
+    ``p`` and the contextual state covers the whole sequence (there is no shared prefix)."""
+
+    index: list[int]  # example indices
+    ctx_ids: torch.Tensor  # [B, P + Tx]   pre + I + x
+    nctx_ids: torch.Tensor  # [B, p + Tx]  pre + x
+    xmask: torch.Tensor  # [B, Tx] bool: real tokens of x
+    start: int = 0  # where x starts in ctx_ids (P; p for preservation)
+    preserve: bool = False
+    weight: float = 1.0  # of each token in the least-squares sums
+    # incremental state (hidden states entering the current layer)
+    xc: torch.Tensor | None = None  # [B, Tx, d]   contextual, positions of x only (preservation: whole sequence)
+    xn: torch.Tensor | None = None  # [B, p + Tx, d] non-contextual, whole sequence
+    ctx_call: list[LayerCall] | None = None
+    nctx_call: list[LayerCall] | None = None
+
+
+def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, device, *, preserve: bool = False,
+                   weight: float = 1.0) -> list[MicroBatch]:
+    texts = enc.preserve if preserve else enc.texts
+    ctx_prefix = enc.pre if preserve else enc.pre + enc.instruction
+    out = []
+    for s in range(0, len(index), size):
+        idx = list(index[s : s + size])
+        tx = max(len(texts[i]) for i in idx)
+        xs = torch.full((len(idx), tx), pad, dtype=torch.long)
+        xmask = torch.zeros((len(idx), tx), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            xs[r, : len(texts[i])] = torch.tensor(texts[i])
+            xmask[r, : len(texts[i])] = True
+        ctx_pre = torch.tensor(ctx_prefix, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
+        nctx_pre = torch.tensor(enc.pre, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
+        out.append(
+            MicroBatch(
+                idx,
+                torch.cat([ctx_pre, xs], 1).to(device),
+                torch.cat([nctx_pre, xs], 1).to(device),
+                xmask.to(device),
+                start=len(ctx_prefix),
+                preserve=preserve,
+                weight=weight,
+            )
+        )
+    return out
+
+
+def deal(n: int, batches: int, seed: int) -> list[list[int]]:
+    """Shuffle example indices with ``seed`` and deal them into ``batches`` near-equal batches."""
+    if batches > n:
+        raise InputError(f"must be <= the number of examples ({n}), got {batches}", field="batches")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).tolist() if batches > 1 else list(range(n))
+    return [perm[b::batches] for b in range(batches)]
