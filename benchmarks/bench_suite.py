@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as be
 from bench_engine import ROOT, log, sync
 
-from transmute_cli import models, pipeline
+from transmute_cli import checkpoint, models, pipeline
 from transmute_cli.engine import compute_patch
 from transmute_cli.evaluate import evaluate, generate_answers
 from transmute_cli.families import family_for
@@ -183,7 +183,7 @@ def throughput_section(model, tok, recipe, patch) -> dict:
     loaded = pipeline.Loaded(model, tok, fam, None, "", "float32")
     texts = pipeline.patch_texts(recipe)
     log("fold statistics for the merged patch")
-    stats = (fold_statistics(model, fam, patch, pipeline._token_batches(loaded, texts))
+    stats = (fold_statistics(model, fam, patch, checkpoint.token_batches(loaded, texts))
              if patch.vectors and vector_fold_kind(model, fam) != "bias" else None)
     out: dict = {"gen_tokens": GEN_TOKENS, "batch": len(queries), "repeats": REPEATS,
                  "vector_fold": vector_fold_kind(model, fam) if patch.vectors else "none"}

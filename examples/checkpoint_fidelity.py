@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from transmute_cli import models, pipeline  # noqa: E402
+from transmute_cli import checkpoint, models, pipeline  # noqa: E402
 from transmute_cli.engine import EngineConfig, compute_patch  # noqa: E402
 from transmute_cli.families import family_for  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
@@ -36,17 +36,17 @@ def measure(model, tok, instruction, texts, cfg) -> dict:
                              models.fingerprint(model), "float32")
     patch = compute_patch(model, tok, instruction, texts, cfg).patch
     with tempfile.TemporaryDirectory() as d:
-        info = pipeline.write_checkpoint(loaded, patch, Path(d) / "ck", texts, None, None)
+        info = checkpoint.write_checkpoint(loaded, patch, Path(d) / "ck", texts, None, None)
         from transformers import AutoModelForCausalLM
 
         reloaded = AutoModelForCausalLM.from_pretrained(Path(d) / "ck", dtype=torch.float32).eval()
-        batches = pipeline._token_batches(loaded, texts)
+        batches = checkpoint.token_batches(loaded, texts)
         with ThoughtHooks(model, loaded.fam) as hooks:
             hooks.set_patch(patch)
-            ref = pipeline._logits(loaded, batches)
+            ref = checkpoint.masked_logits(loaded, batches)
         with torch.no_grad():
             got = [reloaded(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
-    reload = pipeline._compare_logits(ref, got, "in_process")
+    reload = checkpoint.compare_runs(ref, got, "in_process")
     return {"vector_fold": info["vector_fold"], "kl": reload["mean_kl_vs_in_process"],
             "top1": reload["top1_agreement_vs_in_process"], "max_abs_logit_diff": max((r - g).abs().max().item()
                                                                                      for r, g in zip(ref, got))}

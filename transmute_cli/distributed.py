@@ -3,6 +3,10 @@ and a clean teardown."""
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from .errors import EngineError
 
 
@@ -38,3 +42,20 @@ def leave_distributed(barrier: bool = True) -> None:
     finally:
         dist.destroy_process_group()
         time.sleep(0.2)
+
+
+def init_distributed(device: str) -> tuple[int, bool, bool]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: examples are sharded over ranks
+    and the statistics all_reduce'd (gloo on CPU, nccl on CUDA). Returns (rank, distributed,
+    owned): owned when this call created the group, so `compute` must also take it down."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, False, False
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), True, owned

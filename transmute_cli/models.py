@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .families import Family, family_for
 
 DEFAULT_ALIAS = "gemma-3-270m"
 ALIASES = {
@@ -236,3 +237,22 @@ def fingerprint(model: nn.Module) -> str:
             h.update(f"{name}:{tuple(p.shape)}:".encode())
             h.update(sample)
     return h.hexdigest()[:16]
+
+
+@dataclass
+class Loaded:
+    """A loaded model with what every command needs beside it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    fam: Family
+    source: ModelSource
+    fingerprint: str
+    dtype: str
+
+
+def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", family: str | None = None,
+               trust_remote_code: bool = False, device_map: str | None = None) -> Loaded:
+    model, tok, src = load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
+    fam = family_for(model, family)
+    return Loaded(model, tok, fam, src, fingerprint(model), dtype)

@@ -267,7 +267,7 @@ def fold_matrix(v: torch.Tensor, st: dict) -> torch.Tensor:
     scale divided out (Gemma).  λ is relative (1e-3 of the mean eigenvalue)."""
     from .solve import ridge_solve
 
-    aa, asum, _count = st["aa"], st["a"], st["count"]
+    aa, asum = st["aa"], st["a"]
     target = torch.outer(v.double().to(aa.device), asum)  # Σ v ãᵀ  [d, f]
     dprime = ridge_solve(aa, target, 1e-3)
     scale = st.get("scale")
@@ -310,14 +310,3 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
         for l in want:
             stats[l]["scale"] = 1.0 + weight_of(get_module(layers[l], fam.mlp_out)).double().cpu()
     return stats
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def sidecar(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

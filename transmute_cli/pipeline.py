@@ -7,52 +7,33 @@ return plain dicts that become ``report.json`` and ``--json`` output.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from . import __version__, models
-from .distributed import leave_distributed
+from . import __version__
+from .checkpoint import write_checkpoint, write_peft
+from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
-from .evaluate import HeldoutFidelity, Result, evaluate, generate_answers, heldout_fidelity
-from .families import Family, family_for, model_device
-from .fidelity import compare_logits
-from .hooks import ThoughtHooks
+from .evaluate import HeldoutFidelity, Result, evaluate, heldout_fidelity
+from .families import model_device
+from .models import Loaded, load_model
 from .outputs import atomic_dir, check_target
-from .patch import ThoughtPatch, check_compatible, combine, fold_statistics, load_patch, merge, save_patch, sidecar, vector_fold_kind
+from .patch import check_compatible, combine, load_patch, save_patch, vector_fold_kind
 from .recipe import Recipe, load_recipe, load_templates, parse_recipe, render
-from .tokens import encode, micro_batches, pad_id, special_prefix, token_ids
+from .report import report_markdown
 
 Log = Callable[[str], None]
 
 
 def _quiet(_msg: str) -> None:
     pass
-
-
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    tokenizer: object
-    fam: Family
-    source: models.ModelSource
-    fingerprint: str
-    dtype: str
-
-
-def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", family: str | None = None,
-               trust_remote_code: bool = False, device_map: str | None = None) -> Loaded:
-    model, tok, src = models.load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                  device_map=device_map)
-    fam = family_for(model, family)
-    return Loaded(model, tok, fam, src, models.fingerprint(model), dtype)
 
 
 def patch_texts(recipe: Recipe) -> list[str]:
@@ -135,7 +116,7 @@ def compute(
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md."""
     out = Path(out) if out is not None else Path("runs") / recipe.name
     check_target(out, overwrite)
-    rank, distributed, owned = _init_distributed(device)
+    rank, distributed, owned = init_distributed(device)
     if distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     t0 = time.perf_counter()
@@ -210,23 +191,6 @@ def compute(
     return report
 
 
-def _init_distributed(device: str) -> tuple[int, bool, bool]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: examples are sharded over ranks
-    and the statistics all_reduce'd (gloo on CPU, nccl on CUDA). Returns (rank, distributed,
-    owned): owned when this call created the group, so `compute` must also take it down."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, False, False
-    import torch.distributed as dist
-
-    owned = not dist.is_initialized()
-    if owned:
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), True, owned
-
-
 def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
     cfg = loaded.model.config
     return {
@@ -266,69 +230,6 @@ def settings_json(recipe: Recipe) -> dict:
         "seed": recipe.seed, "templates": list(recipe.all_templates()),
         "preserve_texts": len(recipe.preserve), "preserve_weight": recipe.preserve_weight,
     }
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _token_batches(loaded: Loaded, texts: Sequence[str], size: int = 16):
-    enc = encode(loaded.tokenizer, "", texts)
-    mbs = micro_batches(enc, list(range(len(texts))), size, pad_id(loaded.tokenizer), model_device(loaded.model))
-    p = len(enc.pre)
-    out = []
-    for mb in mbs:
-        mask = torch.zeros(mb.nctx_ids.shape, dtype=torch.bool, device=mb.nctx_ids.device)
-        mask[:, :p] = True
-        mask[:, p:] = mb.xmask
-        out.append((mb.nctx_ids, mask))
-    return out
-
-
-def _logits(loaded: Loaded, batches) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [loaded.model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
-
-
-def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
-                     patched_answers: list[str] | None, *, scale: float = 1.0, provenance: dict | None = None) -> dict:
-    """Merge the patch into the loaded model's weights, save a standard HF folder, undo the merge, and measure how far the merged weights are from the in-process patch:
-    mean KL and top-1 agreement over the patch texts, and greedy-answer agreement on the eval."""
-    model, fam = loaded.model, loaded.fam
-    batches = _token_batches(loaded, texts[:64])
-    with ThoughtHooks(model, fam) as hooks:
-        hooks.scale = scale
-        hooks.set_patch(patch)
-        ref = _logits(loaded, batches)
-    fold = vector_fold_kind(model, fam)
-    stats = fold_statistics(model, fam, patch.scaled(scale), _token_batches(loaded, texts)) if patch.vectors and fold != "bias" else None
-    info = merge(model, fam, patch, scale, stats)
-    try:
-        got = _logits(loaded, batches)
-        result = {
-            "path": out.name,
-            "vector_fold": info["vector_fold"],
-            "exact": info["vector_fold"] in ("bias", "none"),
-            **_compare_logits(ref, got, "in_process"),
-        }
-        if patched_answers is not None and recipe is not None and recipe.eval:
-            answers = _eval_answers(loaded, recipe)
-            result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
-            result["accuracy"] = sum(x == p.output.strip() for x, p in zip(answers, recipe.eval)) / len(answers)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        loaded.tokenizer.save_pretrained(out)
-    finally:
-        info["undo"]()  # the loaded model is the base model again
-    sidecar(out / "transmute.json", {
-        "tool_version": __version__,
-        "base_model": loaded.source.spec,
-        "base_fingerprint": loaded.fingerprint,
-        "patch_metadata": {k: v for k, v in patch.metadata.items() if k != "recipe"},
-        "recipe": recipe.self_contained_text if recipe is not None else patch.metadata.get("recipe"),
-        **(provenance or {}),
-        "fidelity": {k: v for k, v in result.items() if k != "path"},
-    })
-    return result
 
 
 def apply(
@@ -391,54 +292,6 @@ def apply(
     info["path"] = str(out)
     return {"checkpoint" if fmt == "checkpoint" else "adapter": info, "model": model_json(loaded),
             "patches": provenance["patches"]}
-
-
-def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
-               rank: int, base_spec: str) -> dict:
-    """Export the adapter, reload it with ``PeftModel.from_pretrained`` and measure it against the
-    in-process patch (KL/top-1 on the patch texts; eval accuracy of both when there is an eval)."""
-    from peft import PeftModel
-
-    from .export import export_peft
-
-    model, fam = loaded.model, loaded.fam
-    stats = fold_statistics(model, fam, patch, _token_batches(loaded, texts)) if patch.vectors else None
-    info = export_peft(model, fam, patch, rank, out, base_spec, stats)
-    batches = _token_batches(loaded, texts[:64])
-    with ThoughtHooks(model, fam) as hooks:
-        hooks.set_patch(patch)
-        ref = _logits(loaded, batches)
-        acc_in_process = _eval_accuracy(loaded, recipe) if recipe is not None and recipe.eval else None
-    peft_model = PeftModel.from_pretrained(model, str(out))
-    try:
-        got = [peft_model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
-        info.update(_compare_logits(ref, got, "in_process"))
-        if acc_in_process is not None:
-            info["accuracy_in_process"] = acc_in_process
-            info["accuracy"] = _eval_accuracy(loaded, recipe, peft_model)
-    finally:
-        peft_model.unload()
-    return info
-
-
-def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:
-    """Greedy answers to the recipe's eval queries, no prompt (``model`` defaults to the loaded one)."""
-    pre = special_prefix(loaded.tokenizer)
-    prompts = [pre + token_ids(loaded.tokenizer, render(recipe.template, p.input)) for p in recipe.eval]
-    return generate_answers(model or loaded.model, loaded.tokenizer, prompts, recipe.max_new_tokens)
-
-
-def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
-    answers = _eval_answers(loaded, recipe, model)
-    return sum(a == p.output.strip() for a, p in zip(answers, recipe.eval)) / len(recipe.eval)
-
-
-def _compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor], name: str) -> dict:
-    kl = agree = n = 0.0
-    for r, g in zip(ref, got):
-        k, a = compare_logits(r, g)
-        kl, agree, n = kl + k, agree + a, n + r.shape[0]
-    return {f"mean_kl_vs_{name}": kl / max(n, 1), f"top1_agreement_vs_{name}": agree / max(n, 1), "positions": int(n)}
 
 
 # --------------------------------------------------------------------------- eval
@@ -522,66 +375,3 @@ def eval_target(
     }
 
 
-# --------------------------------------------------------------------------- human-readable report
-
-
-def _fmt(x, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}" if math.isfinite(x) else str(x)
-    return str(x)
-
-
-def report_markdown(r: dict) -> str:
-    f = r["fidelity"]
-    lines = [
-        f"# transmute report: {r['recipe']['name']}",
-        "",
-        f"- model: `{r['model']['spec']}` ({r['model']['model_type']}, {r['model']['n_layers']} layers, "
-        f"fingerprint {r['model']['fingerprint']}, {r['model']['device']}, {r['model']['dtype']})",
-        f"- recipe sha256: `{r['recipe']['sha256']}`",
-        "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
-        f"- examples: {r['examples']} ({r['patch_texts']} patch texts, {f['tokens']} token positions)",
-        f"- compute: {r['timings']['compute_s']:.1f} s",
-        "",
-        "## Fidelity on the patch examples (patched, no prompt  vs  original, with prompt)",
-        "",
-        "In-sample: the solve was fitted to these tokens; see the held-out section below for queries it never saw.",
-        "",
-        "| | top-1 agreement | mean KL (nats) |",
-        "|---|---|---|",
-        f"| unpatched, no prompt | {_fmt(f['base_top1_agreement'])} | {_fmt(f['base_mean_kl'])} |",
-        f"| patched, no prompt | {_fmt(f['top1_agreement'])} | {_fmt(f['mean_kl'])} |",
-        *([f"| preservation texts ({f['preserve_tokens']} tokens): patched vs original | "
-           f"{_fmt(f['preserve_top1_agreement'])} | {_fmt(f['preserve_mean_kl'])} |"] if f.get("preserve_tokens") else []),
-        "",
-        "| layer | tokens | matrix fit residual | vector/joint residual | |δ| | |A| |",
-        "|---|---|---|---|---|---|",
-    ]
-    for l in f["layers"]:
-        lines.append(f"| {l['layer']} | {l['tokens']} | {_fmt(l['matrix_residual'])} | {_fmt(l['vector_residual'])} | "
-                     f"{_fmt(l['vector_norm'], 2)} | {_fmt(l['matrix_norm'], 2)} |")
-    h = f.get("heldout")
-    if h:
-        lines += ["", f"## Fidelity on the {h['queries']} held-out eval queries (against the prompted model)", "",
-                  "| | greedy answers identical | mean KL on the prompted answer (nats/token) |", "|---|---|---|",
-                  f"| unpatched, no prompt | {_fmt(h['base_answer_agreement'])} | {_fmt(h['base_mean_kl'])} |",
-                  f"| patched, no prompt | {_fmt(h['answer_agreement'])} | {_fmt(h['mean_kl'])} |"]
-    if r.get("eval"):
-        lines += ["", "## Accuracy on held-out pairs (greedy, answer cut at the first newline, exact match)", "",
-                  "| template | condition | accuracy | correct / n |", "|---|---|---|---|"]
-        for e in r["eval"]["results"]:
-            lines.append(f"| `{e['template']!r}` | {e['condition']} | {e['accuracy']:.3f} | {e['correct']}/{e['n']} |")
-    if r.get("checkpoint") and "skipped" in r["checkpoint"]:
-        lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
-    elif r.get("checkpoint"):
-        c = r["checkpoint"]
-        lines += ["", "## Saved checkpoint vs in-process patch", "",
-                  f"- thought vectors stored as: {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'})",
-                  f"- top-1 agreement {_fmt(c['top1_agreement_vs_in_process'])}, mean KL {_fmt(c['mean_kl_vs_in_process'], 5)} "
-                  f"over {c['positions']} positions"]
-        if "answer_agreement_vs_in_process" in c:
-            lines.append(f"- greedy answers identical on {_fmt(c['answer_agreement_vs_in_process'])} of the eval queries; "
-                         f"checkpoint accuracy {_fmt(c['accuracy'])}")
-    return "\n".join(lines) + "\n"

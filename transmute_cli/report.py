@@ -5,6 +5,7 @@ Only this module and ``cli.py`` import rich.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -68,7 +69,11 @@ class ProgressView:
 
 
 def _f(x, d: int = 3) -> str:
-    return "–" if x is None else f"{x:.{d}f}"
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{d}f}" if math.isfinite(x) else str(x)
+    return str(x)
 
 
 def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact match, answer cut at newline)") -> Table:
@@ -167,3 +172,60 @@ def show_adapter(a: dict) -> None:
     if "accuracy" in a:
         line += f"; eval accuracy adapter {_f(a['accuracy'])} vs in-process {_f(a['accuracy_in_process'])}"
     out.print(line)
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def report_markdown(r: dict) -> str:
+    f = r["fidelity"]
+    lines = [
+        f"# transmute report: {r['recipe']['name']}",
+        "",
+        f"- model: `{r['model']['spec']}` ({r['model']['model_type']}, {r['model']['n_layers']} layers, "
+        f"fingerprint {r['model']['fingerprint']}, {r['model']['device']}, {r['model']['dtype']})",
+        f"- recipe sha256: `{r['recipe']['sha256']}`",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
+        f"- examples: {r['examples']} ({r['patch_texts']} patch texts, {f['tokens']} token positions)",
+        f"- compute: {r['timings']['compute_s']:.1f} s",
+        "",
+        "## Fidelity on the patch examples (patched, no prompt  vs  original, with prompt)",
+        "",
+        "In-sample: the solve was fitted to these tokens; see the held-out section below for queries it never saw.",
+        "",
+        "| | top-1 agreement | mean KL (nats) |",
+        "|---|---|---|",
+        f"| unpatched, no prompt | {_f(f['base_top1_agreement'])} | {_f(f['base_mean_kl'])} |",
+        f"| patched, no prompt | {_f(f['top1_agreement'])} | {_f(f['mean_kl'])} |",
+        *([f"| preservation texts ({f['preserve_tokens']} tokens): patched vs original | "
+           f"{_f(f['preserve_top1_agreement'])} | {_f(f['preserve_mean_kl'])} |"] if f.get("preserve_tokens") else []),
+        "",
+        "| layer | tokens | matrix fit residual | vector/joint residual | |δ| | |A| |",
+        "|---|---|---|---|---|---|",
+    ]
+    for l in f["layers"]:
+        lines.append(f"| {l['layer']} | {l['tokens']} | {_f(l['matrix_residual'])} | {_f(l['vector_residual'])} | "
+                     f"{_f(l['vector_norm'], 2)} | {_f(l['matrix_norm'], 2)} |")
+    h = f.get("heldout")
+    if h:
+        lines += ["", f"## Fidelity on the {h['queries']} held-out eval queries (against the prompted model)", "",
+                  "| | greedy answers identical | mean KL on the prompted answer (nats/token) |", "|---|---|---|",
+                  f"| unpatched, no prompt | {_f(h['base_answer_agreement'])} | {_f(h['base_mean_kl'])} |",
+                  f"| patched, no prompt | {_f(h['answer_agreement'])} | {_f(h['mean_kl'])} |"]
+    if r.get("eval"):
+        lines += ["", "## Accuracy on held-out pairs (greedy, answer cut at the first newline, exact match)", "",
+                  "| template | condition | accuracy | correct / n |", "|---|---|---|---|"]
+        for e in r["eval"]["results"]:
+            lines.append(f"| `{e['template']!r}` | {e['condition']} | {e['accuracy']:.3f} | {e['correct']}/{e['n']} |")
+    if r.get("checkpoint") and "skipped" in r["checkpoint"]:
+        lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
+    elif r.get("checkpoint"):
+        c = r["checkpoint"]
+        lines += ["", "## Saved checkpoint vs in-process patch", "",
+                  f"- thought vectors stored as: {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'})",
+                  f"- top-1 agreement {_f(c['top1_agreement_vs_in_process'])}, mean KL {_f(c['mean_kl_vs_in_process'], 5)} "
+                  f"over {c['positions']} positions"]
+        if "answer_agreement_vs_in_process" in c:
+            lines.append(f"- greedy answers identical on {_f(c['answer_agreement_vs_in_process'])} of the eval queries; "
+                         f"checkpoint accuracy {_f(c['accuracy'])}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""A patched checkpoint or PEFT adapter, written and verified: merge the patch into the weights,
+save a standard folder that loads with plain ``transformers`` (or ``PeftModel``), undo the merge,
+and measure how far the saved weights are from the in-process patch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .evaluate import generate_answers
+from .families import model_device
+from .fidelity import compare_logits
+from .hooks import ThoughtHooks
+from .models import Loaded
+from .patch import ThoughtPatch, fold_statistics, merge, vector_fold_kind
+from .recipe import Recipe, render
+from .tokens import encode, micro_batches, pad_id, special_prefix, token_ids
+
+
+def token_batches(loaded: Loaded, texts: Sequence[str], size: int = 16):
+    enc = encode(loaded.tokenizer, "", texts)
+    mbs = micro_batches(enc, list(range(len(texts))), size, pad_id(loaded.tokenizer), model_device(loaded.model))
+    p = len(enc.pre)
+    out = []
+    for mb in mbs:
+        mask = torch.zeros(mb.nctx_ids.shape, dtype=torch.bool, device=mb.nctx_ids.device)
+        mask[:, :p] = True
+        mask[:, p:] = mb.xmask
+        out.append((mb.nctx_ids, mask))
+    return out
+
+
+def masked_logits(loaded: Loaded, batches) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [loaded.model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
+
+
+def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
+                     patched_answers: list[str] | None, *, scale: float = 1.0, provenance: dict | None = None) -> dict:
+    """Merge the patch into the loaded model's weights, save a standard HF folder, undo the merge, and measure how far the merged weights are from the in-process patch:
+    mean KL and top-1 agreement over the patch texts, and greedy-answer agreement on the eval."""
+    model, fam = loaded.model, loaded.fam
+    batches = token_batches(loaded, texts[:64])
+    with ThoughtHooks(model, fam) as hooks:
+        hooks.scale = scale
+        hooks.set_patch(patch)
+        ref = masked_logits(loaded, batches)
+    fold = vector_fold_kind(model, fam)
+    stats = fold_statistics(model, fam, patch.scaled(scale), token_batches(loaded, texts)) if patch.vectors and fold != "bias" else None
+    info = merge(model, fam, patch, scale, stats)
+    try:
+        got = masked_logits(loaded, batches)
+        result = {
+            "path": out.name,
+            "vector_fold": info["vector_fold"],
+            "exact": info["vector_fold"] in ("bias", "none"),
+            **compare_runs(ref, got, "in_process"),
+        }
+        if patched_answers is not None and recipe is not None and recipe.eval:
+            answers = _eval_answers(loaded, recipe)
+            result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
+            result["accuracy"] = sum(x == p.output.strip() for x, p in zip(answers, recipe.eval)) / len(answers)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+    finally:
+        info["undo"]()  # the loaded model is the base model again
+    (out / "transmute.json").write_text(json.dumps({
+        "tool_version": __version__,
+        "base_model": loaded.source.spec,
+        "base_fingerprint": loaded.fingerprint,
+        "patch_metadata": {k: v for k, v in patch.metadata.items() if k != "recipe"},
+        "recipe": recipe.self_contained_text if recipe is not None else patch.metadata.get("recipe"),
+        **(provenance or {}),
+        "fidelity": {k: v for k, v in result.items() if k != "path"},
+    }, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
+               rank: int, base_spec: str) -> dict:
+    """Export the adapter, reload it with ``PeftModel.from_pretrained`` and measure it against the
+    in-process patch (KL/top-1 on the patch texts; eval accuracy of both when there is an eval)."""
+    from peft import PeftModel
+
+    from .export import export_peft
+
+    model, fam = loaded.model, loaded.fam
+    stats = fold_statistics(model, fam, patch, token_batches(loaded, texts)) if patch.vectors else None
+    info = export_peft(model, fam, patch, rank, out, base_spec, stats)
+    batches = token_batches(loaded, texts[:64])
+    with ThoughtHooks(model, fam) as hooks:
+        hooks.set_patch(patch)
+        ref = masked_logits(loaded, batches)
+        acc_in_process = _eval_accuracy(loaded, recipe) if recipe is not None and recipe.eval else None
+    peft_model = PeftModel.from_pretrained(model, str(out))
+    try:
+        got = [peft_model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
+        info.update(compare_runs(ref, got, "in_process"))
+        if acc_in_process is not None:
+            info["accuracy_in_process"] = acc_in_process
+            info["accuracy"] = _eval_accuracy(loaded, recipe, peft_model)
+    finally:
+        peft_model.unload()
+    return info
+
+
+def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:
+    """Greedy answers to the recipe's eval queries, no prompt (``model`` defaults to the loaded one)."""
+    pre = special_prefix(loaded.tokenizer)
+    prompts = [pre + token_ids(loaded.tokenizer, render(recipe.template, p.input)) for p in recipe.eval]
+    return generate_answers(model or loaded.model, loaded.tokenizer, prompts, recipe.max_new_tokens)
+
+
+def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
+    answers = _eval_answers(loaded, recipe, model)
+    return sum(a == p.output.strip() for a, p in zip(answers, recipe.eval)) / len(recipe.eval)
+
+
+def compare_runs(ref: list[torch.Tensor], got: list[torch.Tensor], name: str) -> dict:
+    kl = agree = n = 0.0
+    for r, g in zip(ref, got):
+        k, a = compare_logits(r, g)
+        kl, agree, n = kl + k, agree + a, n + r.shape[0]
+    return {f"mean_kl_vs_{name}": kl / max(n, 1), f"top1_agreement_vs_{name}": agree / max(n, 1), "positions": int(n)}
