@@ -15,6 +15,11 @@ RHO = 0.03  # relative to the mean non-zero eigenvalue (solve.ridge_solve); see 
 BATCHES = 1  # one batch, step η = 1/batches = 1
 SEED = 0
 
+
+def step(eta: float | None, batches: int) -> float:
+    """The update step: ``eta`` when given, else ``1/batches`` (a plain average of the batches)."""
+    return eta if eta is not None else 1.0 / batches
+
 # Why ρ = 0.03: on the tune half, ρ = 0.03, 0.3 and 1 all keep every task with a working prompt
 # within 0.9x of it (0.01: one task at 0.89x; the independent solver: 0.58x on average). The tune
 # half holds no new-knowledge task, and the ρ sweep on the shipped dictionary-k8 recipe (not in

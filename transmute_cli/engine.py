@@ -31,11 +31,15 @@ from torch import nn
 from . import defaults
 from .distributed import rank_world
 from .errors import EngineError, InputError
-from .families import Family, decoder_layers, family_for, get_module, model_device, resolve_layers, select, weight_of
+from .families import (
+    Family, decoder_layers, family_for, get_module, model_device, post_norm, resolve_layers, select, weight_of,
+)
 from .fidelity import Fidelity, LayerFidelity, end_to_end
 from .hooks import ThoughtHooks, capture, record_layer_inputs
 from .patch import ThoughtPatch
-from .solve import DownStats, LayerStats, fit_residual, mean_vector, ridge_intercept_solve, ridge_solve
+from .solve import (
+    DownStats, LayerStats, fit_residual, mean_vector, ridge_intercept_solve, ridge_solve, rms_scaled, unscale_rows,
+)
 from .tokens import MicroBatch, check_lengths, deal, encode, micro_batches, pad_id
 
 
@@ -62,7 +66,7 @@ class EngineConfig:
 
     @property
     def step(self) -> float:
-        return self.eta if self.eta is not None else 1.0 / self.batches
+        return defaults.step(self.eta, self.batches)
 
     def validate(self) -> None:
         if not (self.rho >= 0 and math.isfinite(self.rho)):
@@ -115,6 +119,17 @@ def _gram(layer: nn.Module, fam: Family) -> torch.Tensor:
     return g.double()
 
 
+@dataclass
+class _Residuals:
+    """Sums behind a layer's fit residuals, over batches: |M N − W dZ|² and |W dZ|² (matrix),
+    the vector's or joint fit's squared residual and its reference (vector)."""
+
+    matrix_num: float = 0.0
+    matrix_den: float = 0.0
+    vector_num: float = 0.0
+    vector_den: float = 0.0
+
+
 class _Loop:
     def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family, preserve=()):
         cfg.validate()
@@ -138,7 +153,7 @@ class _Loop:
         self.matrices: dict[int, torch.Tensor] = {}
         self.vectors: dict[int, torch.Tensor] = {}
         self.downs: dict[int, torch.Tensor] = {}
-        self.fid = {l: [0.0, 0.0, 0.0, 0.0] for l in self.patch_layers}  # matrix num/den, vector num/den
+        self.fid = {l: _Residuals() for l in self.patch_layers}
         self.tokens = {l: 0 for l in self.patch_layers}
         self.timings: dict[str, float] = {}
 
@@ -223,7 +238,8 @@ class _Loop:
         return PatchResult(patch, fid, self.timings)
 
     def _layer_fidelity(self, l: int) -> LayerFidelity:
-        mn, md, vn, vd = self.fid[l]
+        r = self.fid[l]
+        mn, md, vn, vd = r.matrix_num, r.matrix_den, r.vector_num, r.vector_den
         return LayerFidelity(
             l,
             self.tokens[l],
@@ -275,19 +291,19 @@ class _Loop:
         a = ridge_solve(stats.nn, stats.dzn, cfg.rho, rank=stats.count) if "matrix" in cfg.components else None
         if a is not None:
             num, den = fit_residual(stats, a, _gram(self.layers[l], self.fam))
-            self.fid[l][0] += num
-            self.fid[l][1] += den
+            self.fid[l].matrix_num += num
+            self.fid[l].matrix_den += den
         vec = down = None
         if cfg.solver == "joint":
             # "matrix" is A and D, "vector" the intercept: components [vector] is a vector only
             down, vec, rel = self._joint(l, a, mbs, ctx_out, hooks, intercept="vector" in cfg.components,
                                          matrix="matrix" in cfg.components)
-            self.fid[l][2] += rel**2
-            self.fid[l][3] += 1.0
+            self.fid[l].vector_num += rel**2
+            self.fid[l].vector_den += 1.0
         elif "vector" in cfg.components:
             vec = mean_vector(stats)
-            self.fid[l][2] += max(stats.delta_sq.item() - stats.weight * float(vec @ vec), 0.0)
-            self.fid[l][3] += stats.delta_sq.item()
+            self.fid[l].vector_num += max(stats.delta_sq.item() - stats.weight * float(vec @ vec), 0.0)
+            self.fid[l].vector_den += stats.delta_sq.item()
         self.tokens[l] += stats.count
         eta = cfg.step
         for store, t in ((self.matrices, a), (self.vectors, vec), (self.downs, down)):
@@ -305,11 +321,8 @@ class _Loop:
         hooks.clear(l)
         hooks.set(l, a.float() if a is not None else None)  # this batch's own A, no vector, no D
         st = DownStats(self.f, self.d, self.cfg.stats_dtype, self.device)
-        scale = None
-        if self.fam.out_norm == "gemma":
-            norm = get_module(layer, self.fam.mlp_out)
-            scale = 1.0 + weight_of(norm).detach().to(self.device, self.cfg.stats_dtype)
-            eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        pn = post_norm(layer, self.fam)
+        scale, eps = (pn[0].to(self.device, self.cfg.stats_dtype), pn[1]) if pn else (None, 0.0)
         try:
             for mb, target in zip(mbs, ctx_out):
                 c, _ = self._nctx_pass(l, mb)
@@ -317,9 +330,7 @@ class _Loop:
                 e = target - (select(c["u"], self.p, m) + select(c["y"], self.p, m))
                 act = select(c["a"], self.p, m).to(self.cfg.stats_dtype)
                 if scale is not None:
-                    # y = s ⊙ m / rms(m): with rms frozen per token, y is linear in D a / rms
-                    mm = select(c["m"], self.p, m).to(self.cfg.stats_dtype)
-                    act = act / torch.sqrt(mm.pow(2).mean(-1, keepdim=True) + eps)
+                    act = rms_scaled(act, select(c["m"], self.p, m).to(self.cfg.stats_dtype), eps)
                 st.add(act, e, mb.weight)
         finally:
             self._install(hooks, l)
@@ -329,9 +340,7 @@ class _Loop:
         if dmat is None:
             return None, vec, rel
         if scale is not None:
-            # a channel whose norm scale is ~0 cannot be moved by D at all: leave its row at 0
-            live = scale.abs() > 1e-3 * scale.abs().max()
-            dmat = torch.where(live[:, None], dmat / torch.where(live, scale, 1.0)[:, None], 0.0)
+            dmat = unscale_rows(dmat, scale)
         return dmat, (vec if intercept else None), rel
 
 

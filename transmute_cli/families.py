@@ -163,6 +163,16 @@ def weight_of(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return p
 
 
+def post_norm(layer: nn.Module, fam: Family) -> tuple[torch.Tensor, float] | None:
+    """Gemma's post-MLP norm ``y = s ⊙ m / rms(m)``: its scale ``s = 1 + w`` [d] (float64) and eps;
+    None where what joins the residual is the down projection's output itself."""
+    if fam.out_norm != "gemma":
+        return None
+    norm = get_module(layer, fam.mlp_out)
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    return 1.0 + weight_of(norm).detach().double(), eps
+
+
 def select(t: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
     """``t[:, start:][mask]`` with the mask moved to ``t``'s device (layers may sit on
     different devices under a device map): the tokens of x, ``[tokens, ...]``."""

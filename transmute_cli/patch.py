@@ -24,7 +24,8 @@ from torch import nn
 
 from . import __version__
 from .errors import EngineError, PatchError
-from .families import Family, base_model, decoder_layers, get_module, weight_of
+from .families import Family, base_model, decoder_layers, get_module, post_norm
+from .solve import ridge_solve, rms_scaled, unscale_rows
 
 FORMAT = "transmute-patch/1"
 _KEY = re.compile(r"^layers\.(\d+)\.(matrix|vector|down)$")
@@ -265,15 +266,12 @@ def fold_matrix(v: torch.Tensor, st: dict) -> torch.Tensor:
     """ΔD with ``ΔD a_t ≈ v`` in what joins the residual: ridge regression of the constant target
     on the (rms-scaled) down inputs, ``ΔD' = v (Σ ã)ᵀ (Σ ã ãᵀ + λ I)⁻¹``, then the post-norm
     scale divided out (Gemma).  λ is relative (1e-3 of the mean eigenvalue)."""
-    from .solve import ridge_solve
-
     aa, asum = st["aa"], st["a"]
     target = torch.outer(v.double().to(aa.device), asum)  # Σ v ãᵀ  [d, f]
     dprime = ridge_solve(aa, target, 1e-3)
     scale = st.get("scale")
     if scale is not None:
-        live = scale.abs() > 1e-3 * scale.abs().max()
-        dprime = torch.where(live[:, None], dprime / torch.where(live, scale, 1.0)[:, None], 0.0)
+        dprime = unscale_rows(dprime, scale)
     return dprime.float().to(v.device)
 
 
@@ -294,19 +292,20 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
                 base_model(model, fam)(input_ids=ids, use_cache=False)
             for l in want:
                 a = caps[l]["a"][mask.to(caps[l]["a"].device)].double().cpu()
-                if fam.out_norm == "gemma":
-                    norm = get_module(layers[l], fam.mlp_out)
+                pn = post_norm(layers[l], fam)
+                if pn is not None:
                     m = caps[l]["m"][mask.to(caps[l]["m"].device)].double().cpu()
                     if l in patch.downs:
                         # capture() sees W_down a before the patch's D; the norm (in process and in
                         # the merged checkpoint alike) normalises (W_down + D) a
                         m = m + a @ patch.downs[l].double().cpu().T
-                    a = a / torch.sqrt(m.pow(2).mean(-1, keepdim=True) + float(norm.eps))
+                    a = rms_scaled(a, m, pn[1])
                 s = stats.setdefault(l, {"aa": 0.0, "a": 0.0, "count": 0})
                 s["aa"] = s["aa"] + a.T @ a
                 s["a"] = s["a"] + a.sum(0)
                 s["count"] += a.shape[0]
-    if fam.out_norm == "gemma":
-        for l in want:
-            stats[l]["scale"] = 1.0 + weight_of(get_module(layers[l], fam.mlp_out)).double().cpu()
+    for l in want:
+        pn = post_norm(layers[l], fam)
+        if pn is not None:
+            stats[l]["scale"] = pn[0].cpu()
     return stats

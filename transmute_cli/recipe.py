@@ -128,8 +128,7 @@ class Recipe:
 
     @property
     def step(self) -> float:
-        """The update step: ``eta`` when given, else ``1/batches`` (a plain average)."""
-        return self.eta if self.eta is not None else 1.0 / self.batches
+        return defaults.step(self.eta, self.batches)
 
     def all_templates(self) -> tuple[str, ...]:
         """The main template then the patch templates, without repeats, order kept."""

@@ -274,3 +274,16 @@ def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[t
     tot = float(w @ (e * e).sum(1))
     rel = math.sqrt(max(res, 0.0) / tot) if tot > 0 else 0.0
     return dmat, c, rel
+
+
+def rms_scaled(a: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+    """``a / rms(m)`` per token: with a post-norm ``s ⊙ m / rms(m)`` whose rms is frozen per token,
+    what joins the residual is linear in ``D a / rms(m)``."""
+    return a / torch.sqrt(m.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def unscale_rows(mat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Divide row i of a solution fitted *after* a post-norm scale by ``scale[i]``; a channel
+    whose scale is ~0 cannot be moved at all, so its row stays 0."""
+    live = scale.abs() > 1e-3 * scale.abs().max()
+    return torch.where(live[:, None], mat / torch.where(live, scale, 1.0)[:, None], 0.0)
