@@ -5,7 +5,6 @@ errors, atomic outputs, reproducibility."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.tokens import special_prefix
 from transmute_cli.evaluate import generate_answers
 from transmute_cli.families import family_for
 from transmute_cli.hooks import ThoughtHooks
-from transmute_cli.patch import FORMAT, combine, load_patch
+from transmute_cli.patch import FORMAT, ThoughtPatch, combine, load_patch, merge
 from transmute_cli.recipe import render
+from transmute_cli.tokens import special_prefix
 
 from tiny import tiny_tokenizer
 
@@ -247,6 +246,11 @@ def _token_seqs(tok) -> list[torch.Tensor]:
     return [torch.tensor([pre + list(tok(t, add_special_tokens=False)["input_ids"])]) for t in texts]
 
 
+def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
 def _eval_prompts(tok) -> list[list[int]]:
     pre = special_prefix(tok)
     return [pre + list(tok(render(TEMPLATE, i), add_special_tokens=False)["input_ids"]) for i, _ in EVAL]
@@ -289,9 +293,6 @@ def test_gemma_checkpoint_vector_is_folded_by_least_squares(gemma_run, gemma_dir
     d = gemma_run["dir"]
     info = json.loads((d / "report.json").read_text())["checkpoint"]
     assert info["vector_fold"] == "least-squares" and info["exact"] is False
-    assert isinstance(info["mean_kl_vs_in_process"], float) and math.isfinite(info["mean_kl_vs_in_process"])
-    assert info["mean_kl_vs_in_process"] >= 0
-    assert 0.0 <= info["top1_agreement_vs_in_process"] <= 1.0
     assert gemma_run["doc"]["settings"]["solver"] == "independent"
 
     ck = _load_plain(d / "checkpoint")
@@ -306,9 +307,24 @@ def test_gemma_checkpoint_vector_is_folded_by_least_squares(gemma_run, gemma_dir
             hooks.set_patch(patch)
             want = generate_answers(base, tok, prompts, 4)
         got = generate_answers(ck, tok, prompts, 4)
-        # the matrices are exact, only the vectors are approximate: the checkpoint is not the base
-        ids = _token_seqs(tok)[0]
-        assert not torch.allclose(ck(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
+        # the matrices fold exactly: merged without its vectors, the model is the in-process patch
+        # without them; the vectors' least-squares fold brings the checkpoint closer to the full
+        # in-process patch than leaving them out would
+        novec = ThoughtPatch(patch.n_layers, patch.d_model, dict(patch.matrices), {}, downs=dict(patch.downs))
+        for ids in _token_seqs(tok):
+            with ThoughtHooks(base, fam) as hooks:
+                hooks.set_patch(patch)
+                ref = base(input_ids=ids).logits
+            with ThoughtHooks(base, fam) as hooks:
+                hooks.set_patch(novec)
+                ref_novec = base(input_ids=ids).logits
+            undo = merge(base, fam, novec)["undo"]
+            try:
+                merged_novec = base(input_ids=ids).logits
+            finally:
+                undo()
+            assert torch.allclose(merged_novec, ref_novec, atol=1e-4, rtol=1e-4), (merged_novec - ref_novec).abs().max()
+            assert _kl(ref, ck(input_ids=ids).logits) < _kl(ref, merged_novec)
     assert len(got) == len(want) == len(EVAL)
     # what the report says about greedy answers is what the saved checkpoint does
     agree = sum(a == b for a, b in zip(got, want)) / len(want)

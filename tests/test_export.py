@@ -49,9 +49,14 @@ def run(tmp_path_factory):
     return root
 
 
+def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
 # full rank: matrices exact, the vector through its least-squares fold (approximate)
-@pytest.mark.parametrize("rank,min_top1", [(64, 0.8), (2, 0.0)])
-def test_apply_format_peft_loads_with_peft(run, rank, min_top1):
+@pytest.mark.parametrize("rank", [64, 2])
+def test_apply_format_peft_loads_with_peft(run, rank):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -66,14 +71,24 @@ def test_apply_format_peft_loads_with_peft(run, rank, min_top1):
         assert doc["mean_energy"] == pytest.approx(1.0, abs=1e-6)
     else:
         assert doc["mean_energy"] < 1.0
-    assert doc["top1_agreement_vs_in_process"] >= min_top1
+    if rank >= 64:
+        assert doc["top1_agreement_vs_in_process"] >= 0.8
     assert "accuracy" in doc and "accuracy_in_process" in doc
-    base = AutoModelForCausalLM.from_pretrained(run / "model")
-    loaded = PeftModel.from_pretrained(base, str(out))  # plain peft, no transmute code
-    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    # reloaded with plain peft (no transmute code), on the patch texts: the adapter moves the
+    # model toward the in-process patch — all the way but the vector fold at full rank
+    from transmute_cli.patch import load_patch
+
+    base = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    tok = tiny_tokenizer()
+    ids = torch.tensor([tok("".join(f"{w} -> {w[::-1]}\n" for w in WORDS[:4]))["input_ids"]])
     with torch.no_grad():
-        got = loaded(input_ids=ids).logits
-    assert torch.isfinite(got).all()
+        plain = base(input_ids=ids).logits
+        with ThoughtHooks(base, family_for(base)) as hooks:
+            hooks.set_patch(load_patch(run / "run" / "patch.safetensors"))
+            ref = base(input_ids=ids).logits
+        got = PeftModel.from_pretrained(base, str(out))(input_ids=ids).logits
+    # measured KL to the patch: rank 64 0.001, rank 2 0.033, the base model 0.046
+    assert _kl(ref, got) < (0.1 if rank >= 64 else 1.0) * _kl(ref, plain), (_kl(ref, got), _kl(ref, plain))
 
 
 def test_full_rank_matrix_only_adapter_is_exact(tmp_path):

@@ -41,7 +41,8 @@ def test_exact_token_patch_on_real_gemma(gemma, enfr):
         with res.hooks:
             patched = gemma.model(input_ids=res.nctx_ids).logits[:, res.pre_len:][res.xmask]
     # Gemma's residual stream reaches norms in the thousands: compare relative to the states
-    assert max(res.layer_errors) < 5e-3 * 1e3
+    rel = [e / s for e, s in zip(res.layer_errors, res.layer_scales)]
+    assert max(rel) < 1e-5, rel
     assert (patched - ctx).abs().max().item() < 1e-2
     assert torch.equal(patched.argmax(-1), ctx.argmax(-1))
 
@@ -107,7 +108,6 @@ def test_checkpoint_round_trip_with_plain_transformers(gemma, enfr, tmp_path):
     side = json.loads((tmp_path / "run" / "checkpoint" / "transmute.json").read_text())
     assert side["base_fingerprint"] == gemma.fingerprint
     # the cached base model was restored after the merge
-    assert pipeline.load_model  # noqa: B018 (keep import)
     from transmute_cli import models
 
     assert models.fingerprint(gemma.model) == gemma.fingerprint

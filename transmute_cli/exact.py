@@ -23,6 +23,7 @@ class TokenPatchResult:
     ctx_ids: torch.Tensor  # [B, P + Tx]
     xmask: torch.Tensor  # [B, Tx]
     layer_errors: list[float]  # max |h_nctx − h_ctx| at the positions of x after each layer
+    layer_scales: list[float]  # max |h_ctx| there: the errors' yardstick (Gemma's states reach 1e3)
     prefix_len: int
     pre_len: int
 
@@ -38,7 +39,7 @@ def exact_token_patch(model, tokenizer, instruction: str, texts: Sequence[str], 
     (mb,) = micro_batches(enc, list(range(len(texts))), len(texts), pad, model_device(model))
     P, p = enc.prefix_len, len(enc.pre)
     tp = TokenPatchHooks(model, fam)
-    errors = []
+    errors, scales = [], []
     with torch.no_grad():
         h_ctx, ctx_call = record_layer_inputs(model, fam, mb.ctx_ids)
         h_n, nctx_call = record_layer_inputs(model, fam, mb.nctx_ids)
@@ -64,4 +65,5 @@ def exact_token_patch(model, tokenizer, instruction: str, texts: Sequence[str], 
                 xc = xc_next
                 err = (xn[:, p:][m] - xc[:, P:][m]).abs().max().item()
                 errors.append(err)
-    return TokenPatchResult(tp, mb.nctx_ids, mb.ctx_ids, mb.xmask, errors, P, p)
+                scales.append(xc[:, P:][m].abs().max().item())
+    return TokenPatchResult(tp, mb.nctx_ids, mb.ctx_ids, mb.xmask, errors, scales, P, p)
