@@ -28,7 +28,8 @@ import torch
 
 from transmute_cli.engine import EngineConfig, compute_patch
 from transmute_cli.families import base_model, family_for
-from transmute_cli.recipe import load_recipe, render
+from transmute_cli.datafiles import render
+from transmute_cli.recipe import load_recipe
 from transmute_cli.tokens import encode, micro_batches, pad_id
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -45,7 +45,8 @@ from transmute_cli.engine import compute_patch
 from transmute_cli.evaluate import evaluate, generate_answers
 from transmute_cli.families import family_for
 from transmute_cli.patch import fold_statistics, merge, vector_fold_kind
-from transmute_cli.recipe import load_recipe, parse_recipe, render
+from transmute_cli.datafiles import render
+from transmute_cli.recipe import load_recipe, parse_recipe
 from transmute_cli.tokens import special_prefix
 
 LORA_LR, LORA_RANK, LORA_ALPHA, EVAL_EVERY, MAX_STEPS, QUICK_MAX_STEPS = 3e-3, 8, 16, 10, 300, 100

@@ -34,7 +34,8 @@ from transmute_cli import pipeline  # noqa: E402
 from transmute_cli.engine import compute_patch  # noqa: E402
 from transmute_cli.evaluate import answer_agreement, answer_kl, evaluate, prompted_reference  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
-from transmute_cli.recipe import load_recipe, load_templates, load_texts  # noqa: E402
+from transmute_cli.datafiles import load_templates, load_texts  # noqa: E402
+from transmute_cli.recipe import load_recipe  # noqa: E402
 
 OUT = ROOT / "results"
 PRESERVE_FILE = ROOT / "examples" / "preserve.txt"  # preservation texts (experiments preserve, compose)

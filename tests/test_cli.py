@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
+from transmute_cli.datafiles import render
 from transmute_cli.evaluate import generate_answers
 from transmute_cli.families import family_for
 from transmute_cli.hooks import ThoughtHooks
 from transmute_cli.patch import FORMAT, ThoughtPatch, combine, load_patch, merge
-from transmute_cli.recipe import render
 from transmute_cli.tokens import special_prefix
 
 from tiny import tiny_tokenizer

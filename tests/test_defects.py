@@ -21,7 +21,7 @@ from transmute_cli.evaluate import evaluate, heldout_fidelity
 from transmute_cli.families import decoder_layers, family_for, get_module
 from transmute_cli.hooks import ThoughtHooks, record_layer_inputs
 from transmute_cli.patch import fold_statistics
-from transmute_cli.recipe import Pair
+from transmute_cli.datafiles import Pair
 
 from tiny import tiny_model, tiny_tokenizer
 

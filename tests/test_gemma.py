@@ -16,7 +16,8 @@ from transmute_cli import pipeline
 from transmute_cli.engine import compute_patch
 from transmute_cli.exact import exact_token_patch
 from transmute_cli.evaluate import evaluate, generate_answers
-from transmute_cli.recipe import load_recipe, render
+from transmute_cli.datafiles import render
+from transmute_cli.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,21 +24,23 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from transmute_cli.errors import InputError, RecipeError  # noqa: E402
+from transmute_cli.datafiles import (  # noqa: E402
+    Pair,
+    load_pairs_file,
+    load_templates,
+    load_texts,
+    query_prefix,
+    render,
+    validate_template,
+)
 from transmute_cli.recipe import (  # noqa: E402
     ALLOWED_KEYS,
     DEFAULT_MODEL,
     DEFAULT_TEMPLATE,
-    Pair,
     Recipe,
-    load_pairs_file,
     load_recipe,
-    load_templates,
-    load_texts,
     parse_recipe,
-    query_prefix,
-    render,
     sanitize_name,
-    validate_template,
 )
 
 BASE = "instruction: Translate.\nexamples:\n  - [dog, chien]\n"

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .datafiles import render
 from .evaluate import generate_answers
 from .families import model_device
 from .fidelity import compare_logits
 from .hooks import ThoughtHooks
 from .models import Loaded
 from .patch import ThoughtPatch, fold_statistics, merge, vector_fold_kind
-from .recipe import Recipe, render
+from .recipe import Recipe
 from .tokens import encode, micro_batches, pad_id, special_prefix, token_ids
 
 

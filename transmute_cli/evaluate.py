@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .datafiles import Pair, render
 from .families import Family, base_model, family_for, model_device, select
 from .fidelity import final_logits, last_hidden
 from .hooks import ThoughtHooks
 from .patch import ThoughtPatch
-from .recipe import Pair, render
 from .tokens import special_prefix, token_ids
 
 CONDITIONS = ("base", "prompt", "patched")

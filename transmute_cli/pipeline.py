@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .checkpoint import write_checkpoint, write_peft
+from .datafiles import load_templates, render
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
@@ -26,7 +27,7 @@ from .families import model_device
 from .models import Loaded, load_model
 from .outputs import atomic_dir, check_target
 from .patch import check_compatible, combine, load_patch, save_patch, vector_fold_kind
-from .recipe import Recipe, load_recipe, load_templates, parse_recipe, render
+from .recipe import Recipe, load_recipe, parse_recipe
 from .report import report_markdown
 
 Log = Callable[[str], None]
