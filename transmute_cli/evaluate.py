@@ -46,8 +46,8 @@ class _NewlineStop:
     """Stop a row once its continuation holds a newline (or EOS); all rows done -> generation ends.
 
     Why not transformers' ``stop_strings=["\n"]``: its ``StopStringCriteria`` fires only when the
-    stop string overlaps the *start* of the last token, so a token such as ``".\n"`` (Qwen, Llama 3
-    BPE vocabularies have them) lets generation run on to ``max_new_tokens``; answers are cut at
+    stop string overlaps the *start* of the last token, so a token such as ``".\n"`` (byte-level BPE
+    vocabularies commonly have them; Gemma 3's has none) lets generation run on to ``max_new_tokens``; answers are cut at
     the newline afterwards either way.  On Gemma 3 (no such tokens) both give the same ids;
     ``stop_strings=`` costs 1.2-1.4x per call (it rebuilds its token tables), a criterion built
     once is at par (``python benchmarks/bench_stop.py``).
