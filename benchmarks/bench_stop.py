@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli.datafiles import render  # noqa: E402
-from transmute_cli.evaluate import _NewlineStop, _stop_cut  # noqa: E402
+from transmute_cli.evaluate import NewlineStop, stop_cut  # noqa: E402
 from transmute_cli.models import load_model  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
 from transmute_cli.tokens import special_prefix, token_ids  # noqa: E402
@@ -45,7 +45,7 @@ def generate(model, tok, prompts, how: str, max_new_tokens: int):
 
     ids, mask, width = batch(tok, prompts)
     if how == "criterion":
-        extra = {"stopping_criteria": StoppingCriteriaList([_NewlineStop(tok, width)])}
+        extra = {"stopping_criteria": StoppingCriteriaList([NewlineStop(tok, width)])}
     elif how == "strings":
         extra = {"stop_strings": ["\n"], "tokenizer": tok}
     else:  # transformers' StopStringCriteria, its token tables built once and reused
@@ -55,7 +55,7 @@ def generate(model, tok, prompts, how: str, max_new_tokens: int):
     with torch.no_grad():
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              top_p=None, top_k=None, temperature=None, pad_token_id=tok.pad_token_id, **extra)
-    return [_stop_cut(tok, row.tolist()) for row in gen[:, width:]]
+    return [stop_cut(tok, row.tolist()) for row in gen[:, width:]]
 
 
 def main() -> None:

@@ -42,13 +42,13 @@ def _cut(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-class _NewlineStop:
+class NewlineStop:
     """Stop a row once its continuation holds a newline (or EOS); all rows done -> generation ends.
 
     Why not transformers' ``stop_strings=["\n"]``: its ``StopStringCriteria`` fires only when the
-    stop string overlaps the *start* of the last token, so a token such as ``".\n"`` (byte-level BPE
-    vocabularies commonly have them; Gemma 3's has none) lets generation run on to ``max_new_tokens``; answers are cut at
-    the newline afterwards either way.  On Gemma 3 (no such tokens) both give the same ids;
+    stop string overlaps the *start* of the last token, so a token such as ``".\n"`` (byte-level
+    BPE vocabularies commonly have them; Gemma 3's has none) lets generation run on to
+    ``max_new_tokens``; answers are cut at the newline afterwards either way.  On Gemma 3 (no such tokens) both give the same ids;
     ``stop_strings=`` costs 1.2-1.4x per call (it rebuilds its token tables), a criterion built
     once is at par (``python benchmarks/bench_stop.py``).
     """
@@ -61,7 +61,7 @@ class _NewlineStop:
         return torch.tensor(["\n" in t for t in texts], device=input_ids.device)
 
 
-def _stop_cut(tokenizer, row: Sequence[int]) -> list[int]:
+def stop_cut(tokenizer, row: Sequence[int]) -> list[int]:
     """The generated ids up to and including the first one that holds a newline or is EOS."""
     eos = tokenizer.eos_token_id
     out: list[int] = []
@@ -101,12 +101,12 @@ def generate_answers(
                 top_k=None,
                 temperature=None,
                 pad_token_id=pad,
-                stopping_criteria=StoppingCriteriaList([_NewlineStop(tokenizer, width)]),
+                stopping_criteria=StoppingCriteriaList([NewlineStop(tokenizer, width)]),
             )
         for row in gen[:, width:]:
             out.append(_cut(tokenizer.decode(row, skip_special_tokens=True)))
             if ids_out is not None:
-                ids_out.append(_stop_cut(tokenizer, row.tolist()))
+                ids_out.append(stop_cut(tokenizer, row.tolist()))
     return out
 
 
