@@ -48,8 +48,8 @@ class NewlineStop:
     Why not transformers' ``stop_strings=["\n"]``: its ``StopStringCriteria`` fires only when the
     stop string overlaps the *start* of the last token, so a token such as ``".\n"`` (byte-level
     BPE vocabularies commonly have them; Gemma 3's has none) lets generation run on to
-    ``max_new_tokens``; answers are cut at the newline afterwards either way.  On Gemma 3 (no such tokens) both give the same ids;
-    ``stop_strings=`` costs 1.2-1.4x per call (it rebuilds its token tables), a criterion built
+    ``max_new_tokens``; answers are cut at the newline afterwards either way.  On Gemma 3 (no such
+    tokens) both give the same ids; ``stop_strings=`` costs 1.2-1.4x per call (it rebuilds its token tables), a criterion built
     once is at par (``python benchmarks/bench_stop.py``).
     """
 
