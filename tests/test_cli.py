@@ -246,6 +246,13 @@ def _token_seqs(tok) -> list[torch.Tensor]:
     return [torch.tensor([pre + list(tok(t, add_special_tokens=False)["input_ids"])]) for t in texts]
 
 
+def _patched_logits(base, fam, patch, ids: torch.Tensor) -> torch.Tensor:
+    """The base model's logits with ``patch`` in hooks (the in-process patch)."""
+    with ThoughtHooks(base, fam) as hooks:
+        hooks.set_patch(patch)
+        return base(input_ids=ids).logits
+
+
 def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
     lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
@@ -274,9 +281,7 @@ def test_llama_checkpoint_is_exact(which, request, llama_dir):
     fam = family_for(base)
     with torch.no_grad():
         for ids in _token_seqs(tok):
-            with ThoughtHooks(base, fam) as hooks:
-                hooks.set_patch(patch)
-                ref = base(input_ids=ids).logits
+            ref = _patched_logits(base, fam, patch, ids)
             plain = base(input_ids=ids).logits
             got = ck(input_ids=ids).logits
             assert (ref - plain).abs().max() > 1e-2  # the patch does something
@@ -312,12 +317,8 @@ def test_gemma_checkpoint_vector_is_folded_by_least_squares(gemma_run, gemma_dir
         # in-process patch than leaving them out would
         novec = ThoughtPatch(patch.n_layers, patch.d_model, dict(patch.matrices), {}, downs=dict(patch.downs))
         for ids in _token_seqs(tok):
-            with ThoughtHooks(base, fam) as hooks:
-                hooks.set_patch(patch)
-                ref = base(input_ids=ids).logits
-            with ThoughtHooks(base, fam) as hooks:
-                hooks.set_patch(novec)
-                ref_novec = base(input_ids=ids).logits
+            ref = _patched_logits(base, fam, patch, ids)
+            ref_novec = _patched_logits(base, fam, novec, ids)
             undo = merge(base, fam, novec)["undo"]
             try:
                 merged_novec = base(input_ids=ids).logits
@@ -398,12 +399,8 @@ def test_apply_patch_arithmetic(llama_run, llama_other_run, llama_dir, work):
     tok = AutoTokenizer.from_pretrained(str(out))
     with torch.no_grad():
         for ids in _token_seqs(tok)[:2]:
-            with ThoughtHooks(base, fam) as hooks:
-                hooks.set_patch(want)
-                ref = base(input_ids=ids).logits
-            with ThoughtHooks(base, fam) as hooks:
-                hooks.set_patch(pa)
-                only_a = base(input_ids=ids).logits
+            ref = _patched_logits(base, fam, want, ids)
+            only_a = _patched_logits(base, fam, pa, ids)
             got = ck(input_ids=ids).logits
             assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
             assert not torch.allclose(got, only_a, atol=1e-3)  # B really contributed
