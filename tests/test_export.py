@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from transmute_cli.cli import app
 from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.export import _lora_pair
+from transmute_cli.export import lora_pair
 from transmute_cli.families import family_for
 from transmute_cli.hooks import ThoughtHooks
 
@@ -25,11 +25,11 @@ WORDS = ["dog", "cat", "sun", "moon", "tree", "lamp", "fish", "bird"]
 def test_lora_pair_is_the_truncated_svd():
     torch.manual_seed(0)
     delta = torch.randn(12, 3) @ torch.randn(3, 8)  # rank 3
-    a, b, e = _lora_pair(delta, 3)
+    a, b, e = lora_pair(delta, 3)
     assert torch.allclose(b @ a, delta, atol=1e-5) and e == pytest.approx(1.0)
-    a, b, e = _lora_pair(delta, 1)
+    a, b, e = lora_pair(delta, 1)
     assert 0 < e < 1 and a.shape == (1, 8) and b.shape == (12, 1)
-    a, b, _ = _lora_pair(delta, 20)  # more rank than the matrix has: zero-padded
+    a, b, _ = lora_pair(delta, 20)  # more rank than the matrix has: zero-padded
     assert a.shape == (20, 8) and torch.allclose(b @ a, delta, atol=1e-5)
 
 

@@ -20,7 +20,7 @@ from .families import Family, decoder_layers, get_module
 from .patch import ThoughtPatch, fold_matrix
 
 
-def _lora_pair(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def lora_pair(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(lora_A [r, in], lora_B [out, r], captured energy) with ``B A`` the best rank-r ΔW."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     r = min(rank, s.numel())
@@ -77,7 +77,7 @@ def export_peft(model: nn.Module, fam: Family, patch: ThoughtPatch, rank: int, o
     try:
         for name, delta in ups.items():
             module = peft_model.base_model.model.get_submodule(name)
-            a, b, e = _lora_pair(delta, rank)
+            a, b, e = lora_pair(delta, rank)
             module.lora_A["default"].weight.copy_(a.to(module.lora_A["default"].weight))
             module.lora_B["default"].weight.copy_(b.to(module.lora_B["default"].weight))
             layer = int(name.split(".")[len(fam.layers.split("."))])
