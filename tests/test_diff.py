@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from transmute_cli.diff import DiffReport, diff_patches, diff_paths, diff_state_dicts, effective_rank
+from transmute_cli.diff import diff_patches, diff_paths, diff_state_dicts
+from transmute_cli.diffstats import DiffReport, effective_rank
 from transmute_cli.engine import EngineConfig, compute_patch
 from transmute_cli.patch import ThoughtPatch
 from transmute_cli.errors import InputError, PatchError

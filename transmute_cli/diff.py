@@ -18,135 +18,21 @@ import contextlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .diffstats import (
+    DiffReport, TensorDiff, effective_rank, layer_summary, numerical_rank, only_note, tensor_stats,
+)
 from .errors import InputError
 from .patch import ThoughtPatch, load_patch
 
 PATCH_FILE = "patch.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MAX_SVD_ELEMENTS = 20_000_000  # bigger matrices (embeddings, huge MLPs) get no effective rank
 SUBSPACE_K = 8  # top-k left singular vectors compared by the subspace overlap
-TOP_LAYERS = 5
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 _PATCH_KINDS = ("matrix", "vector", "down")
-
-
-@dataclass
-class TensorDiff:
-    layer: int
-    tensor: str  # patches: "matrix" | "vector" | "down"; checkpoints: name relative to the layer
-    norm_a: float
-    norm_b: float
-    diff_norm: float  # |A − B|_F
-    cosine: float | None  # <A,B>/(|A||B|); None if either is zero
-    relative_change: float | None  # |A − B|/|A|; None if |A| == 0
-    effective_rank: float | None  # of B − A (2-D only; None if B == A or too big)
-    effective_rank_a: float | None = None  # patches only: of A's tensor
-    effective_rank_b: float | None = None  # patches only: of B's tensor
-
-
-@dataclass
-class DiffReport:
-    kind: str  # "patch" | "checkpoint"
-    a: str
-    b: str
-    tensors: list[TensorDiff]
-    layer_change: list[dict]  # {"layer", "diff_norm", "norm_a", "relative_change", "tensors"}
-    top_layers: list[int]  # changed layers by diff_norm, largest first (at most 5)
-    notes: list[str] = field(default_factory=list)
-    overlap: dict | None = None  # patches only, see diff_patches
-
-    def to_json(self) -> dict:
-        return _clean(
-            {
-                "kind": self.kind,
-                "a": self.a,
-                "b": self.b,
-                "tensors": [asdict(t) for t in self.tensors],
-                "layer_change": self.layer_change,
-                "top_layers": self.top_layers,
-                "notes": self.notes,
-                "overlap": self.overlap,
-            }
-        )
-
-
-def _clean(x):
-    """Plain JSON: Python floats/ints/strings, NaN/Inf as None."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, bool) or x is None or isinstance(x, str):
-        return x
-    if isinstance(x, int):
-        return int(x)
-    if isinstance(x, (float, torch.Tensor)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    return str(x)
-
-
-# --------------------------------------------------------------------------- the maths
-
-
-def effective_rank(m: torch.Tensor) -> float | None:
-    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007); None for
-    1-D, zero or too large matrices.  Singular values below the usual numerical-rank cutoff
-    (s_max · max(shape) · eps) are float rounding noise and are dropped."""
-    if m.dim() != 2 or m.numel() == 0 or m.numel() > MAX_SVD_ELEMENTS:
-        return None
-    m = m.detach().float().cpu()
-    if not torch.isfinite(m).all():
-        return None
-    s = torch.linalg.svdvals(m).double()
-    if s.numel() == 0 or s[0] <= 0:
-        return None
-    s = s[s > s[0] * max(m.shape) * torch.finfo(torch.float32).eps]
-    p = s / s.sum()
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def _numerical_rank(m: torch.Tensor, s: torch.Tensor) -> int:
-    if s.numel() == 0 or s[0] <= 0:
-        return 0
-    return int((s > s[0] * max(m.shape) * torch.finfo(torch.float32).eps).sum())
-
-
-def _stats(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> tuple[float, float, float, float | None, float | None]:
-    """norm_a, norm_b, |d|, cosine, relative change (accumulated in float64)."""
-    na = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-    nb = float(torch.linalg.vector_norm(b, dtype=torch.float64))
-    nd = float(torch.linalg.vector_norm(d, dtype=torch.float64))
-    cos = None
-    if na > 0 and nb > 0:
-        dot = float((a * b).sum(dtype=torch.float64))
-        cos = max(-1.0, min(1.0, dot / (na * nb)))
-    rel = nd / na if na > 0 else None
-    return na, nb, nd, cos, rel
-
-
-def _layer_summary(per_layer: dict[int, dict]) -> tuple[list[dict], list[int]]:
-    rows = []
-    for l in sorted(per_layer):
-        acc = per_layer[l]
-        dn, an = math.sqrt(acc["d2"]), math.sqrt(acc["a2"])
-        rows.append(
-            {"layer": l, "diff_norm": dn, "norm_a": an, "relative_change": dn / an if an > 0 else None, "tensors": acc["n"]}
-        )
-    changed = [r for r in rows if r["diff_norm"] > 0]
-    top = [r["layer"] for r in sorted(changed, key=lambda r: (-r["diff_norm"], r["layer"]))[:TOP_LAYERS]]
-    return rows, top
-
-
-def _only_note(names: list[str], side: str, what: str = "tensors") -> str:
-    n = len(names)
-    word = what if n != 1 else what.rstrip("s")
-    return f"{n} {word} only in {side}, e.g. {sorted(names)[0]}"
 
 
 # --------------------------------------------------------------------------- patches
@@ -194,7 +80,7 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
             ta = ta.detach().double().cpu()
             tb = tb.detach().double().cpu()
             d = tb - ta
-            na, nb, nd, cos, rel = _stats(ta, tb, d)
+            na, nb, nd, cos, rel = tensor_stats(ta, tb, d)
             tensors.append(
                 TensorDiff(
                     layer=l,
@@ -218,21 +104,21 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
             if kind == "matrix" and na > 0 and nb > 0:
                 subspace.append(_subspace_overlap(l, ta, tb))
     if only_a:
-        notes.append(_only_note(only_a, a) + " (compared with zeros)")
+        notes.append(only_note(only_a, a) + " (compared with zeros)")
     if only_b:
-        notes.append(_only_note(only_b, b) + " (compared with zeros)")
+        notes.append(only_note(only_b, b) + " (compared with zeros)")
     if shape_diff:
         notes.append(f"{len(shape_diff)} tensors with different shapes not compared, e.g. {shape_diff[0]}")
     cos_all = None
     if flat_a:
         ca, cb = torch.cat(flat_a), torch.cat(flat_b)
-        _, _, _, cos_all, _ = _stats(ca, cb, cb - ca)
+        _, _, _, cos_all, _ = tensor_stats(ca, cb, cb - ca)
     overlap = {
         "cosine_all": cos_all,
         "matrix_subspace_overlap": sum(r["overlap"] for r in subspace) / len(subspace) if subspace else None,
         "matrix_layers": subspace,
     }
-    rows, top = _layer_summary(per_layer)
+    rows, top = layer_summary(per_layer)
     return DiffReport("patch", str(a), str(b), tensors, rows, top, notes, overlap)
 
 
@@ -243,7 +129,7 @@ def _store(kind: str) -> str:
 def _subspace_overlap(layer: int, ma: torch.Tensor, mb: torch.Tensor) -> dict:
     ua, sa, _ = torch.linalg.svd(ma, full_matrices=False)
     ub, sb, _ = torch.linalg.svd(mb, full_matrices=False)
-    k = max(1, min(SUBSPACE_K, _numerical_rank(ma, sa), _numerical_rank(mb, sb)))
+    k = max(1, min(SUBSPACE_K, numerical_rank(ma, sa), numerical_rank(mb, sb)))
     ov = float(torch.linalg.matrix_norm(ua[:, :k].T @ ub[:, :k]) ** 2) / k
     return {"layer": layer, "k": k, "overlap": min(1.0, ov)}
 
@@ -372,7 +258,7 @@ def _diff_sources(get_a, get_b, shapes_a: dict, shapes_b: dict, a: str, b: str) 
         else:
             tb = tb.detach().float().cpu()
             d = tb - ta
-            na, nb, nd, cos, relc = _stats(ta, tb, d)
+            na, nb, nd, cos, relc = tensor_stats(ta, tb, d)
         if prefix == main:
             acc = per_layer.setdefault(l, {"d2": 0.0, "a2": 0.0, "n": 0})
             acc["a2"] += na * na
@@ -398,9 +284,9 @@ def _diff_sources(get_a, get_b, shapes_a: dict, shapes_b: dict, a: str, b: str) 
     if identical:
         notes.append(f"{identical} layer tensors identical")
     if only_a:
-        notes.append(_only_note(only_a, a))
+        notes.append(only_note(only_a, a))
     if only_b:
-        notes.append(_only_note(only_b, b))
+        notes.append(only_note(only_b, b))
     if shape_diff:
         n = sorted(shape_diff)[0]
         notes.append(
@@ -415,7 +301,7 @@ def _diff_sources(get_a, get_b, shapes_a: dict, shapes_b: dict, a: str, b: str) 
         )
     if outside:
         notes.append(f"{len(outside)} tensors outside the decoder layers not compared, e.g. {outside[0]}")
-    rows, top = _layer_summary(per_layer)
+    rows, top = layer_summary(per_layer)
     return DiffReport("checkpoint", str(a), str(b), tensors, rows, top, notes, None)
 
 
