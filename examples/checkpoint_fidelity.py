@@ -43,9 +43,8 @@ def measure(model, tok, instruction, texts, cfg) -> dict:
         batches = checkpoint.token_batches(loaded, texts)
         with ThoughtHooks(model, loaded.fam) as hooks:
             hooks.set_patch(patch)
-            ref = checkpoint.masked_logits(loaded, batches)
-        with torch.no_grad():
-            got = [reloaded(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
+            ref = checkpoint.masked_logits(model, batches)
+        got = checkpoint.masked_logits(reloaded, batches)
     reload = checkpoint.compare_runs(ref, got, "in_process")
     return {"vector_fold": info["vector_fold"], "kl": reload["mean_kl_vs_in_process"],
             "top1": reload["top1_agreement_vs_in_process"], "max_abs_logit_diff": max((r - g).abs().max().item()

@@ -35,9 +35,10 @@ def token_batches(loaded: Loaded, texts: Sequence[str], size: int = 16):
     return out
 
 
-def masked_logits(loaded: Loaded, batches) -> list[torch.Tensor]:
+def masked_logits(model, batches) -> list[torch.Tensor]:
+    """Float32 logits at the real (unpadded) positions of ``token_batches``, on the CPU."""
     with torch.no_grad():
-        return [loaded.model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
+        return [model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
 
 
 def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
@@ -49,12 +50,12 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
     with ThoughtHooks(model, fam) as hooks:
         hooks.scale = scale
         hooks.set_patch(patch)
-        ref = masked_logits(loaded, batches)
+        ref = masked_logits(model, batches)
     fold = vector_fold_kind(model, fam)
     stats = fold_statistics(model, fam, patch.scaled(scale), token_batches(loaded, texts)) if patch.vectors and fold != "bias" else None
     info = merge(model, fam, patch, scale, stats)
     try:
-        got = masked_logits(loaded, batches)
+        got = masked_logits(model, batches)
         result = {
             "path": out.name,
             "vector_fold": info["vector_fold"],
@@ -96,11 +97,11 @@ def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[s
     batches = token_batches(loaded, texts[:64])
     with ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
-        ref = masked_logits(loaded, batches)
+        ref = masked_logits(model, batches)
         acc_in_process = _eval_accuracy(loaded, recipe) if recipe is not None and recipe.eval else None
     peft_model = PeftModel.from_pretrained(model, str(out))
     try:
-        got = [peft_model(input_ids=ids).logits[mask].float().cpu() for ids, mask in batches]
+        got = masked_logits(peft_model, batches)
         info.update(compare_runs(ref, got, "in_process"))
         if acc_in_process is not None:
             info["accuracy_in_process"] = acc_in_process

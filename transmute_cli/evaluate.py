@@ -15,7 +15,7 @@ from torch import nn
 
 from .datafiles import Pair, render
 from .families import Family, base_model, family_for, model_device, select
-from .fidelity import final_logits, last_hidden
+from .fidelity import compare_logits, final_logits, last_hidden
 from .hooks import ThoughtHooks
 from .patch import ThoughtPatch
 from .tokens import special_prefix, token_ids
@@ -189,11 +189,6 @@ def _answer_logits(model: nn.Module, fam: Family, seqs: Sequence[list[int]], sta
     return out
 
 
-def _kl_sum(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).sum())
-
-
 @dataclass
 class PromptedReference:
     """The prompted model's greedy answers to held-out queries, as teacher-forcing targets: per
@@ -235,7 +230,7 @@ def answer_kl(model: nn.Module, ref: PromptedReference, patch: ThoughtPatch | No
             hooks.scale = scale
             hooks.set_patch(patch)
             got = _answer_logits(model, fam, ref.plain, ref.starts, ref.lengths)
-    return sum(_kl_sum(r, g) for r, g in zip(ref.logits, got)) / max(sum(ref.lengths), 1)
+    return sum(compare_logits(r, g)[0] for r, g in zip(ref.logits, got)) / max(sum(ref.lengths), 1)
 
 
 def answer_agreement(answers: Sequence[str], ref: PromptedReference) -> float:

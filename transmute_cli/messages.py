@@ -33,17 +33,13 @@ def one_line(text: str) -> str:
     return _LINE_BREAKS_RE.sub(" ", text)
 
 
-def error(reason: str, *, source: str | None, field: str | None = None) -> RecipeError:
-    """Build the one RecipeError shape used everywhere (all parts made one-line)."""
-    return RecipeError(
+def fail(source: str | None, field: str | None, reason: str) -> NoReturn:
+    """Raise the one RecipeError shape used everywhere (all parts made one-line)."""
+    raise RecipeError(
         one_line(reason),
         source=None if source is None else one_line(source),
         field=None if field is None else one_line(field),
     )
-
-
-def fail(source: str | None, field: str | None, reason: str) -> NoReturn:
-    raise error(reason, source=source, field=field)
 
 
 def shorten(text: str, limit: int = REASON_LIMIT) -> str:

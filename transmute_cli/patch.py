@@ -283,6 +283,7 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
 
     layers = decoder_layers(model, fam)
     want = sorted(patch.vectors)
+    norms = {l: post_norm(layers[l], fam) for l in want}
     stats: dict[int, dict] = {}
     with ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
@@ -292,7 +293,7 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
                 base_model(model, fam)(input_ids=ids, use_cache=False)
             for l in want:
                 a = caps[l]["a"][mask.to(caps[l]["a"].device)].double().cpu()
-                pn = post_norm(layers[l], fam)
+                pn = norms[l]
                 if pn is not None:
                     m = caps[l]["m"][mask.to(caps[l]["m"].device)].double().cpu()
                     if l in patch.downs:
@@ -305,7 +306,6 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
                 s["a"] = s["a"] + a.sum(0)
                 s["count"] += a.shape[0]
     for l in want:
-        pn = post_norm(layers[l], fam)
-        if pn is not None:
-            stats[l]["scale"] = pn[0].cpu()
+        if norms[l] is not None:
+            stats[l]["scale"] = norms[l][0].cpu()
     return stats

@@ -38,8 +38,6 @@ MAX_SEED = 2**32 - 1
 # The name becomes a folder (runs/<name>); keep it well under file-system limits.
 MAX_NAME_LENGTH = 128
 
-COMPONENTS = defaults.COMPONENTS
-SOLVERS = defaults.SOLVERS
 FILE_KEYS = ("examples_file", "eval_file", "preserve_file")
 
 ALLOWED_KEYS = (
@@ -269,7 +267,7 @@ def _preserve(value: object, file_value: object, source: str | None, base_dir: P
 def _components(value: object, source: str | None) -> tuple[str, ...]:
     """One component name or a list of them; returned in canonical order."""
     if value is _MISSING:
-        return COMPONENTS
+        return defaults.COMPONENTS
     single = isinstance(value, str)
     if not single and not isinstance(value, list):
         fail(
@@ -283,12 +281,12 @@ def _components(value: object, source: str | None) -> tuple[str, ...]:
     seen: set[str] = set()
     for index, item in enumerate(items):
         field = "components" if single else f"components[{index}]"
-        if not isinstance(item, str) or item not in COMPONENTS:
+        if not isinstance(item, str) or item not in defaults.COMPONENTS:
             fail(source, field, f"must be 'vector' or 'matrix', got {describe(item)}")
         if item in seen:
             fail(source, field, f"duplicate {item!r}")
         seen.add(item)
-    return tuple(c for c in COMPONENTS if c in seen)
+    return tuple(c for c in defaults.COMPONENTS if c in seen)
 
 
 def _layers(value: object, source: str | None) -> str | tuple[int, ...]:
@@ -313,7 +311,7 @@ def _layers(value: object, source: str | None) -> str | tuple[int, ...]:
 def _solver(value: object, source: str | None) -> str:
     if value is _MISSING:
         return defaults.SOLVER
-    if not isinstance(value, str) or value not in SOLVERS:
+    if not isinstance(value, str) or value not in defaults.SOLVERS:
         fail(source, "solver", f"must be 'independent' or 'joint', got {describe(value)}")
     return value
 
