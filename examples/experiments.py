@@ -18,7 +18,6 @@ Results go to results/<experiment>.json, .md and .png.  Needs matplotlib for the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -50,7 +49,7 @@ def log(msg: str) -> None:
 
 def recipe(name: str, **over):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
-    return dataclasses.replace(r, **over) if over else r
+    return r.model_copy(update=over) if over else r
 
 
 def alt_templates(name: str) -> list[str]:
@@ -179,12 +178,12 @@ def exp_examples(m) -> None:
     for solver in ("joint",):  # independent vs joint: see the components experiment
         accs = []
         for n in ns:
-            r = dataclasses.replace(r0, examples=tuple(pool[:n]), eval=tuple(ev))
+            r = r0.model_copy(update=dict(examples=tuple(pool[:n]), eval=tuple(ev)))
             log(f"examples {solver} {n}")
             res, _ = patch_for(m, r, solver=solver)
             accs.append(accuracy(m, r, [r.template], res.patch)[(r.template, "patched")])
         data[solver] = accs
-    prompt = accuracy(m, dataclasses.replace(r0, eval=tuple(ev)), [r0.template], None, ("prompt",))[(r0.template, "prompt")]
+    prompt = accuracy(m, r0.model_copy(update=dict(eval=tuple(ev))), [r0.template], None, ("prompt",))[(r0.template, "prompt")]
     md = ["| solver | " + " | ".join(f"n={n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
     md += [f"| {k} | " + " | ".join(f"{a:.2f}" for a in v) + " |" for k, v in data.items()]
     md.append(f"\nprompt in context on the same 20 held-out words: {prompt:.2f}")
@@ -239,7 +238,7 @@ def exp_augment(m) -> None:
         train_alts, held = alts[:2], alts[2:]
         row = {}
         for label, pts in (("single template", ()), ("augmented (+2 templates)", tuple(train_alts))):
-            rr = dataclasses.replace(r, patch_templates=pts)
+            rr = r.model_copy(update=dict(patch_templates=pts))
             log(f"augment {name} {label}")
             res, _ = patch_for(m, rr)
             acc = accuracy(m, rr, [r.template] + held, res.patch)
@@ -319,12 +318,12 @@ def exp_compose(m) -> None:
 
     up = recipe("uppercase")
     # the second task gets its own cue, "=>", in its demonstrations and its template
-    tasks = [recipe("translate-en-fr"), dataclasses.replace(up, instruction=up.instruction.replace(" -> ", " => "),
-                                                             template="{input} => {output}")]
+    tasks = [recipe("translate-en-fr"), up.model_copy(update=dict(instruction=up.instruction.replace(" -> ", " => "),
+                                                             template="{input} => {output}"))]
     keep = tuple(load_texts(PRESERVE_FILE))
     data = {}
     for label, over in (("alone", {}), ("preserve", {"preserve": keep, "preserve_weight": 1.0, "rho": 1.0})):
-        rs = [dataclasses.replace(r, **over) for r in tasks]
+        rs = [r.model_copy(update=over) for r in tasks]
         patches = [patch_for(m, r)[0].patch for r in rs]
         both = combine([(p, 1.0) for p in patches])
         rows = {}
@@ -361,7 +360,7 @@ def exp_preserve(m, weights=(0.1, 0.3, 1.0), rhos=(0.3, 1.0)) -> None:
     log(f"preserve none: {data['none']}")
     runs = [(str(w), w, {}) for w in weights] + [(f"1.0, rho={r:g}", 1.0, {"rho": r}) for r in rhos]
     for key, w, over in runs:
-        data[key] = _side_effects(m, dataclasses.replace(tr, preserve=texts, preserve_weight=w, **over))
+        data[key] = _side_effects(m, tr.model_copy(update=dict(preserve=texts, preserve_weight=w, **over)))
         log(f"preserve {key}: {data[key]}")
     tasks = ("antonyms", "country-capital", "plural")
     md = [f"| preservation weight (ρ = {tr.rho:g} unless stated) | en→fr patched (own) | "

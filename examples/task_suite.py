@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +83,7 @@ def run(args) -> dict:
         base_kl = answer_kl(loaded.model, ref)
         t_fixed = time.perf_counter() - t0
         for over in configs:
-            r = replace(recipe, **over)
+            r = recipe.model_copy(update=over)
             t1 = time.perf_counter()
             res = compute_patch(loaded.model, loaded.tokenizer, r.instruction, patch_texts(r),
                                 engine_config(r, fidelity=False))

@@ -388,6 +388,37 @@ def test_error_is_an_input_error_with_parts(tmp_path):
     assert (err.source, err.field, err.reason) == ("r.yaml", "rho", "must be a number >= 0, got -1")
 
 
+def test_first_problem_is_reported_unknown_keys_first_then_in_key_order(tmp_path):
+    """pydantic collects every problem; the one reported is the first a reader would fix."""
+    bad = "rho: -1\nname: 'a b'\n"
+    assert recipe_error(BASE + bad) == "r.yaml: name: must start with a letter or digit and use only letters," \
+        " digits, '.', '_', '-' (no '..'), got 'a b'"
+    assert recipe_error(BASE + bad + "bogus: 1\n").startswith("r.yaml: bogus: unknown key (allowed: ")
+    # a problem inside a data file does not hide an earlier key's problem, and is itself kept whole
+    (tmp_path / "ex.tsv").write_text("dog\tchien\nno tab here\n")
+    file = "examples_file: ex.tsv\n"
+    assert recipe_error(BASE + file + "seed: -1\n", base_dir=tmp_path) == \
+        f"{tmp_path / 'ex.tsv'}: line 2: must be input<TAB>output (exactly 2 tab-separated fields), got no tab"
+    assert recipe_error(BASE + file + "name: 'a b'\n", base_dir=tmp_path).startswith("r.yaml: name: ")
+
+
+def test_recipe_built_in_python_is_validated_by_the_same_schema():
+    from pydantic import ValidationError
+
+    assert Recipe(instruction="T.", examples=[["a", "b"]]).examples == (Pair("a", "b"),)
+    with pytest.raises(ValidationError, match="must be a number >= 0, got -1"):
+        Recipe(instruction="T.", rho=-1)
+    with pytest.raises(ValidationError, match="'independent' or 'joint'"):
+        Recipe(instruction="T.", solver="ridge")
+
+
+def test_allowed_keys_are_the_fields_a_user_writes():
+    """Recipe's fields minus the record of what was read, plus the *_file keys (none listed twice)."""
+    written = set(Recipe.model_fields) - {"source", "text", "sha256", "inlined"}
+    assert set(ALLOWED_KEYS) == written | {"examples_file", "eval_file", "preserve_file"}
+    assert list(ALLOWED_KEYS) == sorted(ALLOWED_KEYS)
+
+
 def test_message_without_source():
     assert recipe_error(BASE + "rho: -1\n", source=None) == "rho: must be a number >= 0, got -1"
 

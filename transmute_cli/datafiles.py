@@ -34,26 +34,34 @@ class Pair:
 
 
 def validate_template(template: object, *, source: str | None, field: str) -> str:
-    """Check a template and return it.
+    """Check a template and return it; a problem is a RecipeError at ``source``/``field``."""
+    if not isinstance(template, str):
+        fail(source, field, f"must be a string, got {describe(template)}")
+    try:
+        return check_template(template)
+    except Problem as problem:
+        fail(source, field, problem.reason)
+
+
+def check_template(template: str) -> str:
+    """Return the template, or raise :class:`Problem` saying what is wrong with it.
 
     A template needs exactly one ``{input}`` followed later by exactly one
     ``{output}`` (so a query prefix exists).  Any other ``{word}`` is refused
     because it is almost always a typo that would silently stay in the text.
     """
-    if not isinstance(template, str):
-        fail(source, field, f"must be a string, got {describe(template)}")
     for match in _FIELD_LIKE_RE.finditer(template):
         if match.group() not in (INPUT_FIELD, OUTPUT_FIELD):
             name = shorten(match.group(), SHOW_LIMIT)
-            fail(source, field, f"unknown field {name} (only {{input}} and {{output}} are allowed)")
+            raise Problem(f"unknown field {name} (only {{input}} and {{output}} are allowed)")
     if INPUT_FIELD not in template or OUTPUT_FIELD not in template:
-        fail(source, field, "must contain {input} and {output}")
+        raise Problem("must contain {input} and {output}")
     for marker in (INPUT_FIELD, OUTPUT_FIELD):
         count = template.count(marker)
         if count > 1:
-            fail(source, field, f"must contain {marker} exactly once, found {count}")
+            raise Problem(f"must contain {marker} exactly once, found {count}")
     if template.index(INPUT_FIELD) > template.index(OUTPUT_FIELD):
-        fail(source, field, "{input} must come before {output}")
+        raise Problem("{input} must come before {output}")
     return template
 
 
