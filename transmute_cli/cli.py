@@ -22,13 +22,32 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Turn a prompt into weights: compute, apply, evaluate and compare thought patches.",
 )
 
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
-DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16")
+DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="where the model runs")
+DtypeOpt = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16", help="weights' dtype while computing")
+JsonOpt = typer.Option(False, "--json", help="print the result as one JSON document on stdout")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress on stderr")
 FamilyOpt = typer.Option(None, "--family", help="treat an unlisted architecture like this family (llama, gemma3, ...)")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code (off by default)")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="print the version and exit"),
+) -> None:
+    """Options before the command."""
 
 
 def _errors(fn):
@@ -43,6 +62,9 @@ def _errors(fn):
         except TransmuteError as e:
             sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
             raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:  # the reader left (`transmute ... | head`): not an error of ours
+            _stdout_gone()
+            raise typer.Exit(0) from None
         except KeyboardInterrupt:
             sys.stderr.write("error: interrupted; no partial output was left behind\n")
             raise typer.Exit(130) from None
@@ -81,8 +103,8 @@ def compute(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (default runs/<name>)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON document on stdout"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress on stderr"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="write the patch and report only"),
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the accuracy report"),
@@ -123,9 +145,9 @@ def _parse_patch_spec(spec: str) -> tuple[str, float]:
 @_errors
 def apply(
     patch: Optional[str] = typer.Argument(None, help="patch file or run folder"),
-    patches: list[str] = typer.Option([], "-p", "--patch", help="PATH[:SCALE], repeatable: patch arithmetic"),
+    patches: list[str] = typer.Option([], "-p", "--patch", metavar="PATH[:SCALE]", help="PATH[:SCALE], repeatable: patch arithmetic"),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint (or adapter) folder to write"),
-    fmt: str = typer.Option("checkpoint", "--format", help="checkpoint (merged HF folder) or peft (LoRA adapter)"),
+    fmt: str = typer.Option("checkpoint", "--format", metavar="checkpoint|peft", help="checkpoint (merged HF folder) or peft (LoRA adapter)"),
     rank: int = typer.Option(16, "--rank", help="LoRA rank for --format peft"),
     model: Optional[str] = typer.Option(None, "--model", help="base model (default: the one recorded in the patch)"),
     scale: float = typer.Option(1.0, "--scale", help="scale of the positional patch"),
@@ -133,8 +155,8 @@ def apply(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
 ) -> None:
@@ -175,8 +197,8 @@ def eval_cmd(
     scale: float = typer.Option(1.0, "--scale", help="scale the patch (patches and run folders)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = JsonOpt,
+    quiet: bool = QuietOpt,
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
 ) -> None:
@@ -211,7 +233,7 @@ def eval_cmd(
 def diff(
     a: str = typer.Argument(..., help="patch, run folder or checkpoint"),
     b: str = typer.Argument(..., help="patch, run folder or checkpoint"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Compare two patches or two checkpoints layer by layer."""
     from . import report
@@ -233,6 +255,22 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not raise a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
     """Console entry point."""
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        # click turns a closed stdout while printing help into exit 1 and wraps stdout; the reader
+        # left on purpose (`transmute --help | head -3`), which is no failure
+        # (click, or the copy typer vendors: matched by name)
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            raise SystemExit(0) from None
+        raise

@@ -7,6 +7,7 @@ plain safetensors folder + tokenizer in a cache directory (``$TRANSMUTE_CACHE``,
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -58,7 +59,45 @@ def resolve(spec: str) -> ModelSource:
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") != 1
     if looks_local or not spec or " " in spec:
         raise ModelError(f"{spec}: model folder not found")
+    return _hub(spec)
+
+
+def _hub(spec: str) -> ModelSource:
+    """A hub id: its folder in the local Hugging Face cache, else a download if the hub can be
+    reached; never transformers' minute of retries against a network that is not there."""
+    known = f"known aliases: {', '.join(ALIASES)}"
+    close = difflib.get_close_matches(spec.lower(), list(ALIASES), n=1, cutoff=0.75)
+    if "/" not in spec and close:  # a hub id has an owner; this is an alias mistyped
+        raise ModelError(f"{spec}: unknown model alias (did you mean {close[0]!r}? {known})")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # noqa: BLE001 - an id the hub library refuses is simply not cached
+        cached = None
+    if isinstance(cached, str):
+        return ModelSource(spec, "hub", str(Path(cached).parent))
+    if not _hub_reachable():
+        raise ModelError(f"{spec}: not an alias ({known}), a local model folder or a .gguf file, and not in the "
+                         "Hugging Face cache; the hub cannot be reached from here to download it")
     return ModelSource(spec, "hub", spec)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub's endpoint open now?  (offline mode: no)"""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _alias_folder(alias: str) -> Path:
