@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from transmute_cli.cli import app
 from transmute_cli.datafiles import render
-from transmute_cli.evaluate import generate_answers
+from transmute_cli.evaluate import generate_answers, stop_cut
 from transmute_cli.families import family_for
 from transmute_cli.hooks import ThoughtHooks
 from transmute_cli.patch import FORMAT, ThoughtPatch, combine, load_patch, merge
@@ -294,6 +294,21 @@ def test_llama_checkpoint_is_exact(which, request, llama_dir):
     assert info["answer_agreement_vs_in_process"] == 1.0
 
 
+def test_checkpoint_generate_stops_where_the_answer_ends(llama_run):
+    """Plain `generate` on the checkpoint (its saved generation_config) ends at the first token
+    holding a newline, as the evaluator does, instead of running on into the next example."""
+    d = llama_run["dir"] / "checkpoint"
+    assert llama_run["doc"]["checkpoint"]["generation_stops_at_newline"] is True
+    ck, tok = _load_plain(d), AutoTokenizer.from_pretrained(str(d))
+    ends = ck.generation_config.eos_token_id
+    assert tok.eos_token_id in ends and tok("\n", add_special_tokens=False)["input_ids"][-1] in ends
+    assert set(ends) == {tok.eos_token_id} | {i for i in range(len(tok)) if "\n" in tok.decode([i])}
+    for prompt in _eval_prompts(tok):
+        with torch.no_grad():
+            new = ck.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+        assert stop_cut(tok, new) == new
+
+
 def test_gemma_checkpoint_vector_is_folded_by_least_squares(gemma_run, gemma_dir):
     d = gemma_run["dir"]
     info = json.loads((d / "report.json").read_text())["checkpoint"]
@@ -453,6 +468,13 @@ def test_eval_checkpoint_folder(llama_run):
     _check_results(doc, [TEMPLATE])
     # the exact (bias) checkpoint answers like the in-process patch
     assert doc["results"] == llama_run["doc"]["eval"]["results"]
+
+
+def test_eval_checkpoint_progress_names_the_patched_model(llama_run):
+    """The checkpoint is the patched model: its progress line says patched, not base."""
+    res = ok(invoke("eval", llama_run["dir"] / "checkpoint", *CPU))
+    conditions = [line.rsplit(": ", 1)[-1].strip() for line in stderr_lines(res) if "eval '" in line]
+    assert conditions == ["base", "prompt", "patched"], stderr_lines(res)
 
 
 def test_eval_min_accuracy_out_of_range(llama_run):

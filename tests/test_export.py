@@ -67,6 +67,14 @@ def test_apply_format_peft_loads_with_peft(run, rank):
     doc = json.loads(res.stdout)["adapter"]
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert doc["rank"] == rank and len(doc["energy"]) == 3 * 3  # 3 layers × gate, up, down
+    assert "Warning" not in res.stderr, res.stderr  # -q: nothing at all from peft or transformers
+    # what a user keeps: the base as given (not a machine-local cache path), a card that says what it is
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(run / "model")
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card and f"rank-{rank} LoRA" in card and "Reverse the word" in card
+    side = json.loads((out / "transmute.json").read_text())
+    assert side["base_model"] == str(run / "model") and side["adapter"]["rank"] == rank and "max_new_tokens" in side["recipe"]
     if rank >= 64:
         assert doc["mean_energy"] == pytest.approx(1.0, abs=1e-6)
     else:

@@ -96,3 +96,35 @@ def test_a_hub_id_in_the_local_cache_loads_from_there(no_hub):
     (no_hub / "models--someone--some-model" / "refs" / "main").write_text("abc123")
     source = resolve("someone/some-model")
     assert (source.kind, source.path) == ("hub", str(snapshot))
+
+
+@pytest.mark.parametrize("every, shown", [(0.0, list(range(1, 19))), (3600.0, [1, 18])])
+def test_progress_in_a_log_names_elapsed_time_and_shows_slow_layers(every, shown, capsys, monkeypatch):
+    """Not on a TTY: a line per layer when layers take time (at most one per LOG_EVERY_S), first
+    and last always, each saying the time is elapsed since the start."""
+    from transmute_cli import report
+    from transmute_cli.engine import Progress
+
+    monkeypatch.setattr(report.ProgressView, "LOG_EVERY_S", every)
+    with report.ProgressView() as view:
+        view.tty = False
+        view(Progress("prepare", 0, 1, 0, 18))
+        for layer in range(18):
+            view(Progress("layer", 0, 1, layer, 18))
+        view(Progress("fidelity", 0, 1, 17, 18))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    layers = [int(line.split("layer ")[1].split("/")[0]) for line in lines if ": layer " in line]
+    assert layers == shown
+    assert lines[0].startswith("transmute: batch 1/1: prepare (elapsed ") and "fidelity" in lines[-1]
+    assert all(line.endswith(" s)") and "(elapsed " in line for line in lines)
+
+
+def test_demonstrations_are_rewritten_in_the_queried_template():
+    from transmute_cli.datafiles import rerender
+
+    instruction = "Translate English to French.\ncat -> chat\nwater -> eau\n"
+    assert rerender(instruction, "{input} -> {output}", "Q: {input}\nA: {output}") == \
+        "Translate English to French.\nQ: cat\nA: chat\nQ: water\nA: eau\n"
+    assert rerender("Q: cat\nA: chat\n", "Q: {input}\nA: {output}", "{input} = {output}") == "cat = chat\n"
+    # an instruction without demonstrations in that template: nothing to rewrite
+    assert rerender("Answer in French.\n", "{input} -> {output}", "{input}: {output}") is None

@@ -4,6 +4,7 @@ and measure how far the saved weights are from the in-process patch."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from . import __version__
 from .datafiles import render
-from .evaluate import generate_answers
+from .evaluate import generate_answers, newline_token_ids
 from .families import model_device
 from .fidelity import compare_logits
 from .hooks import ThoughtHooks
@@ -69,22 +70,29 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
+        result["generation_stops_at_newline"] = _stop_at_newline(model, loaded.tokenizer, out)
     finally:
         info["undo"]()  # the loaded model is the base model again
-    (out / "transmute.json").write_text(json.dumps({
-        "tool_version": __version__,
-        "base_model": loaded.source.spec,
-        "base_fingerprint": loaded.fingerprint,
-        "patch_metadata": {k: v for k, v in patch.metadata.items() if k != "recipe"},
-        "recipe": recipe.self_contained_text if recipe is not None else patch.metadata.get("recipe"),
-        **(provenance or {}),
-        "fidelity": {k: v for k, v in result.items() if k != "path"},
-    }, indent=2, sort_keys=True) + "\n")
+    _write_sidecar(out, loaded, patch, recipe, provenance, {"fidelity": {k: v for k, v in result.items() if k != "path"}})
     return result
 
 
+def _stop_at_newline(model, tokenizer, out: Path) -> bool:
+    """Save a ``generation_config`` whose end tokens are EOS and every token holding a newline, so
+    plain ``generate`` on the checkpoint stops where the patch's answers end (one line) instead of
+    running on into the next example.  Returns whether one was written (a model may have none)."""
+    if getattr(model, "generation_config", None) is None:
+        return False
+    config = copy.deepcopy(model.generation_config)
+    eos = config.eos_token_id
+    ends = [eos] if isinstance(eos, int) else list(eos or [])
+    config.eos_token_id = list(dict.fromkeys(ends + newline_token_ids(tokenizer)))
+    config.save_pretrained(out)
+    return True
+
+
 def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
-               rank: int, base_spec: str) -> dict:
+               rank: int, base_spec: str, *, provenance: dict | None = None) -> dict:
     """Export the adapter, reload it with ``PeftModel.from_pretrained`` and measure it against the
     in-process patch (KL/top-1 on the patch texts; eval accuracy of both when there is an eval)."""
     from peft import PeftModel
@@ -108,7 +116,23 @@ def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[s
             info["accuracy"] = _eval_accuracy(loaded, recipe, peft_model)
     finally:
         peft_model.unload()
+    _write_sidecar(out, loaded, patch, recipe, provenance, {"adapter": info})
     return info
+
+
+def _write_sidecar(out: Path, loaded: Loaded, patch: ThoughtPatch, recipe: Recipe | None, provenance: dict | None,
+                   figures: dict) -> None:
+    """``transmute.json``: the base a user resolves (alias, hub id or path, with its fingerprint),
+    the recipe, where the patch came from, and what was measured."""
+    (out / "transmute.json").write_text(json.dumps({
+        "tool_version": __version__,
+        "base_model": loaded.source.spec,
+        "base_fingerprint": loaded.fingerprint,
+        "patch_metadata": {k: v for k, v in patch.metadata.items() if k != "recipe"},
+        "recipe": recipe.self_contained_text if recipe is not None else patch.metadata.get("recipe"),
+        **(provenance or {}),
+        **figures,
+    }, indent=2, sort_keys=True) + "\n")
 
 
 def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:

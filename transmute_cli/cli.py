@@ -222,7 +222,8 @@ def eval_cmd(
     if as_json:
         _emit_json({k: v for k, v in doc.items() if k != "answers"})
     else:
-        report.out.print(report.accuracy_table(doc["results"], title=f"{doc['recipe']}: accuracy on {doc['n']} held-out pairs"))
+        report.out.print(report.accuracy_table(doc["results"], title=f"{doc['recipe']}: accuracy on {doc['n']} held-out pairs",
+                                               rerendered=doc["prompt_rerendered"]))
     if gate and not gate["passed"]:
         report.err.print(f"gate failed: patched accuracy {gate['accuracy']:.3f} < --min-accuracy {min_accuracy}", markup=False)
         raise typer.Exit(1)

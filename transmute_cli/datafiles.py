@@ -90,6 +90,25 @@ def render(template: str, input: str, output: str | None = None) -> str:
     return _substitute(template, input, output)
 
 
+def rerender(text: str, source: str, target: str) -> str | None:
+    """``text`` (an instruction) with each demonstration written in template ``source`` (one
+    filled template, each field on one line) written in ``target`` instead; other lines kept.
+    ``None`` when no demonstration is found: there is nothing to rewrite."""
+    head, _, rest = source.partition(INPUT_FIELD)
+    middle, _, end = rest.partition(OUTPUT_FIELD)
+    pattern = re.compile(f"^{re.escape(head)}(?P<input>[^\n]+?){re.escape(middle)}(?P<output>[^\n]+?)"
+                         f"{re.escape(end)}$", re.M)
+    found = 0
+
+    def fill(match: re.Match) -> str:
+        nonlocal found
+        found += 1
+        return render(target, match["input"], match["output"])
+
+    rewritten = pattern.sub(fill, text)
+    return rewritten if found else None
+
+
 def _unescape(text: str) -> str:
     r"""Turn ``\n`` into a newline and ``\\`` into a backslash, left to right."""
     return _ESCAPE_RE.sub(lambda m: "\n" if m.group(1) == "n" else "\\", text)

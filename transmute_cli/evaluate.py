@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .datafiles import Pair, render
+from .datafiles import Pair, render, rerender
 from .families import Family, base_model, family_for, model_device, select
 from .fidelity import compare_logits, final_logits, last_hidden
 from .hooks import ThoughtHooks
@@ -32,6 +32,8 @@ class Result:
     answers: list[str] = field(default_factory=list)
     # the generated token ids of each answer, up to and including the token that ended it
     answer_ids: list[list[int]] = field(default_factory=list)
+    # prompt condition only: the instruction's demonstrations were rewritten in this template
+    rerendered: bool = False
 
     @property
     def accuracy(self) -> float:
@@ -70,6 +72,14 @@ def stop_cut(tokenizer, row: Sequence[int]) -> list[int]:
         if t == eos or "\n" in tokenizer.decode([int(t)], skip_special_tokens=False):
             break
     return out
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token whose text holds a newline: generation that ends on any of them (or EOS) ends
+    where ``NewlineStop`` ends it and where answers are cut -- what a patched checkpoint's
+    ``generation_config`` lists as its end tokens."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    return [i for i, text in enumerate(texts) if "\n" in text]
 
 
 def generate_answers(
@@ -123,19 +133,28 @@ def evaluate(
     scale: float = 1.0,
     family: str | None = None,
     progress: Callable[[str, str], None] | None = None,
+    demonstrations: str | None = None,
 ) -> list[Result]:
-    """One Result per (template, condition); ``patched`` needs ``patch``."""
+    """One Result per (template, condition); ``patched`` needs ``patch``.
+
+    ``demonstrations``: the template the instruction's demonstrations are written in (the
+    recipe's).  For any other template the prompt condition gets them rewritten in that template
+    (``datafiles.rerender``), as a user prompting in that format would write them."""
     fam: Family = family_for(model, family)
     pre = special_prefix(tokenizer)
     instr = token_ids(tokenizer, instruction)
     results: list[Result] = []
     for template in templates:
         queries = [token_ids(tokenizer, render(template, p.input)) for p in pairs]
+        rewritten = None
+        if demonstrations is not None and template != demonstrations:
+            rewritten = rerender(instruction, demonstrations, template)
         for cond in conditions:
             if progress:
                 progress(template, cond)
             if cond == "prompt":
-                prompts = [pre + instr + q for q in queries]
+                prompt_instr = instr if rewritten is None else token_ids(tokenizer, rewritten)
+                prompts = [pre + prompt_instr + q for q in queries]
             else:
                 prompts = [pre + q for q in queries]
             if cond == "patched":
@@ -148,7 +167,8 @@ def evaluate(
             else:
                 answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []))
             correct = sum(a == p.output.strip() for a, p in zip(answers, pairs))
-            results.append(Result(template, cond, correct, len(pairs), answers, got))
+            results.append(Result(template, cond, correct, len(pairs), answers, got,
+                                  rerendered=cond == "prompt" and rewritten is not None))
     return results
 
 

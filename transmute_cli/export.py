@@ -73,6 +73,9 @@ def export_peft(model: nn.Module, fam: Family, patch: ThoughtPatch, rank: int, o
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
                         target_modules=sorted(ups), base_model_name_or_path=base_spec)
     peft_model = get_peft_model(model, config)
+    # get_peft_model records the folder the weights came from (for an alias, a path in this
+    # machine's cache); record what a user can resolve anywhere instead
+    peft_model.peft_config["default"].base_model_name_or_path = base_spec
     energy: list[dict] = []
     try:
         for name, delta in ups.items():
@@ -82,7 +85,8 @@ def export_peft(model: nn.Module, fam: Family, patch: ThoughtPatch, rank: int, o
             module.lora_B["default"].weight.copy_(b.to(module.lora_B["default"].weight))
             layer = int(name.split(".")[len(fam.layers.split("."))])
             energy.append({"layer": layer, "module": name.split(f".{layer}.", 1)[1], "energy": e})
-        peft_model.save_pretrained(str(out))
+        # no embedding layer is a target: say so, or peft asks the hub whether the vocabulary changed
+        peft_model.save_pretrained(str(out), save_embedding_layers=False)
     finally:
         peft_model.unload()  # the loaded model is the base model again (LoRA layers removed, not merged)
     return {"rank": rank, "modules": len(ups), "energy": energy,

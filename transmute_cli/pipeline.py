@@ -28,7 +28,7 @@ from .models import Loaded, load_model
 from .outputs import atomic_dir, check_target
 from .patch import check_compatible, combine, load_patch, save_patch, vector_fold_kind
 from .recipe import Recipe, load_recipe, parse_recipe
-from .report import report_markdown
+from .report import adapter_card, report_markdown
 
 Log = Callable[[str], None]
 
@@ -287,7 +287,11 @@ def apply(
     with atomic_dir(out, overwrite) as tmp:
         if fmt == "peft":
             log(f"exporting a PEFT LoRA adapter at rank {rank}")
-            info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, spec)
+            info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, spec, provenance=provenance)
+            (tmp / "README.md").write_text(adapter_card(
+                info, base=spec, base_kind=loaded.source.kind, fingerprint=loaded.fingerprint,
+                instruction=one_recipe and one_recipe.instruction, template=one_recipe and one_recipe.template,
+                version=__version__))
         else:
             info = write_checkpoint(loaded, patch, tmp, texts or [" "], one_recipe, None, provenance=provenance)
     info["path"] = str(out)
@@ -355,16 +359,18 @@ def eval_target(
         check_compatible(patch, base.model, base.fam, base.fingerprint, force=False, source=str(path))
         results = evaluate(base.model, base.tokenizer, recipe.instruction, recipe.eval, templates, patch,
                            conditions=conditions, max_new_tokens=recipe.max_new_tokens, scale=scale, family=family,
-                           progress=progress)
+                           progress=progress, demonstrations=recipe.template)
     else:
         results = evaluate(base.model, base.tokenizer, recipe.instruction, recipe.eval, templates, None,
                            conditions=[c for c in conditions if c != "patched"], max_new_tokens=recipe.max_new_tokens,
-                           family=family, progress=progress)
+                           family=family, progress=progress, demonstrations=recipe.template)
         if "patched" in conditions:
             del base
             ck = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
+            # the checkpoint is the patched model: run unprompted, reported (and shown) as patched
             results += evaluate(ck.model, ck.tokenizer, recipe.instruction, recipe.eval, templates, None,
-                                conditions=("base",), max_new_tokens=recipe.max_new_tokens, family=family, progress=progress)
+                                conditions=("base",), max_new_tokens=recipe.max_new_tokens, family=family,
+                                progress=progress and (lambda template, _: progress(template, "patched")))
             for r in results[-len(templates):]:
                 r.condition = "patched"
     order = {t: i for i, t in enumerate(templates)}
@@ -372,6 +378,8 @@ def eval_target(
     return {
         "target": target, "kind": kind, "recipe": recipe.name, "n": len(recipe.eval), "scale": scale,
         "results": results_json(results), "answers": {f"{r.template}|{r.condition}": r.answers for r in results},
+        # templates whose prompt condition had the instruction's demonstrations rewritten in them
+        "prompt_rerendered": [r.template for r in results if r.rerendered],
         "eval_s": time.perf_counter() - t0,
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,12 +16,18 @@ from rich.table import Table
 
 from .engine import Progress as EngineProgress
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+# Not on a terminal (a pipe, a CI log) there is no width to fit: rich's default of 80 columns would
+# wrap template names and cut numbers ("1113.3…"), so tables get room instead.
+_WIDE = 200
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else _WIDE)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else _WIDE)
 
 
 class ProgressView:
-    """Engine progress callback: a rich bar on a TTY, one line per batch/stage otherwise."""
+    """Engine progress callback: a rich bar on a TTY; otherwise plain lines, one per stage and
+    per layer (at most one every ``LOG_EVERY_S`` seconds), each with the time elapsed since start."""
+
+    LOG_EVERY_S = 2.0
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
@@ -28,7 +35,7 @@ class ProgressView:
         self._bar: Progress | None = None
         self._task = None
         self._last = ""
-        self._t0 = time.perf_counter()
+        self._t0 = self._printed = time.perf_counter()
 
     def __enter__(self) -> "ProgressView":
         if self.tty and not self.quiet:
@@ -59,13 +66,15 @@ class ProgressView:
             self._bar.update(self._task, completed=done, description=desc)
             return
         line = f"batch {p.batch + 1}/{p.batches}: {p.stage}"
-        if p.stage == "layer" and p.layer not in (0, p.layers - 1):
-            return
+        now = time.perf_counter()
         if p.stage == "layer":
             line += f" {p.layer + 1}/{p.layers}"
+            # every layer when layers are slow, else first, last and one every LOG_EVERY_S seconds
+            if p.layer not in (0, p.layers - 1) and now - self._printed < self.LOG_EVERY_S:
+                return
         if line != self._last:
-            err.print(f"transmute: {line} ({time.perf_counter() - self._t0:.1f} s)", markup=False)
-            self._last = line
+            err.print(f"transmute: {line} (elapsed {now - self._t0:.1f} s)", markup=False)
+            self._last, self._printed = line, now
 
 
 def _f(x, d: int = 3) -> str:
@@ -76,8 +85,17 @@ def _f(x, d: int = 3) -> str:
     return str(x)
 
 
-def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact match, answer cut at newline)") -> Table:
-    t = Table(title=title, title_justify="left")
+def _g(x) -> str:
+    """A magnitude in 4 significant figures (norms span 1e-6 to 1e4: fixed decimals waste width)."""
+    return f"{x:.4g}" if isinstance(x, float) and math.isfinite(x) else _f(x)
+
+
+def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact match, answer cut at newline)",
+                   rerendered: Sequence[str] = ()) -> Table:
+    """``rerendered``: templates whose prompt condition had the demonstrations rewritten in them."""
+    t = Table(title=title, title_justify="left",
+              caption="* the prompt's demonstrations rewritten in this row's template" if rerendered else None,
+              caption_justify="left")
     t.add_column("template")
     conds = [c for c in ("base", "prompt", "patched") if any(r["condition"] == c for r in results)]
     names = {"base": "no prompt", "prompt": "prompt in context", "patched": "patched (no prompt)"}
@@ -88,7 +106,8 @@ def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact ma
         row = [repr(tpl)]
         for c in conds:
             r = next((r for r in results if r["template"] == tpl and r["condition"] == c), None)
-            row.append("" if r is None else f"{r['accuracy']:.3f} ({r['correct']}/{r['n']})")
+            mark = " *" if c == "prompt" and tpl in rerendered else ""
+            row.append("" if r is None else f"{r['accuracy']:.3f} ({r['correct']}/{r['n']}){mark}")
         t.add_row(*row)
     return t
 
@@ -145,8 +164,8 @@ def show_diff(d: dict) -> None:
     for c in ("layer", "tensor", "|A|", "|B|", "|A−B|", "cosine", "rel. change", "eff. rank"):
         t.add_column(c, justify="right")
     for r in d["tensors"]:
-        t.add_row(str(r["layer"]), r["tensor"], _f(r["norm_a"]), _f(r["norm_b"]), _f(r["diff_norm"]), _f(r["cosine"]),
-                  _f(r["relative_change"]), _f(r["effective_rank"], 1))
+        t.add_row(str(r["layer"]), r["tensor"], _g(r["norm_a"]), _g(r["norm_b"]), _g(r["diff_norm"]), _f(r["cosine"]),
+                  _g(r["relative_change"]), _f(r["effective_rank"], 1))
     out.print(t)
     if d.get("top_layers"):
         out.print("layers that changed most: " + ", ".join(map(str, d["top_layers"])))
@@ -228,4 +247,42 @@ def report_markdown(r: dict) -> str:
         if "answer_agreement_vs_in_process" in c:
             lines.append(f"- greedy answers identical on {_f(c['answer_agreement_vs_in_process'])} of the eval queries; "
                          f"checkpoint accuracy {_f(c['accuracy'])}")
+    return "\n".join(lines) + "\n"
+
+
+def adapter_card(a: dict, *, base: str, base_kind: str, fingerprint: str, instruction: str | None,
+                 template: str | None, version: str) -> str:
+    """README.md of a PEFT adapter folder: what it is, what was measured, how to load its base."""
+    energies = [e["energy"] for e in a["energy"]]
+    load_base = (f'from transmute_cli.models import resolve  # {base!r} is a transmute alias\n'
+                 f'base = AutoModelForCausalLM.from_pretrained(resolve({base!r}).path)'
+                 if base_kind == "alias" else f"base = AutoModelForCausalLM.from_pretrained({base!r})")
+    lines = [
+        "# A transmute thought patch as a PEFT LoRA adapter",
+        "",
+        f"This adapter makes `{base}` answer, without a prompt, as it answers with the prompt below in its "
+        f"context. transmute {version} computed the thought patch (layer-wise ridge solves) and wrote each "
+        f"layer's weight update as a rank-{a['rank']} LoRA pair by truncated SVD (`lora_alpha` = r, scale 1).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{base}` (weights fingerprint `{fingerprint}`) |",
+        f"| rank | {a['rank']} on {a['modules']} modules |",
+        f"| captured energy, |ΔW_r|²/|ΔW|² | mean {_f(a['mean_energy'])}, lowest {_f(min(energies, default=1.0))} |",
+        f"| against the in-process patch | top-1 agreement {_f(a['top1_agreement_vs_in_process'])}, mean KL "
+        f"{_f(a['mean_kl_vs_in_process'], 5)} over {a['positions']} positions of the patch texts |",
+    ]
+    if "accuracy" in a:
+        lines.append(f"| eval accuracy (held-out pairs, exact match) | adapter {_f(a['accuracy'])}, in-process patch "
+                     f"{_f(a['accuracy_in_process'])} |")
+    lines += ["", "## Load", "", "```python", "from peft import PeftModel",
+              "from transformers import AutoModelForCausalLM", load_base,
+              'model = PeftModel.from_pretrained(base, "THIS_FOLDER")', "```", "",
+              "Answers end at the first newline: pass `stop_strings=[\"\\n\"]` (with `tokenizer=`) to `generate`, "
+              "or cut the text there.", ""]
+    if instruction is not None:
+        fence = "````" if "```" in instruction else "```"
+        lines += ["## The prompt it replaces", "", fence, instruction.rstrip("\n"), fence, "",
+                  f"Query template: `{template}`.", ""]
+    lines += ["`transmute.json` beside this file records the recipe, the patches and every figure above."]
     return "\n".join(lines) + "\n"
