@@ -117,3 +117,19 @@ def test_full_rank_matrix_only_adapter_is_exact(tmp_path):
     with torch.no_grad():
         got = PeftModel.from_pretrained(model, str(tmp_path / "a"))(input_ids=ids).logits
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape, true_rank", [((40, 16), 16), ((16, 40), 16), ((30, 20), 5), ((20, 30), 5)])
+def test_lora_pair_matches_the_svd_for_tall_wide_and_low_rank(shape, true_rank):
+    """The Gram route gives the same best rank-r update and energy as torch's SVD."""
+    torch.manual_seed(1)
+    out, inn = shape
+    delta = torch.randn(out, true_rank) @ torch.randn(true_rank, inn) * torch.logspace(0, -2, inn)
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    for rank in (1, 3, true_rank, 64):
+        a, b, e = lora_pair(delta, rank)
+        r = min(rank, s.numel())
+        best = (u[:, :r] * s[:r]) @ vh[:r]
+        assert torch.allclose((b @ a).double(), best, atol=1e-5 * float(s[0])), rank
+        assert e == pytest.approx(float((s[:r] ** 2).sum() / (s ** 2).sum()), abs=1e-9)
+        assert a.shape == (rank, inn) and b.shape == (out, rank)

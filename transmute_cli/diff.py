@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .diffstats import (
-    DiffReport, TensorDiff, effective_rank, layer_summary, numerical_rank, only_note, tensor_stats,
+    DiffReport, TensorDiff, effective_rank, layer_summary, numerical_rank, only_note, spectrum, tensor_stats,
 )
 from .errors import InputError
 from .patch import ThoughtPatch, load_patch
@@ -81,6 +81,9 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
             tb = tb.detach().double().cpu()
             d = tb - ta
             na, nb, nd, cos, rel = tensor_stats(ta, tb, d)
+            # one eigendecomposition per side serves its effective rank and the subspace overlap
+            sub = kind == "matrix" and na > 0 and nb > 0 and ta.dim() == 2
+            (sa, ua), (sb, ub) = (spectrum(ta, True), spectrum(tb, True)) if sub else ((None, None), (None, None))
             tensors.append(
                 TensorDiff(
                     layer=l,
@@ -91,8 +94,8 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
                     cosine=cos,
                     relative_change=rel,
                     effective_rank=effective_rank(d) if nd > 0 else None,
-                    effective_rank_a=effective_rank(ta),
-                    effective_rank_b=effective_rank(tb),
+                    effective_rank_a=effective_rank(ta, sa),
+                    effective_rank_b=effective_rank(tb, sb),
                 )
             )
             acc = per_layer.setdefault(l, {"d2": 0.0, "a2": 0.0, "n": 0})
@@ -101,8 +104,8 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
             acc["n"] += 1
             flat_a.append(ta.flatten())
             flat_b.append(tb.flatten())
-            if kind == "matrix" and na > 0 and nb > 0:
-                subspace.append(_subspace_overlap(l, ta, tb))
+            if sub:
+                subspace.append(_subspace_overlap(l, (ta, sa, ua), (tb, sb, ub)))
     if only_a:
         notes.append(only_note(only_a, a) + " (compared with zeros)")
     if only_b:
@@ -126,9 +129,9 @@ def _store(kind: str) -> str:
     return {"matrix": "matrices", "vector": "vectors", "down": "downs"}[kind]
 
 
-def _subspace_overlap(layer: int, ma: torch.Tensor, mb: torch.Tensor) -> dict:
-    ua, sa, _ = torch.linalg.svd(ma, full_matrices=False)
-    ub, sb, _ = torch.linalg.svd(mb, full_matrices=False)
+def _subspace_overlap(layer: int, a: tuple, b: tuple) -> dict:
+    """``a``, ``b``: (matrix, singular values, left singular vectors) of each side."""
+    (ma, sa, ua), (mb, sb, ub) = a, b
     k = max(1, min(SUBSPACE_K, numerical_rank(ma, sa), numerical_rank(mb, sb)))
     ov = float(torch.linalg.matrix_norm(ua[:, :k].T @ ub[:, :k]) ** 2) / k
     return {"layer": layer, "k": k, "overlap": min(1.0, ov)}

@@ -72,27 +72,44 @@ def clean(x):
 # --------------------------------------------------------------------------- the maths
 
 
-def effective_rank(m: torch.Tensor) -> float | None:
+def spectrum(m: torch.Tensor, left_vectors: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Singular values of a matrix (descending, float64) and, on request, its left singular
+    vectors, from the eigendecomposition of the smaller Gram matrix (``m mᵀ`` for the vectors):
+    4x faster than an SVD for the 640 × 2048 down matrices, and in float64 the values are exact
+    to ~1e-8·s_max, far below the cutoff the ranks below use."""
+    m = m.detach().double().cpu()
+    rows = left_vectors or m.shape[0] <= m.shape[1]
+    gram = m @ m.T if rows else m.T @ m
+    if left_vectors:
+        values, vectors = torch.linalg.eigh(gram)
+        return values.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt(), None
+
+
+def _kept(s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Singular values above the usual numerical-rank cutoff (s_max · max(shape) · eps of float32)."""
+    if s.numel() == 0 or s[0] <= 0:
+        return s[:0]
+    return s[s > s[0] * max(shape) * torch.finfo(torch.float32).eps]
+
+
+def effective_rank(m: torch.Tensor, s: torch.Tensor | None = None) -> float | None:
     """exp of the entropy of the normalised singular values (Roy & Vetterli 2007); None for
-    1-D, zero or too large matrices.  Singular values below the usual numerical-rank cutoff
-    (s_max · max(shape) · eps) are float rounding noise and are dropped."""
+    1-D, zero or too large matrices.  Singular values below the numerical-rank cutoff are float
+    rounding noise and are dropped.  ``s``: the singular values, when already known."""
     if m.dim() != 2 or m.numel() == 0 or m.numel() > MAX_SVD_ELEMENTS:
         return None
-    m = m.detach().float().cpu()
     if not torch.isfinite(m).all():
         return None
-    s = torch.linalg.svdvals(m).double()
-    if s.numel() == 0 or s[0] <= 0:
+    s = _kept(spectrum(m)[0] if s is None else s, m.shape)
+    if s.numel() == 0:
         return None
-    s = s[s > s[0] * max(m.shape) * torch.finfo(torch.float32).eps]
     p = s / s.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 
 
 def numerical_rank(m: torch.Tensor, s: torch.Tensor) -> int:
-    if s.numel() == 0 or s[0] <= 0:
-        return 0
-    return int((s > s[0] * max(m.shape) * torch.finfo(torch.float32).eps).sum())
+    return int(_kept(s, m.shape).numel())
 
 
 def tensor_stats(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> tuple[float, float, float, float | None, float | None]:

@@ -7,6 +7,7 @@ Three conditions per template: ``base`` (no prompt), ``prompt`` (the instruction
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,12 +48,13 @@ def _cut(text: str) -> str:
 class NewlineStop:
     """Stop a row once its continuation holds a newline (or EOS); all rows done -> generation ends.
 
-    Why not transformers' ``stop_strings=["\n"]``: its ``StopStringCriteria`` fires only when the
-    stop string overlaps the *start* of the last token, so a token such as ``".\n"`` (byte-level
-    BPE vocabularies commonly have them; Gemma 3's has none) lets generation run on to
-    ``max_new_tokens``; answers are cut at the newline afterwards either way.  On Gemma 3 (no such
-    tokens) both give the same ids; ``stop_strings=`` costs 1.2-1.4x per call (it rebuilds its token tables), a criterion built
-    once is at par (``python benchmarks/bench_stop.py``).
+    The stopping criterion for ``transformers.generate``; transmute decodes with ``greedy_rows``
+    instead, and this is the reference it is tested against (``tests/test_generate.py``,
+    ``benchmarks/bench_generate.py``).  Why not transformers' ``stop_strings=["\n"]``: its
+    ``StopStringCriteria`` fires only when the stop string overlaps the *start* of the last token,
+    so a token such as ``".\n"`` (byte-level BPE vocabularies commonly have them; Gemma 3's has
+    none) lets generation run on to ``max_new_tokens``; it also costs 1.2-1.4x per call
+    (``python benchmarks/bench_stop.py``).  Neither lets a finished row leave the batch.
     """
 
     def __init__(self, tokenizer, start: int):
@@ -88,36 +90,70 @@ def generate_answers(
 ) -> list[str]:
     """Greedy continuations of token-id prompts, cut at the first newline and stripped.
     ``ids_out``, when given, receives each continuation's token ids up to its stop token."""
-    from transformers import StoppingCriteriaList
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        for row in greedy_rows(model, tokenizer, prompts[s : s + batch_size], max_new_tokens):
+            out.append(_cut(tokenizer.decode(row, skip_special_tokens=True)))
+            if ids_out is not None:
+                ids_out.append(row)
+    return out
+
+
+@torch.no_grad()
+def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding of a batch in which each row leaves the batch (and the KV cache) at its
+    stop token (one holding a newline, or an end token) or at ``max_new_tokens``: a batch costs
+    what its answers cost, not its longest answer times its rows (``transformers.generate`` keeps
+    finished rows to the end; on the eval about half its row-steps were such padding).  The same
+    argmax as ``generate(do_sample=False)`` step by step; positions follow the left padding."""
+    from transformers import DynamicCache
 
     dev = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(chunk):  # left padding: every row ends where generation starts
-            ids[r, width - len(p) :] = torch.tensor(p)
-            mask[r, width - len(p) :] = 1
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                top_p=None,
-                top_k=None,
-                temperature=None,
-                pad_token_id=pad,
-                stopping_criteria=StoppingCriteriaList([NewlineStop(tokenizer, width)]),
-            )
-        for row in gen[:, width:]:
-            out.append(_cut(tokenizer.decode(row, skip_special_tokens=True)))
-            if ids_out is not None:
-                ids_out.append(stop_cut(tokenizer, row.tolist()))
-    return out
+    ends = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends |= {config_eos} if isinstance(config_eos, int) else set(config_eos or ())
+    holds_newline: dict[int, bool] = {}
+
+    def stops(token: int) -> bool:
+        if token not in holds_newline:
+            holds_newline[token] = token in ends or "\n" in tokenizer.decode([token], skip_special_tokens=False)
+        return holds_newline[token]
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every row ends where generation starts
+        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
+    names = inspect.signature(inner.forward).parameters
+    with_cache = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True}  # renamed in 5.x
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache, **extra).logits[:, -1]
+    rows: list[list[int]] = [[] for _ in prompts]
+    alive = list(range(len(prompts)))
+    while True:
+        tokens = logits.float().argmax(-1).tolist()
+        keep = []
+        for j, (r, t) in enumerate(zip(alive, tokens)):
+            rows[r].append(t)
+            if not stops(t) and len(rows[r]) < max_new_tokens:
+                keep.append(j)
+        if not keep:
+            return rows
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(index)
+            mask, positions = mask[index], positions[index]
+            alive = [alive[j] for j in keep]
+        step = torch.tensor([[tokens[j]] for j in keep], dtype=torch.long, device=dev)
+        mask = torch.cat([mask, mask.new_ones((len(keep), 1))], 1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=step, attention_mask=mask, position_ids=positions, **with_cache).logits[:, -1]
 
 
 def evaluate(

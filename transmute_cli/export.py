@@ -21,14 +21,27 @@ from .patch import ThoughtPatch, fold_matrix
 
 
 def lora_pair(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(lora_A [r, in], lora_B [out, r], captured energy) with ``B A`` the best rank-r ΔW."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    """(lora_A [r, in], lora_B [out, r], captured energy) with ``B A`` the best rank-r ΔW.
+
+    The top singular triplets come from the eigendecomposition of the Gram matrix on the smaller
+    side (640 × 640 for Gemma 3 270M's 2048 × 640 updates) in float64, ~5x faster than a full
+    SVD of ΔW: ``ΔWᵀΔW = V S² Vᵀ``, ``U = ΔW V / S``.  Directions with ``s <= 1e-7·s_max`` carry
+    under 1e-14 of the energy and are left at zero (their U would be rounding noise)."""
+    d = delta.detach().double()
+    wide = d.shape[0] < d.shape[1]
+    m = d.T if wide else d  # [long, short]
+    values, vectors = torch.linalg.eigh(m.T @ m)
+    s = values.flip(0).clamp_min(0).sqrt()
     r = min(rank, s.numel())
-    total = float((s * s).sum())
-    energy = float((s[:r] * s[:r]).sum()) / total if total > 0 else 1.0
-    root = s[:r].sqrt()
-    b = (u[:, :r] * root).float()  # [out, r]
-    a = (root[:, None] * vh[:r]).float()  # [r, in]
+    total = float((m * m).sum())
+    energy = min(1.0, float((s[:r] ** 2).sum()) / total) if total > 0 else 1.0
+    v = vectors.flip(1)[:, :r]  # [short, r]
+    keep = s[:r] > s[0] * 1e-7 if s.numel() and s[0] > 0 else torch.zeros(r, dtype=torch.bool)
+    u = torch.where(keep, (m @ v) / s[:r].clamp_min(torch.finfo(torch.float64).tiny), torch.zeros((), dtype=d.dtype))
+    root = torch.where(keep, s[:r], torch.zeros((), dtype=d.dtype)).sqrt()
+    left, right = (v, u) if wide else (u, v)  # delta = left · diag(s) · rightᵀ
+    b = (left * root).float()  # [out, r]
+    a = (root[:, None] * right.T).float()  # [r, in]
     if r < rank:  # PEFT wants exactly `rank` columns: pad with zeros
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
         a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
@@ -71,7 +84,7 @@ def export_peft(model: nn.Module, fam: Family, patch: ThoughtPatch, rank: int, o
         raise InputError(f"must be >= 1, got {rank}", field="--rank")
     ups = deltas(model, fam, patch, fold_stats)
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        target_modules=sorted(ups), base_model_name_or_path=base_spec)
+                        target_modules=sorted(ups))
     peft_model = get_peft_model(model, config)
     # get_peft_model records the folder the weights came from (for an alias, a path in this
     # machine's cache); record what a user can resolve anywhere instead

@@ -268,7 +268,7 @@ def adapter_card(a: dict, *, base: str, base_kind: str, fingerprint: str, instru
         "|---|---|",
         f"| base model | `{base}` (weights fingerprint `{fingerprint}`) |",
         f"| rank | {a['rank']} on {a['modules']} modules |",
-        f"| captured energy, |ΔW_r|²/|ΔW|² | mean {_f(a['mean_energy'])}, lowest {_f(min(energies, default=1.0))} |",
+        f"| captured energy, ‖ΔW_r‖²/‖ΔW‖² | mean {_f(a['mean_energy'])}, lowest {_f(min(energies, default=1.0))} |",
         f"| against the in-process patch | top-1 agreement {_f(a['top1_agreement_vs_in_process'])}, mean KL "
         f"{_f(a['mean_kl_vs_in_process'], 5)} over {a['positions']} positions of the patch texts |",
     ]

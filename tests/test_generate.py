@@ -1,0 +1,64 @@
+"""Greedy answers: transmute's decoder (finished rows leave the batch and the KV cache) gives the
+token ids of ``transformers.generate(do_sample=False)`` stopped at the newline, row for row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StoppingCriteriaList
+
+from transmute_cli.evaluate import NewlineStop, generate_answers, greedy_rows, stop_cut
+from transmute_cli.families import family_for
+from transmute_cli.hooks import ThoughtHooks
+from transmute_cli.patch import ThoughtPatch
+
+from tiny import tiny_model, tiny_tokenizer
+
+
+def _reference(model, tok, prompts, max_new_tokens):
+    """generate + the newline criterion + the cut at the stop token: what the decoder replaces."""
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             top_p=None, top_k=None, temperature=None, pad_token_id=pad,
+                             stopping_criteria=StoppingCriteriaList([NewlineStop(tok, width)]))
+    return [stop_cut(tok, row.tolist())[:max_new_tokens] for row in gen[:, width:]]
+
+
+def _prompts(tok, n=12):
+    torch.manual_seed(0)
+    texts = ["dog ->", "a much longer query with several words ->", "x", "7 + 8 =", "cat:", "Q: sun\nA:"]
+    out = [tok(t)["input_ids"] for t in texts]
+    out += [[tok.bos_token_id or 1] + torch.randint(4, len(tok), (int(k),)).tolist() for k in torch.randint(1, 20, (n,))]
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "mistral"])
+@pytest.mark.parametrize("patched", [False, True])
+def test_decoder_gives_generates_ids(family, patched):
+    model, tok = tiny_model(family).eval(), tiny_tokenizer()
+    with torch.no_grad():  # make the newline and EOS likely enough that rows end at different steps
+        for token in (tok("\n", add_special_tokens=False)["input_ids"][-1], tok.eos_token_id):
+            model.lm_head.weight[token] *= 3.0
+    prompts = _prompts(tok)
+    plain = greedy_rows(model, tok, prompts, 12)
+    with ThoughtHooks(model, family_for(model)) as hooks:
+        if patched:  # a patch that moves every layer: the hooks run inside the cached decode too
+            n, d = model.config.num_hidden_layers, model.config.hidden_size
+            g = torch.Generator().manual_seed(1)
+            hooks.set_patch(ThoughtPatch(n_layers=n, d_model=d,
+                                         vectors={l: 0.1 * torch.randn(d, generator=g) for l in range(n)},
+                                         matrices={l: 0.02 * torch.randn(d, d, generator=g) for l in range(n)}))
+        want = _reference(model, tok, prompts, 12)
+        got = greedy_rows(model, tok, prompts, 12)
+    assert got == want
+    assert (got != plain) == patched  # the patch changes answers
+    assert len({len(r) for r in got}) > 2  # rows really left the batch at different steps
+    # and the text answers: cut at the newline, one per prompt, batches of any size alike
+    assert generate_answers(model, tok, prompts, 12, batch_size=5) == generate_answers(model, tok, prompts, 12)
