@@ -24,28 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli.datafiles import load_templates, render  # noqa: E402
-from transmute_cli.evaluate import NewlineStop, greedy_rows, stop_cut  # noqa: E402
+from transmute_cli.evaluate import greedy_rows, reference_rows  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.models import load_model  # noqa: E402
 from transmute_cli.patch import load_patch  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
 from transmute_cli.tokens import special_prefix, token_ids  # noqa: E402
-
-
-def with_generate(model, tok, prompts, max_new_tokens):
-    from transformers import StoppingCriteriaList
-
-    width, pad = max(len(p) for p in prompts), tok.pad_token_id
-    ids = torch.full((len(prompts), width), pad)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             top_p=None, top_k=None, temperature=None, pad_token_id=pad,
-                             stopping_criteria=StoppingCriteriaList([NewlineStop(tok, width)]))
-    return [stop_cut(tok, row.tolist())[:max_new_tokens] for row in gen[:, width:]]
 
 
 def main() -> None:
@@ -80,7 +64,7 @@ def main() -> None:
                 got = {}
                 for name in order:
                     start = time.perf_counter()
-                    got[name] = (with_generate if name == "generate" else greedy_rows)(
+                    got[name] = (reference_rows if name == "generate" else greedy_rows)(
                         model, tok, prompts, recipe.max_new_tokens)
                     total[name] += time.perf_counter() - start
             if repeat == 0:

@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
 
-from transmute_cli.evaluate import NewlineStop, generate_answers, greedy_rows, stop_cut
+from transmute_cli.evaluate import generate_answers, greedy_rows, reference_rows
 from transmute_cli.families import family_for
 from transmute_cli.hooks import ThoughtHooks
 from transmute_cli.patch import ThoughtPatch
 
 from tiny import tiny_model, tiny_tokenizer
-
-
-def _reference(model, tok, prompts, max_new_tokens):
-    """generate + the newline criterion + the cut at the stop token: what the decoder replaces."""
-    width = max(len(p) for p in prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             top_p=None, top_k=None, temperature=None, pad_token_id=pad,
-                             stopping_criteria=StoppingCriteriaList([NewlineStop(tok, width)]))
-    return [stop_cut(tok, row.tolist())[:max_new_tokens] for row in gen[:, width:]]
 
 
 def _prompts(tok, n=12):
@@ -55,7 +38,7 @@ def test_decoder_gives_generates_ids(family, patched):
             hooks.set_patch(ThoughtPatch(n_layers=n, d_model=d,
                                          vectors={l: 0.1 * torch.randn(d, generator=g) for l in range(n)},
                                          matrices={l: 0.02 * torch.randn(d, d, generator=g) for l in range(n)}))
-        want = _reference(model, tok, prompts, 12)
+        want = reference_rows(model, tok, prompts, 12)
         got = greedy_rows(model, tok, prompts, 12)
     assert got == want
     assert (got != plain) == patched  # the patch changes answers

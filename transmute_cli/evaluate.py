@@ -76,6 +76,26 @@ def stop_cut(tokenizer, row: Sequence[int]) -> list[int]:
     return out
 
 
+def reference_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """What ``greedy_rows`` replaces, kept as its ground truth: ``transformers.generate`` (greedy,
+    left padding) stopped by ``NewlineStop``, each row cut after its stop token."""
+    from transformers import StoppingCriteriaList
+
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    dev = model_device(model)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=pad,
+                             stopping_criteria=StoppingCriteriaList([NewlineStop(tokenizer, width)]))
+    return [stop_cut(tokenizer, row.tolist())[:max_new_tokens] for row in gen[:, width:]]
+
+
 def newline_token_ids(tokenizer) -> list[int]:
     """Every token whose text holds a newline: generation that ends on any of them (or EOS) ends
     where ``NewlineStop`` ends it and where answers are cut -- what a patched checkpoint's
