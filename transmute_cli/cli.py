@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="where the model runs")
-DtypeOpt = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16", help="weights' dtype while computing")
+DtypeOpt = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16", help="dtype the model is loaded in")
 JsonOpt = typer.Option(False, "--json", help="print the result as one JSON document on stdout")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress on stderr")
 FamilyOpt = typer.Option(None, "--family", help="treat an unlisted architecture like this family (llama, gemma3, ...)")
