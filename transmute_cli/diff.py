@@ -58,8 +58,8 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
     only_a: list[str] = []
     only_b: list[str] = []
     shape_diff: list[str] = []
-    flat_a: list[torch.Tensor] = []
-    flat_b: list[torch.Tensor] = []
+    # cosine of all tensors at once, summed as it goes (no concatenated float64 copies of both patches)
+    dot = sq_a = sq_b = 0.0
     subspace: list[dict] = []
     for l in sorted(set(pa.layers) | set(pb.layers)):
         for kind in _PATCH_KINDS:
@@ -102,8 +102,8 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
             acc["d2"] += nd * nd
             acc["a2"] += na * na
             acc["n"] += 1
-            flat_a.append(ta.flatten())
-            flat_b.append(tb.flatten())
+            dot += float((ta * tb).sum(dtype=torch.float64))
+            sq_a, sq_b = sq_a + na * na, sq_b + nb * nb
             if sub:
                 subspace.append(_subspace_overlap(l, (ta, sa, ua), (tb, sb, ub)))
     if only_a:
@@ -113,9 +113,8 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
     if shape_diff:
         notes.append(f"{len(shape_diff)} tensors with different shapes not compared, e.g. {shape_diff[0]}")
     cos_all = None
-    if flat_a:
-        ca, cb = torch.cat(flat_a), torch.cat(flat_b)
-        _, _, _, cos_all, _ = tensor_stats(ca, cb, cb - ca)
+    if sq_a > 0 and sq_b > 0:
+        cos_all = max(-1.0, min(1.0, dot / math.sqrt(sq_a * sq_b)))
     overlap = {
         "cosine_all": cos_all,
         "matrix_subspace_overlap": sum(r["overlap"] for r in subspace) / len(subspace) if subspace else None,
