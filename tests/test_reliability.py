@@ -32,10 +32,17 @@ def slow_setup(tmp_path_factory):
     return root
 
 
+def _default_sigint() -> None:
+    """A shell that starts the suite in the background (`cmd &`) ignores SIGINT, and its children
+    inherit that: Python then installs no KeyboardInterrupt handler and every run "finishes".  The
+    child gets the default disposition back, as a user's terminal would give it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "transmute_cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint, **kw)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
