@@ -1,6 +1,7 @@
 """Greedy answers on the real model: ``transformers.generate`` (finished rows stay in the batch,
 stopped at the newline by ``NewlineStop``) against transmute's decoder ``greedy_rows`` (a row
-leaves the batch and the KV cache at its stop token), side by side in one run.
+leaves the batch and the KV cache at its stop token; the prompt condition's instruction runs once,
+its cache shared by the rows), side by side in one run.
 
     python benchmarks/bench_generate.py [--model gemma-3-270m] [--recipe recipes/translate-en-fr.yaml]
         [--patch RUN/patch.safetensors] [--templates examples/templates-words.txt] [--repeats 3]
@@ -49,14 +50,15 @@ def main() -> None:
     jobs = []
     for template in [recipe.template] + [t for t in load_templates(args.templates) if t != recipe.template]:
         queries = [token_ids(tok, render(template, p.input)) for p in recipe.eval]
-        jobs += [(template, "base", [pre + q for q in queries]), (template, "prompt", [pre + instr + q for q in queries])]
+        # (template, condition, shared prefix, rows): the prompt condition shares pre + instruction
+        jobs += [(template, "base", [], [pre + q for q in queries]), (template, "prompt", pre + instr, queries)]
         if patch is not None:
-            jobs.append((template, "patched", [pre + q for q in queries]))
+            jobs.append((template, "patched", [], [pre + q for q in queries]))
     times = {"generate": [], "greedy_rows": []}
     same = rows = 0
     for repeat in range(args.repeats):
         total = {"generate": 0.0, "greedy_rows": 0.0}
-        for template, cond, prompts in jobs:
+        for template, cond, prefix, prompts in jobs:
             with ThoughtHooks(model, loaded.fam) as hooks:
                 if cond == "patched":
                     hooks.set_patch(patch)
@@ -64,8 +66,10 @@ def main() -> None:
                 got = {}
                 for name in order:
                     start = time.perf_counter()
-                    got[name] = (reference_rows if name == "generate" else greedy_rows)(
-                        model, tok, prompts, recipe.max_new_tokens)
+                    if name == "generate":
+                        got[name] = reference_rows(model, tok, [prefix + p for p in prompts], recipe.max_new_tokens)
+                    else:
+                        got[name] = greedy_rows(model, tok, prompts, recipe.max_new_tokens, prefix=prefix)
                     total[name] += time.perf_counter() - start
             if repeat == 0:
                 same += sum(a == b for a, b in zip(got["generate"], got["greedy_rows"]))

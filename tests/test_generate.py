@@ -45,3 +45,28 @@ def test_decoder_gives_generates_ids(family, patched):
     assert len({len(r) for r in got}) > 2  # rows really left the batch at different steps
     # and the text answers: cut at the newline, one per prompt, batches of any size alike
     assert generate_answers(model, tok, prompts, 12, batch_size=5) == generate_answers(model, tok, prompts, 12)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "mistral"])
+def test_a_shared_prefix_gives_the_ids_of_whole_rows(family):
+    """The prompt condition's instruction, run once and its cache copied to every row, gives the
+    ids of whole rows; where a sliding window (tiny gemma3: 16) cannot hold prefix + row + answer,
+    whole rows are what runs."""
+    model, tok = tiny_model(family).eval(), tiny_tokenizer()
+    with torch.no_grad():
+        for token in (tok("\n", add_special_tokens=False)["input_ids"][-1], tok.eos_token_id):
+            model.lm_head.weight[token] *= 3.0
+    prefix = tok("ab\n")["input_ids"]
+    suffixes = [tok(t, add_special_tokens=False)["input_ids"] for t in ["x ->", "yz ->", "q", "a b ->", "7 =", "c"]]
+    shapes: list[tuple] = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        for n in (6, 12):
+            want = greedy_rows(model, tok, [prefix + s for s in suffixes], n)
+            shapes.clear()
+            assert greedy_rows(model, tok, suffixes, n, prefix=prefix) == want
+            shared = shapes[0] == (1, len(prefix))
+            assert shared == (family != "gemma3" or len(prefix) + 6 + n <= model.config.sliding_window), shapes[:2]
+    finally:
+        handle.remove()

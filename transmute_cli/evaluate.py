@@ -106,13 +106,14 @@ def newline_token_ids(tokenizer) -> list[int]:
 
 def generate_answers(
     model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 16, batch_size: int = 64,
-    ids_out: list[list[int]] | None = None,
+    ids_out: list[list[int]] | None = None, prefix: Sequence[int] = (),
 ) -> list[str]:
-    """Greedy continuations of token-id prompts, cut at the first newline and stripped.
-    ``ids_out``, when given, receives each continuation's token ids up to its stop token."""
+    """Greedy continuations of token-id prompts (each after ``prefix``, see ``greedy_rows``), cut
+    at the first newline and stripped.  ``ids_out``, when given, receives each continuation's
+    token ids up to its stop token."""
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
-        for row in greedy_rows(model, tokenizer, prompts[s : s + batch_size], max_new_tokens):
+        for row in greedy_rows(model, tokenizer, prompts[s : s + batch_size], max_new_tokens, prefix):
             out.append(_cut(tokenizer.decode(row, skip_special_tokens=True)))
             if ids_out is not None:
                 ids_out.append(row)
@@ -120,12 +121,19 @@ def generate_answers(
 
 
 @torch.no_grad()
-def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
+def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+                prefix: Sequence[int] = ()) -> list[list[int]]:
     """Greedy decoding of a batch in which each row leaves the batch (and the KV cache) at its
     stop token (one holding a newline, or an end token) or at ``max_new_tokens``: a batch costs
     what its answers cost, not its longest answer times its rows (``transformers.generate`` keeps
     finished rows to the end; on the eval about half its row-steps were such padding).  The same
-    argmax as ``generate(do_sample=False)`` step by step; positions follow the left padding."""
+    argmax as ``generate(do_sample=False)`` step by step; positions follow the left padding.
+
+    ``prefix``: tokens every row starts with (the prompt condition's ``pre + instruction``), run
+    once with its KV cache copied to every row instead of once per row; each row's padding then
+    sits between the prefix and its own tokens (masked; positions count real tokens).  A
+    sliding-window model would count that padding in its window, so when the prefix, the longest
+    row and the answers do not fit in the window the prefix simply goes in front of every row."""
     from transformers import DynamicCache
 
     dev = model_device(model)
@@ -140,6 +148,9 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
             holds_newline[token] = token in ends or "\n" in tokenizer.decode([token], skip_special_tokens=False)
         return holds_newline[token]
 
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if prefix and window is not None and len(prefix) + max(map(len, prompts)) + max_new_tokens > window:
+        prompts, prefix = [list(prefix) + list(p) for p in prompts], ()
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -147,13 +158,20 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
         ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[r, width - len(p) :] = 1
     ids, mask = ids.to(dev), mask.to(dev)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=getattr(model, "config", None))
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
     names = inspect.signature(inner.forward).parameters
     with_cache = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True}  # renamed in 5.x
     extra = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **with_cache, **extra).logits[:, -1]
+    if prefix:
+        shared = torch.tensor([list(prefix)], dtype=torch.long, device=dev)
+        model(input_ids=shared, attention_mask=torch.ones_like(shared),
+              position_ids=torch.arange(shared.shape[1], device=dev)[None], **with_cache, **extra)
+        cache.batch_repeat_interleave(len(prompts))
+        mask = torch.cat([mask.new_ones((len(prompts), shared.shape[1])), mask], 1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, -width:], **with_cache,
+                   **extra).logits[:, -1]
     rows: list[list[int]] = [[] for _ in prompts]
     alive = list(range(len(prompts)))
     while True:
@@ -208,11 +226,11 @@ def evaluate(
         for cond in conditions:
             if progress:
                 progress(template, cond)
+            # the prompt condition: every query after the same pre + instruction, run once (the
+            # patched condition keeps whole rows: the hooks see each forward as it comes)
+            prompts, prefix = [pre + q for q in queries], ()
             if cond == "prompt":
-                prompt_instr = instr if rewritten is None else token_ids(tokenizer, rewritten)
-                prompts = [pre + prompt_instr + q for q in queries]
-            else:
-                prompts = [pre + q for q in queries]
+                prompts, prefix = queries, pre + (instr if rewritten is None else token_ids(tokenizer, rewritten))
             if cond == "patched":
                 if patch is None:
                     raise ValueError("the patched condition needs a patch")
@@ -221,7 +239,7 @@ def evaluate(
                     hooks.set_patch(patch)
                     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []))
             else:
-                answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []))
+                answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []), prefix=prefix)
             correct = sum(a == p.output.strip() for a, p in zip(answers, pairs))
             results.append(Result(template, cond, correct, len(pairs), answers, got,
                                   rerendered=cond == "prompt" and rewritten is not None))
