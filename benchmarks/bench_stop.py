@@ -24,17 +24,12 @@ from transmute_cli.datafiles import render  # noqa: E402
 from transmute_cli.evaluate import NewlineStop, stop_cut  # noqa: E402
 from transmute_cli.models import load_model  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
-from transmute_cli.tokens import special_prefix, token_ids  # noqa: E402
+from transmute_cli.tokens import left_pad, special_prefix, token_ids  # noqa: E402
 
 
 def batch(tok, prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    return ids, mask, width
+    ids, mask = left_pad(tok, prompts)
+    return ids, mask, ids.shape[1]
 
 
 _BUILT: dict = {}

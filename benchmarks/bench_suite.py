@@ -23,6 +23,7 @@ is in the JSON).  Transmute's compute is one cold call, as a user runs it.  Tabl
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -47,7 +48,7 @@ from transmute_cli.families import family_for
 from transmute_cli.patch import fold_statistics, merge, vector_fold_kind
 from transmute_cli.datafiles import render
 from transmute_cli.recipe import load_recipe, parse_recipe
-from transmute_cli.tokens import special_prefix
+from transmute_cli.tokens import left_pad, pad_id, special_prefix, token_ids
 
 LORA_LR, LORA_RANK, LORA_ALPHA, EVAL_EVERY, MAX_STEPS, QUICK_MAX_STEPS = 3e-3, 8, 16, 10, 300, 100
 GEN_TOKENS, REPEATS = 8, 3
@@ -59,10 +60,6 @@ TINY_RECIPE = "\n".join([
     'template: "{input} -> {output}"', "examples: " + json.dumps([list(p) for p in _TINY[0]]),
     "eval: " + json.dumps([list(p) for p in _TINY[1]]), "rho: 1.0", "solver: joint",
     "components: [vector, matrix]", "max_new_tokens: 8", ""])
-
-
-def ids_fn(tok):
-    return lambda s: list(tok(s, add_special_tokens=False)["input_ids"])
 
 
 def timed_once(fn, model):
@@ -95,7 +92,7 @@ def run_engine(args, recipe_path: str, tmp: Path) -> tuple[dict, list[tuple]]:
 
 def lora_batch(tok, recipe, answers, device):
     """Right-padded full batch of query + ' ' + answer + newline; labels only on answer and newline."""
-    ids, pre = ids_fn(tok), special_prefix(tok)
+    ids, pre = functools.partial(token_ids, tok), special_prefix(tok)
     rows = []
     for p, a in zip(recipe.examples, answers):
         q, full = pre + ids(render(recipe.template, p.input)), pre + ids(render(recipe.template, p.input, a) + "\n")
@@ -111,7 +108,7 @@ def lora_batch(tok, recipe, answers, device):
 def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, object]:
     from peft import LoraConfig, get_peft_model
 
-    ids, pre, out = ids_fn(tok), special_prefix(tok), {}
+    ids, pre, out = functools.partial(token_ids, tok), special_prefix(tok), {}
     log(f"compute_patch on {len(pipeline.patch_texts(recipe))} texts")
     out["transmute_s"], res = timed_once(
         lambda: compute_patch(model, tok, recipe.instruction, pipeline.patch_texts(recipe), pipeline.engine_config(recipe)),
@@ -167,18 +164,16 @@ def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, o
 
 def generate_fixed(model, tok, prompts, n: int) -> int:
     """Greedy, exactly n new tokens per row (no newline/EOS stop), one left-padded batch; returns tokens made."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width, dev = max(len(p) for p in prompts), next(model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    ids, mask = left_pad(tok, prompts)
+    width, dev = ids.shape[1], next(model.parameters()).device
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             top_p=None, top_k=None, temperature=None, pad_token_id=pad)
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=pad_id(tok))
     return (gen.shape[1] - width) * len(prompts)
 
 
 def throughput_section(model, tok, recipe, patch) -> dict:
-    ids, pre, fam = ids_fn(tok), special_prefix(tok), family_for(model)
+    ids, pre, fam = functools.partial(token_ids, tok), special_prefix(tok), family_for(model)
     queries = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
     prompted = [pre + ids(recipe.instruction) + q[len(pre):] for q in queries]
     loaded = pipeline.Loaded(model, tok, fam, None, "", "float32")

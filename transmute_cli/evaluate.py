@@ -19,7 +19,7 @@ from .families import Family, base_model, family_for, model_device, select
 from .fidelity import compare_logits, final_logits, last_hidden
 from .hooks import ThoughtHooks
 from .patch import ThoughtPatch
-from .tokens import special_prefix, token_ids
+from .tokens import left_pad, pad_id, special_prefix, token_ids
 
 CONDITIONS = ("base", "prompt", "patched")
 
@@ -81,17 +81,12 @@ def reference_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     left padding) stopped by ``NewlineStop``, each row cut after its stop token."""
     from transformers import StoppingCriteriaList
 
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    dev = model_device(model)
+    ids, mask = left_pad(tokenizer, prompts)
+    width, dev = ids.shape[1], model_device(model)
     with torch.no_grad():
         gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=pad,
+                             do_sample=False, top_p=None, top_k=None, temperature=None,
+                             pad_token_id=pad_id(tokenizer),
                              stopping_criteria=StoppingCriteriaList([NewlineStop(tokenizer, width)]))
     return [stop_cut(tokenizer, row.tolist())[:max_new_tokens] for row in gen[:, width:]]
 
@@ -137,7 +132,6 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
     from transformers import DynamicCache
 
     dev = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ends = {tokenizer.eos_token_id}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ends |= {config_eos} if isinstance(config_eos, int) else set(config_eos or ())
@@ -151,13 +145,8 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     if prefix and window is not None and len(prefix) + max(map(len, prompts)) + max_new_tokens > window:
         prompts, prefix = [list(prefix) + list(p) for p in prompts], ()
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):  # left padding: every row ends where generation starts
-        ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p) :] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    ids, mask = left_pad(tokenizer, prompts)
+    ids, mask, width = ids.to(dev), mask.to(dev), ids.shape[1]
     cache = DynamicCache(config=getattr(model, "config", None))
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
     names = inspect.signature(inner.forward).parameters

@@ -86,6 +86,18 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def left_pad(tokenizer, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both ``[rows, longest]``, of token-id prompts padded on the left
+    with ``pad_id``: every row ends where generation starts."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
 @dataclass
 class MicroBatch:
     """Right-padded sequences of a few examples.  Causal attention means padding at the end never
