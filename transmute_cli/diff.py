@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from .diffstats import (
-    DiffReport, TensorDiff, effective_rank, layer_summary, numerical_rank, only_note, spectrum, tensor_stats,
+    DiffReport, TensorDiff, effective_rank, layer_summary, numerical_rank, only_note, tensor_stats,
 )
 from .errors import InputError
 from .patch import ThoughtPatch, load_patch
+from .solve import spectrum
 
 PATCH_FILE = "patch.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

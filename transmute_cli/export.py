@@ -18,24 +18,24 @@ from torch import nn
 from .errors import InputError
 from .families import Family, decoder_layers, get_module
 from .patch import ThoughtPatch, fold_matrix
+from .solve import spectrum
 
 
 def lora_pair(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(lora_A [r, in], lora_B [out, r], captured energy) with ``B A`` the best rank-r ΔW.
 
     The top singular triplets come from the eigendecomposition of the Gram matrix on the smaller
-    side (640 × 640 for Gemma 3 270M's 2048 × 640 updates) in float64, ~5x faster than a full
-    SVD of ΔW: ``ΔWᵀΔW = V S² Vᵀ``, ``U = ΔW V / S``.  Directions with ``s <= 1e-7·s_max`` carry
-    under 1e-14 of the energy and are left at zero (their U would be rounding noise)."""
+    side (640 × 640 for Gemma 3 270M's 2048 × 640 updates; ``solve.spectrum``), ~5x faster than
+    a full SVD of ΔW: ``ΔWᵀΔW = V S² Vᵀ``, ``U = ΔW V / S``.  Directions with ``s <= 1e-7·s_max``
+    carry under 1e-14 of the energy and are left at zero (their U would be rounding noise)."""
     d = delta.detach().double()
     wide = d.shape[0] < d.shape[1]
     m = d.T if wide else d  # [long, short]
-    values, vectors = torch.linalg.eigh(m.T @ m)
-    s = values.flip(0).clamp_min(0).sqrt()
+    s, vectors = spectrum(m.T, left_vectors=True)  # left vectors of mᵀ: the right ones of m
     r = min(rank, s.numel())
     total = float((m * m).sum())
     energy = min(1.0, float((s[:r] ** 2).sum()) / total) if total > 0 else 1.0
-    v = vectors.flip(1)[:, :r]  # [short, r]
+    v = vectors[:, :r]  # [short, r]
     keep = s[:r] > s[0] * 1e-7 if s.numel() and s[0] > 0 else torch.zeros(r, dtype=torch.bool)
     u = torch.where(keep, (m @ v) / s[:r].clamp_min(torch.finfo(torch.float64).tiny), torch.zeros((), dtype=d.dtype))
     root = torch.where(keep, s[:r], torch.zeros((), dtype=d.dtype)).sqrt()

@@ -276,6 +276,21 @@ def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[t
     return dmat, c, rel
 
 
+def spectrum(m: torch.Tensor, left_vectors: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Singular values of a matrix (descending, float64) and, on request, its left singular
+    vectors, from the eigendecomposition of the smaller Gram matrix (``m mᵀ`` for the vectors):
+    4-5x faster than an SVD of a 2048 × 640 matrix, and in float64 the values are exact to
+    ~1e-8·s_max (``diffstats`` ranks cut far above that; ``export.lora_pair`` drops directions
+    below 1e-7·s_max).  Stays on ``m``'s device."""
+    m = m.detach().double()
+    rows = left_vectors or m.shape[0] <= m.shape[1]
+    gram = m @ m.T if rows else m.T @ m
+    if left_vectors:
+        values, vectors = torch.linalg.eigh(gram)
+        return values.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt(), None
+
+
 def rms_scaled(a: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
     """``a / rms(m)`` per token: with a post-norm ``s ⊙ m / rms(m)`` whose rms is frozen per token,
     what joins the residual is linear in ``D a / rms(m)``."""
