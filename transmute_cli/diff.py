@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .diffstats import (
-    DiffReport, TensorDiff, effective_rank, layer_summary, numerical_rank, only_note, tensor_stats,
+    DiffReport, TensorDiff, cosine, effective_rank, layer_summary, numerical_rank, only_note, tensor_stats,
 )
 from .errors import InputError
 from .patch import ThoughtPatch, load_patch
@@ -81,7 +81,7 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
             ta = ta.detach().double().cpu()
             tb = tb.detach().double().cpu()
             d = tb - ta
-            na, nb, nd, cos, rel = tensor_stats(ta, tb, d)
+            na, nb, nd, cos, rel, dot_ab = tensor_stats(ta, tb, d)
             # one eigendecomposition per side serves its effective rank and the subspace overlap
             sub = kind == "matrix" and na > 0 and nb > 0 and ta.dim() == 2
             (sa, ua), (sb, ub) = (spectrum(ta, True), spectrum(tb, True)) if sub else ((None, None), (None, None))
@@ -103,8 +103,7 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
             acc["d2"] += nd * nd
             acc["a2"] += na * na
             acc["n"] += 1
-            dot += float((ta * tb).sum(dtype=torch.float64))
-            sq_a, sq_b = sq_a + na * na, sq_b + nb * nb
+            dot, sq_a, sq_b = dot + dot_ab, sq_a + na * na, sq_b + nb * nb
             if sub:
                 subspace.append(_subspace_overlap(l, (ta, sa, ua), (tb, sb, ub)))
     if only_a:
@@ -113,11 +112,8 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
         notes.append(only_note(only_b, b) + " (compared with zeros)")
     if shape_diff:
         notes.append(f"{len(shape_diff)} tensors with different shapes not compared, e.g. {shape_diff[0]}")
-    cos_all = None
-    if sq_a > 0 and sq_b > 0:
-        cos_all = max(-1.0, min(1.0, dot / math.sqrt(sq_a * sq_b)))
     overlap = {
-        "cosine_all": cos_all,
+        "cosine_all": cosine(dot, math.sqrt(sq_a), math.sqrt(sq_b)),
         "matrix_subspace_overlap": sum(r["overlap"] for r in subspace) / len(subspace) if subspace else None,
         "matrix_layers": subspace,
     }
@@ -261,7 +257,7 @@ def _diff_sources(get_a, get_b, shapes_a: dict, shapes_b: dict, a: str, b: str) 
         else:
             tb = tb.detach().float().cpu()
             d = tb - ta
-            na, nb, nd, cos, relc = tensor_stats(ta, tb, d)
+            na, nb, nd, cos, relc, _ = tensor_stats(ta, tb, d)
         if prefix == main:
             acc = per_layer.setdefault(l, {"d2": 0.0, "a2": 0.0, "n": 0})
             acc["a2"] += na * na

@@ -100,17 +100,20 @@ def numerical_rank(m: torch.Tensor, s: torch.Tensor) -> int:
     return int(_kept(s, m.shape).numel())
 
 
-def tensor_stats(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> tuple[float, float, float, float | None, float | None]:
-    """norm_a, norm_b, |d|, cosine, relative change (accumulated in float64)."""
+def cosine(dot: float, na: float, nb: float) -> float | None:
+    """``dot / (na nb)`` clipped to [-1, 1] against rounding; None when either norm is 0."""
+    return max(-1.0, min(1.0, dot / (na * nb))) if na > 0 and nb > 0 else None
+
+
+def tensor_stats(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor
+                 ) -> tuple[float, float, float, float | None, float | None, float]:
+    """norm_a, norm_b, |d|, cosine, relative change, <a, b> (accumulated in float64)."""
     na = float(torch.linalg.vector_norm(a, dtype=torch.float64))
     nb = float(torch.linalg.vector_norm(b, dtype=torch.float64))
     nd = float(torch.linalg.vector_norm(d, dtype=torch.float64))
-    cos = None
-    if na > 0 and nb > 0:
-        dot = float((a * b).sum(dtype=torch.float64))
-        cos = max(-1.0, min(1.0, dot / (na * nb)))
+    dot = float((a * b).sum(dtype=torch.float64)) if na > 0 and nb > 0 else 0.0
     rel = nd / na if na > 0 else None
-    return na, nb, nd, cos, rel
+    return na, nb, nd, cosine(dot, na, nb), rel, dot
 
 
 def layer_summary(per_layer: dict[int, dict]) -> tuple[list[dict], list[int]]:
