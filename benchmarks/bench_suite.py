@@ -43,7 +43,7 @@ from bench_engine import ROOT, log, sync
 
 from transmute_cli import checkpoint, models, pipeline
 from transmute_cli.engine import compute_patch
-from transmute_cli.evaluate import evaluate, generate_answers
+from transmute_cli.evaluate import correct_answers, evaluate, generate_answers
 from transmute_cli.families import family_for
 from transmute_cli.patch import fold_statistics, merge, vector_fold_kind
 from transmute_cli.datafiles import render
@@ -144,7 +144,7 @@ def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, o
             if step % EVAL_EVERY == 0 or step == max_steps:
                 dt, got = timed_once(lambda: generate_answers(peft_model, tok, queries, recipe.max_new_tokens), model)
                 eval_s += dt
-                acc = sum(a == p.output.strip() for a, p in zip(got, recipe.eval)) / len(recipe.eval)
+                acc = correct_answers(got, recipe.eval) / len(recipe.eval)
                 history.append({"step": step, "loss": loss, "accuracy": acc, "train_s": train_s})
                 log(f"LoRA step {step}: loss {loss:.4f}, accuracy {acc:.3f}, train {train_s:.1f} s")
                 if acc >= accs["patched"]:
@@ -190,7 +190,7 @@ def throughput_section(model, tok, recipe, patch) -> dict:
             try:
                 if cond == "merged" and r == 0:
                     got = generate_answers(model, tok, queries, recipe.max_new_tokens)
-                    out["merged_accuracy"] = sum(a == p.output.strip() for a, p in zip(got, recipe.eval)) / len(got)
+                    out["merged_accuracy"] = correct_answers(got, recipe.eval) / len(got)
                 ps = prompted if cond == "prompt" else queries
                 dt, n = timed_once(lambda ps=ps: generate_fixed(model, tok, ps, GEN_TOKENS), model)
             finally:

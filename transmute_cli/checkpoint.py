@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .datafiles import render
-from .evaluate import generate_answers, newline_token_ids
+from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids
 from .families import model_device
 from .fidelity import compare_logits
 from .hooks import ThoughtHooks
@@ -66,7 +66,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         if patched_answers is not None and recipe is not None and recipe.eval:
             answers = _eval_answers(loaded, recipe)
             result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
-            result["accuracy"] = sum(x == p.output.strip() for x, p in zip(answers, recipe.eval)) / len(answers)
+            result["accuracy"] = correct_answers(answers, recipe.eval) / len(answers)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
@@ -84,9 +84,7 @@ def _stop_at_newline(model, tokenizer, out: Path) -> bool:
     if getattr(model, "generation_config", None) is None:
         return False
     config = copy.deepcopy(model.generation_config)
-    eos = config.eos_token_id
-    ends = [eos] if isinstance(eos, int) else list(eos or [])
-    config.eos_token_id = list(dict.fromkeys(ends + newline_token_ids(tokenizer)))
+    config.eos_token_id = list(dict.fromkeys(end_token_ids(model, tokenizer) + newline_token_ids(tokenizer)))
     config.save_pretrained(out)
     return True
 
@@ -143,8 +141,7 @@ def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:
 
 
 def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
-    answers = _eval_answers(loaded, recipe, model)
-    return sum(a == p.output.strip() for a, p in zip(answers, recipe.eval)) / len(recipe.eval)
+    return correct_answers(_eval_answers(loaded, recipe, model), recipe.eval) / len(recipe.eval)
 
 
 def compare_runs(ref: list[torch.Tensor], got: list[torch.Tensor], name: str) -> dict:

@@ -91,6 +91,19 @@ def reference_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     return [stop_cut(tokenizer, row.tolist())[:max_new_tokens] for row in gen[:, width:]]
 
 
+def end_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The tokens that end an answer besides a newline: the model's ``generation_config``
+    ``eos_token_id`` (an int or a list) and the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return list(dict.fromkeys(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
+
+
+def correct_answers(answers: Sequence[str], pairs: Sequence[Pair]) -> int:
+    """Exact matches of greedy answers (already cut at the newline) with the pairs' outputs."""
+    return sum(a == p.output.strip() for a, p in zip(answers, pairs))
+
+
 def newline_token_ids(tokenizer) -> list[int]:
     """Every token whose text holds a newline: generation that ends on any of them (or EOS) ends
     where ``NewlineStop`` ends it and where answers are cut -- what a patched checkpoint's
@@ -132,9 +145,7 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
     from transformers import DynamicCache
 
     dev = model_device(model)
-    ends = {tokenizer.eos_token_id}
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ends |= {config_eos} if isinstance(config_eos, int) else set(config_eos or ())
+    ends = set(end_token_ids(model, tokenizer))
     holds_newline: dict[int, bool] = {}
 
     def stops(token: int) -> bool:
@@ -229,7 +240,7 @@ def evaluate(
                     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []))
             else:
                 answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []), prefix=prefix)
-            correct = sum(a == p.output.strip() for a, p in zip(answers, pairs))
+            correct = correct_answers(answers, pairs)
             results.append(Result(template, cond, correct, len(pairs), answers, got,
                                   rerendered=cond == "prompt" and rewritten is not None))
     return results
