@@ -251,9 +251,7 @@ def diff(
 @_errors
 def version() -> None:
     """Print the version."""
-    from . import __version__
-
-    typer.echo(__version__)
+    _print_version(True)
 
 
 def _stdout_gone() -> None:
