@@ -8,6 +8,7 @@ import torch
 
 from transmute_cli.engine import EngineConfig, compute_patch
 from transmute_cli.exact import exact_token_patch
+from transmute_cli.lowrank import LowRank, dense
 from transmute_cli.solve import LayerStats, ridge_solve
 
 from tiny import tiny_model, tiny_tokenizer
@@ -40,7 +41,7 @@ def test_ridge_one_token_equals_rank_one_patch():
     d = 16
     n, nc = torch.randn(1, d, dtype=torch.float64), torch.randn(1, d, dtype=torch.float64)
     u = torch.zeros(1, d, dtype=torch.float64)
-    st = LayerStats(d)
+    st = LayerStats(d, keep_rows=False)
     st.add(n, nc, u, u)
     w = torch.randn(40, d, dtype=torch.float64)  # an MLP input projection
     rank_one = w @ (nc - n).T @ n / (n @ n.T)  # W dz nᵀ / |n|²
@@ -59,7 +60,7 @@ def test_ridge_matches_closed_form_and_shrinks(d, t, seed):
     dimensions, tr/T with fewer (only T eigenvalues are non-zero)."""
     torch.manual_seed(seed)
     n, nc = torch.randn(t, d, dtype=torch.float64), torch.randn(t, d, dtype=torch.float64)
-    st = LayerStats(d)
+    st = LayerStats(d, keep_rows=False)
     st.add(n, nc, n, n)
     rho = 0.3
     s = torch.trace(n.T @ n) / min(t, d)
@@ -78,7 +79,7 @@ def test_rho_shrinks_the_same_at_any_number_of_tokens(t, rho):
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
     n = 3.0 * q[:t]  # t orthogonal rows, |n_t| = 3
     nc = n + torch.randn(t, d, dtype=torch.float64)
-    st = LayerStats(d)
+    st = LayerStats(d, keep_rows=False)
     st.add(n, nc, n, n)
     exact = ridge_solve(st.nn, st.dzn, 0.0)
     got = ridge_solve(st.nn, st.dzn, rho, rank=st.count)
@@ -116,11 +117,11 @@ def test_incremental_equals_naive(family, solver):
     nai = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(propagation="naive", **base)).patch
     assert inc.layers == nai.layers == [0, 1, 2]
     for l in inc.layers:
-        assert torch.allclose(inc.matrices[l], nai.matrices[l], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(dense(inc.matrices[l]), dense(nai.matrices[l]), atol=1e-5, rtol=1e-4)
         assert torch.allclose(inc.vectors[l], nai.vectors[l], atol=1e-5, rtol=1e-4)
         assert (l in inc.downs) == (l in nai.downs) == (solver == "joint")
         if solver == "joint":
-            assert torch.allclose(inc.downs[l], nai.downs[l], atol=1e-5, rtol=1e-4)
+            assert torch.allclose(dense(inc.downs[l]), dense(nai.downs[l]), atol=1e-5, rtol=1e-4)
 
 
 def test_model_is_left_untouched():
@@ -137,7 +138,11 @@ def test_model_is_left_untouched():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_thought_patch_moves_model_toward_prompt(family):
     model, tok = tiny_model(family), tiny_tokenizer()
-    res = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(rho=1e-3))
+    # 48 tokens > d/2 = 16: the solve runs on the d×d sums, where the matrix residual costs more
+    # than the solve and is computed only when asked for
+    assert all(lf.matrix_residual is None for lf in compute_patch(
+        model, tok, INSTRUCTION, TEXTS, EngineConfig(rho=1e-3, fidelity=False)).fidelity.layers)
+    res = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(rho=1e-3, diagnostics=True))
     f = res.fidelity
     assert f.tokens == sum(len(t) for t in TEXTS)
     assert f.mean_kl < f.base_mean_kl
@@ -146,7 +151,7 @@ def test_thought_patch_moves_model_toward_prompt(family):
     assert all(0 <= lf.matrix_residual < 0.35 for lf in f.layers)
     assert all(0 <= lf.vector_residual < 0.35 for lf in f.layers)
     # a larger ridge fits worse, layer by layer (measured 0.41–0.77)
-    g = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(rho=1.0)).fidelity
+    g = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(rho=1.0, diagnostics=True)).fidelity
     assert all(b.matrix_residual > a.matrix_residual for a, b in zip(f.layers, g.layers))
     assert all(b.vector_residual > a.vector_residual for a, b in zip(f.layers, g.layers))
 
@@ -177,6 +182,8 @@ def test_token_space_joint_solve_equals_the_sums(rho, intercept):
     assert rows.rows is not None and sums.rows is None
     d1, c1, r1 = ridge_intercept_solve(rows, rho, intercept)
     d2, c2, r2 = ridge_intercept_solve(sums, rho, intercept)
+    assert isinstance(d1, LowRank) and d1.rank == 21  # rows: the exact factors, rank T
+    d1 = dense(d1)
     assert torch.allclose(d1, d2, atol=1e-8, rtol=1e-6), (d1 - d2).abs().max()
     assert torch.allclose(c1, c2, atol=1e-8, rtol=1e-6)
     assert abs(r1 - r2) < 1e-6
@@ -185,7 +192,7 @@ def test_token_space_joint_solve_equals_the_sums(rho, intercept):
     rows.add(a, e)
     sums.add(a, e)
     assert rows.rows is None
-    assert torch.allclose(ridge_intercept_solve(rows, rho, intercept)[0], ridge_intercept_solve(sums, rho, intercept)[0],
+    assert torch.allclose(dense(ridge_intercept_solve(rows, rho, intercept)[0]), ridge_intercept_solve(sums, rho, intercept)[0],
                           atol=1e-8, rtol=1e-6)
 
 
@@ -239,9 +246,9 @@ def test_joint_solve_on_one_layer_matches_its_closed_form(family):
     t, d = n.shape
     nn_ = n.T @ n
     a_want = dz.T @ n @ torch.linalg.inv(nn_ + rho * torch.trace(nn_) / min(t, d) * torch.eye(d, dtype=torch.float64))
-    assert torch.allclose(patch.matrices[0].double(), a_want, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(dense(patch.matrices[0]).double(), a_want, atol=1e-5, rtol=1e-4)
 
-    a_f = patch.matrices[0]
+    a_f = dense(patch.matrices[0])
     hooks.append(norm_in.register_forward_hook(lambda _m, i, o: o + o @ a_f.T))  # n -> n + A n, after the record
     withA = [states(pre + x, 1) for x in xs]
     for h in hooks:
@@ -258,6 +265,39 @@ def test_joint_solve_on_one_layer_matches_its_closed_form(family):
     c_want = e.mean(0) - d_want @ act.mean(0)
     if gemma:
         d_want = d_want / (1.0 + layer.post_feedforward_layernorm.weight.double())[:, None]
-    assert torch.allclose(patch.downs[0].double(), d_want, atol=1e-5, rtol=1e-3), (patch.downs[0] - d_want).abs().max()
+    assert torch.allclose(dense(patch.downs[0]).double(), d_want, atol=1e-5, rtol=1e-3), (dense(patch.downs[0]) - d_want).abs().max()
     assert torch.allclose(patch.vectors[0].double(), c_want, atol=1e-5, rtol=1e-3), (patch.vectors[0] - c_want).abs().max()
     assert patch.layers == [0]
+
+
+@pytest.mark.parametrize("d,t,rho", [(16, 5, 0.0), (16, 5, 0.03), (32, 12, 1.0), (24, 12, 0.3)])
+def test_token_space_solve_is_the_dense_solve_as_exact_factors(d, t, rho):
+    """With the token rows kept (T <= d/2) the thought matrix comes from the T×T system as
+    factors of rank T, and equals the d×d solve from the sums (weights and several batches
+    included); the fit residual from the rows equals the one from the sums."""
+    from transmute_cli.lowrank import LowRank, dense
+    from transmute_cli.solve import fit_residual, fit_residual_rows
+
+    g = torch.Generator().manual_seed(d + t)
+    rows, sums = LayerStats(d), LayerStats(d, keep_rows=False)
+    for k, w in ((t // 2, 1.0), (t - t // 2, 0.25)):  # two batches, the second down-weighted
+        n, nc = torch.randn(k, d, generator=g, dtype=torch.float64), torch.randn(k, d, generator=g, dtype=torch.float64)
+        for st in (rows, sums):
+            st.add(n, nc, n, nc, w)
+    a_rows, a_sums = rows.solve_matrix(rho), sums.solve_matrix(rho)
+    assert isinstance(a_rows, LowRank) and a_rows.rank == t and a_rows.shape == (d, d)
+    assert torch.allclose(dense(a_rows), a_sums, rtol=1e-9, atol=1e-11)
+    weights = [torch.randn(3 * d, d, generator=g, dtype=torch.float64)]
+    num_r, den_r = fit_residual_rows(rows, a_rows, weights)
+    num_s, den_s = fit_residual(sums, a_sums, weights[0].T @ weights[0])
+    assert num_r == pytest.approx(num_s, rel=1e-4, abs=1e-6 * den_s) and den_r == pytest.approx(den_s, rel=1e-5)
+
+
+def test_rows_fold_into_sums_past_half_the_width():
+    d = 8
+    st = LayerStats(d)
+    st.add(torch.randn(3, d), torch.randn(3, d), torch.randn(3, d), torch.randn(3, d))
+    assert st.rows is not None and st.nn is None  # 3 <= d/2: rows, no d×d sums
+    st.add(torch.randn(2, d), torch.randn(2, d), torch.randn(2, d), torch.randn(2, d))
+    assert st.rows is None and st.count == 5 and st.nn.shape == (d, d)  # 5 > d/2: folded
+    assert not isinstance(st.solve_matrix(0.1), type(None)) and st.solve_matrix(0.1).shape == (d, d)

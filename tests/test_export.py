@@ -29,8 +29,27 @@ def test_lora_pair_is_the_truncated_svd():
     assert torch.allclose(b @ a, delta, atol=1e-5) and e == pytest.approx(1.0)
     a, b, e = lora_pair(delta, 1)
     assert 0 < e < 1 and a.shape == (1, 8) and b.shape == (12, 1)
-    a, b, _ = lora_pair(delta, 20)  # more rank than the matrix has: zero-padded
-    assert a.shape == (20, 8) and torch.allclose(b @ a, delta, atol=1e-5)
+    a, b, _ = lora_pair(delta, 20)  # more rank than the matrix has: its own rank
+    assert a.shape == (3, 8) and torch.allclose(b @ a, delta, atol=1e-5)
+    a, b, e = lora_pair(delta)  # no rank: exact
+    assert a.shape == (3, 8) and torch.allclose(b @ a, delta, atol=1e-5) and e == pytest.approx(1.0)
+
+
+def test_lora_pair_of_factors_is_exact_or_the_truncated_svd():
+    """A factored update is its own pair (no SVD) at its rank; below it, the same best rank-r
+    update as an SVD of the dense matrix (through QR of the factors)."""
+    from transmute_cli.lowrank import LowRank
+
+    g = torch.Generator().manual_seed(3)
+    lr = LowRank(torch.randn(20, 6, generator=g), torch.randn(6, 14, generator=g))
+    a, b, e = lora_pair(lr)
+    assert a is not None and torch.equal(b @ a, lr.left @ lr.right) and e == 1.0
+    u, s, vh = torch.linalg.svd(lr.dense().double(), full_matrices=False)
+    for rank in (1, 4):
+        a, b, e = lora_pair(lr, rank)
+        best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        assert a.shape == (rank, 14) and torch.allclose((b @ a).double(), best, atol=1e-5 * float(s[0]))
+        assert e == pytest.approx(float((s[:rank] ** 2).sum() / (s ** 2).sum()), rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -54,33 +73,37 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-# full rank: matrices exact, the vector through its least-squares fold (approximate)
-@pytest.mark.parametrize("rank", [64, 2])
+# default: each module at its factors' rank, the vector as lora_bias (Llama): the adapter is the patch
+@pytest.mark.parametrize("rank", [None, 2])
 def test_apply_format_peft_loads_with_peft(run, rank):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = run / f"adapter-{rank}"
-    res = CliRunner().invoke(app, ["apply", str(run / "run"), "--format", "peft", "--rank", str(rank), "-o", str(out),
-                                   "--device", "cpu", "--json", "-q"])
+    res = CliRunner().invoke(app, ["apply", str(run / "run"), "--format", "peft", *(["--rank", str(rank)] if rank else []),
+                                   "-o", str(out), "--device", "cpu", "--json", "-q"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)["adapter"]
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert doc["rank"] == rank and len(doc["energy"]) == 3 * 3  # 3 layers × gate, up, down
+    assert doc["vector"] == "bias"  # Llama: the vector is added at down_proj's own output
     assert "Warning" not in res.stderr, res.stderr  # -q: nothing at all from peft or transformers
     # what a user keeps: the base as given (not a machine-local cache path), a card that says what it is
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(run / "model")
+    assert config["base_model_name_or_path"] == str(run / "model") and config["lora_bias"] is True
     card = (out / "README.md").read_text()
-    assert "More Information Needed" not in card and f"rank-{rank} LoRA" in card and "Reverse the word" in card
+    assert "More Information Needed" not in card and "Reverse the word" in card
+    assert ("exact ranks" in card and "lora_bias" in card) if rank is None else f"rank {rank}" in card
     side = json.loads((out / "transmute.json").read_text())
     assert side["base_model"] == str(run / "model") and side["adapter"]["rank"] == rank and "max_new_tokens" in side["recipe"]
-    if rank >= 64:
-        assert doc["mean_energy"] == pytest.approx(1.0, abs=1e-6)
+    if rank is None:
+        # 8 examples of ~6 tokens: factors of rank ~50, one pair per module at exactly that rank
+        assert doc["exact"] is True and doc["mean_energy"] == pytest.approx(1.0, abs=1e-12)
+        assert config["rank_pattern"] and set(config["rank_pattern"].values()) == {e["rank"] for e in doc["energy"]}
+        assert doc["top1_agreement_vs_in_process"] == 1.0 and doc["mean_kl_vs_in_process"] < 1e-6
     else:
-        assert doc["mean_energy"] < 1.0
-    if rank >= 64:
-        assert doc["top1_agreement_vs_in_process"] >= 0.8
+        assert doc["mean_energy"] < 1.0 and doc["exact"] is False
+        assert all(e["rank"] == rank for e in doc["energy"])
     assert "accuracy" in doc and "accuracy_in_process" in doc
     # reloaded with plain peft (no transmute code), on the patch texts: the adapter moves the
     # model toward the in-process patch — all the way but the vector fold at full rank
@@ -95,8 +118,10 @@ def test_apply_format_peft_loads_with_peft(run, rank):
             hooks.set_patch(load_patch(run / "run" / "patch.safetensors"))
             ref = base(input_ids=ids).logits
         got = PeftModel.from_pretrained(base, str(out))(input_ids=ids).logits
-    # measured KL to the patch: rank 64 0.001, rank 2 0.033, the base model 0.046
-    assert _kl(ref, got) < (0.1 if rank >= 64 else 1.0) * _kl(ref, plain), (_kl(ref, got), _kl(ref, plain))
+    if rank is None:  # exact: the patch itself, to float32 rounding
+        assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    else:  # measured KL to the patch: rank 2 0.033, the base model 0.046
+        assert _kl(ref, got) < _kl(ref, plain), (_kl(ref, got), _kl(ref, plain))
 
 
 def test_full_rank_matrix_only_adapter_is_exact(tmp_path):
@@ -119,6 +144,49 @@ def test_full_rank_matrix_only_adapter_is_exact(tmp_path):
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_factored_patch_exports_its_own_factors(tmp_path, family):
+    """Few tokens (T <= d/2): the patch is stored as factors of rank T and the default adapter is
+    made of them, one module at rank T each: on Llama (vector as lora_bias) the adapter is the
+    in-process patch to float32 rounding; on Gemma 3 the vector is folded (approximate) and the
+    matrices alone are exact."""
+    from peft import PeftModel
+
+    from transmute_cli.checkpoint import token_batches
+    from transmute_cli.export import export_peft
+    from transmute_cli.lowrank import LowRank
+    from transmute_cli.models import Loaded
+    from transmute_cli.patch import ThoughtPatch, fold_statistics
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    fam = family_for(model)
+    texts = ["a -> b\n", "c -> d\n"]
+    patch = compute_patch(model, tok, "Reverse:\nxy -> yx\n", texts, EngineConfig(fidelity=False)).patch
+    assert all(isinstance(m, LowRank) for m in (*patch.matrices.values(), *patch.downs.values()))
+    t = patch.matrices[0].rank
+    assert t == sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts)  # a direction per token
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14]])
+    for name, p in (("full", patch), ("matrices", ThoughtPatch(patch.n_layers, patch.d_model, patch.matrices, {},
+                                                             downs=patch.downs))):
+        stats = None
+        if p.vectors and family == "gemma3":
+            loaded = Loaded(model, tok, fam, None, "x", "float32")
+            stats = fold_statistics(model, fam, p, token_batches(loaded, texts))
+        info = export_peft(model, fam, p, None, tmp_path / name, "tiny", stats)
+        assert {e["rank"] for e in info["energy"]} <= {t, t + 1} and info["mean_energy"] == 1.0
+        with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
+            hooks.set_patch(p)
+            ref = model(input_ids=ids).logits
+        with torch.no_grad():
+            peft_model = PeftModel.from_pretrained(model, str(tmp_path / name))
+            got = peft_model(input_ids=ids).logits
+            peft_model.unload()
+        exact = info["exact"]
+        assert exact == (family == "llama" or name == "matrices")
+        if exact:
+            assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
 @pytest.mark.parametrize("shape, true_rank", [((40, 16), 16), ((16, 40), 16), ((30, 20), 5), ((20, 30), 5)])
 def test_lora_pair_matches_the_svd_for_tall_wide_and_low_rank(shape, true_rank):
     """The Gram route gives the same best rank-r update and energy as torch's SVD."""
@@ -128,8 +196,8 @@ def test_lora_pair_matches_the_svd_for_tall_wide_and_low_rank(shape, true_rank):
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     for rank in (1, 3, true_rank, 64):
         a, b, e = lora_pair(delta, rank)
-        r = min(rank, s.numel())
+        r = min(rank, true_rank)
         best = (u[:, :r] * s[:r]) @ vh[:r]
         assert torch.allclose((b @ a).double(), best, atol=1e-5 * float(s[0])), rank
         assert e == pytest.approx(float((s[:r] ** 2).sum() / (s ** 2).sum()), abs=1e-9)
-        assert a.shape == (rank, inn) and b.shape == (out, rank)
+        assert a.shape == (r, inn) and b.shape == (out, r)

@@ -90,15 +90,16 @@ def _stop_at_newline(model, tokenizer, out: Path) -> bool:
 
 
 def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
-               rank: int, base_spec: str, *, provenance: dict | None = None) -> dict:
+               rank: int | None, base_spec: str, *, provenance: dict | None = None) -> dict:
     """Export the adapter, reload it with ``PeftModel.from_pretrained`` and measure it against the
     in-process patch (KL/top-1 on the patch texts; eval accuracy of both when there is an eval)."""
     from peft import PeftModel
 
-    from .export import export_peft
+    from .export import export_peft, vector_as_bias
 
     model, fam = loaded.model, loaded.fam
-    stats = fold_statistics(model, fam, patch, token_batches(loaded, texts)) if patch.vectors else None
+    fold = patch.vectors and not vector_as_bias(fam)
+    stats = fold_statistics(model, fam, patch, token_batches(loaded, texts)) if fold else None
     info = export_peft(model, fam, patch, rank, out, base_spec, stats)
     batches = token_batches(loaded, texts[:64])
     with ThoughtHooks(model, fam) as hooks:

@@ -148,7 +148,8 @@ def apply(
     patches: list[str] = typer.Option([], "-p", "--patch", metavar="PATH[:SCALE]", help="PATH[:SCALE], repeatable: patch arithmetic"),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint (or adapter) folder to write"),
     fmt: str = typer.Option("checkpoint", "--format", metavar="checkpoint|peft", help="checkpoint (merged HF folder) or peft (LoRA adapter)"),
-    rank: int = typer.Option(16, "--rank", help="LoRA rank for --format peft"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for --format peft (default: each module's "
+                                       "exact rank, the adapter is the patch; smaller truncates by SVD)"),
     model: Optional[str] = typer.Option(None, "--model", help="base model (default: the one recorded in the patch)"),
     scale: float = typer.Option(1.0, "--scale", help="scale of the positional patch"),
     force: bool = typer.Option(False, "--force", help="apply even if the base model's fingerprint differs"),

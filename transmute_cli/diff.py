@@ -26,6 +26,7 @@ from .diffstats import (
     DiffReport, TensorDiff, cosine, effective_rank, layer_summary, numerical_rank, only_note, tensor_stats,
 )
 from .errors import InputError
+from .lowrank import dense
 from .patch import ThoughtPatch, load_patch
 from .solve import spectrum
 
@@ -66,6 +67,8 @@ def diff_patches(pa: ThoughtPatch, pb: ThoughtPatch, a: str = "A", b: str = "B")
         for kind in _PATCH_KINDS:
             ta = getattr(pa, _store(kind)).get(l)
             tb = getattr(pb, _store(kind)).get(l)
+            # factored matrices are compared dense, one tensor at a time
+            ta, tb = (dense(t) if t is not None else None for t in (ta, tb))
             if ta is None and tb is None:
                 continue
             key = f"layers.{l}.{kind}"

@@ -36,9 +36,11 @@ from .families import (
 )
 from .fidelity import Fidelity, LayerFidelity, end_to_end
 from .hooks import ThoughtHooks, capture, record_layer_inputs
+from .lowrank import add, compact, is_finite
 from .patch import ThoughtPatch
 from .solve import (
-    DownStats, LayerStats, fit_residual, mean_vector, ridge_intercept_solve, ridge_solve, rms_scaled, unscale_rows,
+    DownStats, LayerStats, fit_residual, fit_residual_rows, mean_vector, ridge_intercept_solve, rms_scaled,
+    unscale_rows,
 )
 from .tokens import MicroBatch, check_lengths, deal, encode, micro_batches, pad_id
 
@@ -58,6 +60,10 @@ class EngineConfig:
     # and a test oracle for the incremental propagation
     propagation: str = "incremental"
     fidelity: bool = True  # end-to-end KL / top-1 on the patch examples
+    # per-layer fit residual of the thought matrix: None = only where it is cheap (token rows
+    # kept, T·d·f per layer); True = also from the d×d sums (a d²·f + d³ product per layer and
+    # batch, more than the solve itself); False = never
+    diagnostics: bool | None = None
     # shard examples over an initialised torch.distributed group: each rank accumulates its
     # share and the sums are all_reduce'd before every solve (they are sums, so this is exact)
     distributed: bool = False
@@ -253,7 +259,7 @@ class _Loop:
         cfg, p = self.cfg, self.p
         patched = l in self.patch_layers
         joint = cfg.solver == "joint"
-        stats = LayerStats(self.d, cfg.stats_dtype, self.device) if patched else None
+        stats = LayerStats(self.d, cfg.stats_dtype, self.device, residual=cfg.diagnostics is True) if patched else None
         ctx_out: list[torch.Tensor] = []  # joint: contextual layer output u^C + y^C at x [tokens, d]
         next_prefix = prefix
         for mb in mbs:
@@ -271,8 +277,8 @@ class _Loop:
                 continue
             m = mb.xmask
             uc, nc = select(c["u"], P, m), select(c["n"], P, m)
-            if joint:
-                ctx_out.append(uc + select(c["y"], P, m))
+            if joint:  # summed in the statistics' dtype: a bf16 model's states are not added in bf16
+                ctx_out.append(uc.to(cfg.stats_dtype) + select(c["y"], P, m).to(cfg.stats_dtype))
             c, _ = self._nctx_pass(l, mb)
             stats.add(select(c["n"], p, m), nc, select(c["u"], p, m), uc, mb.weight)
         if patched and cfg.distributed:
@@ -286,13 +292,17 @@ class _Loop:
 
     def _solve(self, l: int, stats: LayerStats, mbs, ctx_out, hooks: ThoughtHooks) -> None:
         cfg = self.cfg
-        if not torch.isfinite(stats.nn).all() or not torch.isfinite(stats.dzn).all():
+        a = stats.solve_matrix(cfg.rho) if "matrix" in cfg.components else None
+        if a is not None and not is_finite(a):
             raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
-        a = ridge_solve(stats.nn, stats.dzn, cfg.rho, rank=stats.count) if "matrix" in cfg.components else None
-        if a is not None:
+        if a is not None and stats.rows is not None and cfg.diagnostics is not False:  # rows kept: cheap
+            num, den = fit_residual_rows(stats, a, [weight_of(get_module(self.layers[l], p)) for p in self.fam.mlp_in])
+        elif a is not None and stats.dzdz is not None:
             num, den = fit_residual(stats, a, _gram(self.layers[l], self.fam))
-            self.fid[l].matrix_num += num
-            self.fid[l].matrix_den += den
+        else:
+            num = den = 0.0
+        self.fid[l].matrix_num += num
+        self.fid[l].matrix_den += den
         vec = down = None
         if cfg.solver == "joint":
             # "matrix" is A and D, "vector" the intercept: components [vector] is a vector only
@@ -308,8 +318,8 @@ class _Loop:
         eta = cfg.step
         for store, t in ((self.matrices, a), (self.vectors, vec), (self.downs, down)):
             if t is not None:
-                t32 = (eta * t).float()
-                store[l] = store[l] + t32 if l in store else t32
+                t32 = compact((eta * t).float())  # factored (rank T) while that is the smaller form
+                store[l] = add(store[l], t32) if l in store else t32
         self._install(hooks, l)
 
     def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool, matrix: bool = True):
@@ -327,7 +337,8 @@ class _Loop:
             for mb, target in zip(mbs, ctx_out):
                 c, _ = self._nctx_pass(l, mb)
                 m = mb.xmask
-                e = target - (select(c["u"], self.p, m) + select(c["y"], self.p, m))
+                dt = self.cfg.stats_dtype
+                e = target - (select(c["u"], self.p, m).to(dt) + select(c["y"], self.p, m).to(dt))
                 act = select(c["a"], self.p, m).to(self.cfg.stats_dtype)
                 if scale is not None:
                     act = rms_scaled(act, select(c["m"], self.p, m).to(self.cfg.stats_dtype), eps)

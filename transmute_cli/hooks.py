@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .families import Family, base_model, decoder_layers, get_module
+from .lowrank import apply
 
 
 class _HookSet:
@@ -33,7 +34,8 @@ class ThoughtHooks(_HookSet):
     For a layer with input-space thought matrix ``A`` [d, d] and thought vector ``δ`` [d]:
 
     * the MLP norm's output ``n`` becomes ``n + A n``, so every MLP input projection W computes
-      ``W (I + A) n = (W + W A) n`` — exactly the merged weight ``W + Δ`` with ``Δ = W A``;
+      ``W (I + A) n = (W + W A) n`` — exactly the merged weight ``W + Δ`` with ``Δ = W A``
+      (a factored A is applied through its factors, T·2d per token instead of d²);
     * ``δ`` is added to the output of the module whose output joins the residual stream.
 
     ``enabled`` switches the whole patch off (the engine's contextual passes need the
@@ -85,7 +87,7 @@ class ThoughtHooks(_HookSet):
             if not self.enabled or a is None:
                 return None
             # n: [..., d];  n + n Aᵀ computed in float32 whatever the model dtype
-            return (out.float() + self.scale * (out.float() @ a.to(out.device).T)).to(out.dtype)
+            return (out.float() + self.scale * apply(a.to(out.device), out.float())).to(out.dtype)
 
         return hook
 
@@ -104,7 +106,7 @@ class ThoughtHooks(_HookSet):
             if not self.enabled or dm is None:
                 return None
             # (W_down + D) a = W_down a + D a ;  a: [..., f], D: [d, f]
-            return (out.float() + self.scale * (inp[0].float() @ dm.to(out.device).T)).to(out.dtype)
+            return (out.float() + self.scale * apply(dm.to(out.device), inp[0].float())).to(out.dtype)
 
         return hook
 

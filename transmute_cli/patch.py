@@ -7,6 +7,13 @@ File layout (``patch.safetensors``), all float32, ``l`` a layer index:
 * ``layers.{l}.vector`` [d]    — thought vector, added where the MLP output joins the residual;
 * ``layers.{l}.down``   [d, f] — down-projection thought matrix D (joint solver): ``W_down + D``.
 
+A matrix of rank r stored as its exact factors (``lowrank.LowRank``: whenever that is smaller,
+i.e. a recipe of fewer tokens than half the matrix's side) is two tensors instead of one:
+``layers.{l}.matrix.left`` [d, r] and ``.right`` [r, d] (``A = left @ right``), likewise
+``layers.{l}.down.left`` [d, r] / ``.right`` [r, f].  The factors are what the engine computed
+and what every reader applies, so a patch loaded from the file acts bit for bit like the one in
+the process that wrote it.
+
 Metadata (strings): format, tool version, base model spec and fingerprint, architecture sizes,
 the recipe text and its sha256, and the knobs.  Only safetensors are ever read: no pickle.
 """
@@ -25,10 +32,12 @@ from torch import nn
 from . import __version__
 from .errors import EngineError, PatchError
 from .families import Family, base_model, decoder_layers, get_module, post_norm
+from .lowrank import LowRank, add, apply, dense, is_finite
 from .solve import ridge_solve, rms_scaled, unscale_rows
 
-FORMAT = "transmute-patch/1"
-_KEY = re.compile(r"^layers\.(\d+)\.(matrix|vector|down)$")
+FORMAT = "transmute-patch/2"  # /2: factored matrices (``.left``/``.right``)
+READABLE = ("transmute-patch/1", FORMAT)  # /1 held dense matrices only: still read
+_KEY = re.compile(r"^layers\.(\d+)\.(matrix|vector|down)(?:\.(left|right))?$")
 
 
 @dataclass
@@ -38,6 +47,7 @@ class ThoughtPatch:
     ``matrices[l]`` is the *input-space* form ``A`` [d, d]: the thought matrix of every MLP input
     projection W of layer l is ``Δ(W) = W A`` (gate and up share it; it is how the ridge solution
     factorises).  ``vectors[l]`` [d] is added where the MLP output joins the residual stream.
+    Matrices are dense tensors or exact ``LowRank`` factors (``lowrank.dense`` gives either dense).
     """
 
     n_layers: int
@@ -65,9 +75,12 @@ class ThoughtPatch:
     def check_finite(self) -> None:
         for kind, tensors in (("matrix", self.matrices), ("vector", self.vectors), ("down matrix", self.downs)):
             for l, t in tensors.items():
-                if not torch.isfinite(t).all():
+                if not is_finite(t):
                     raise EngineError(f"the thought {kind} of layer {l} has NaN or Inf values")
 
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu().contiguous()
 
 
 def save_patch(patch: ThoughtPatch, path: Path, metadata: dict[str, str]) -> None:
@@ -76,12 +89,12 @@ def save_patch(patch: ThoughtPatch, path: Path, metadata: dict[str, str]) -> Non
     patch.check_finite()  # refuse to write NaN/Inf
     tensors: dict[str, torch.Tensor] = {}
     for l in patch.layers:
-        if l in patch.matrices:
-            tensors[f"layers.{l}.matrix"] = patch.matrices[l].detach().float().cpu().contiguous()
-        if l in patch.vectors:
-            tensors[f"layers.{l}.vector"] = patch.vectors[l].detach().float().cpu().contiguous()
-        if l in patch.downs:
-            tensors[f"layers.{l}.down"] = patch.downs[l].detach().float().cpu().contiguous()
+        for kind, store in (("matrix", patch.matrices), ("vector", patch.vectors), ("down", patch.downs)):
+            t = store.get(l)
+            if isinstance(t, LowRank):
+                tensors[f"layers.{l}.{kind}.left"], tensors[f"layers.{l}.{kind}.right"] = _plain(t.left), _plain(t.right)
+            elif t is not None:
+                tensors[f"layers.{l}.{kind}"] = _plain(t)
     meta = {
         "format": FORMAT,
         "tool_version": __version__,
@@ -120,7 +133,7 @@ def load_patch(path: str | Path) -> ThoughtPatch:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types on corrupt headers/data
         raise PatchError(f"not a readable safetensors file ({' '.join(str(e).split())[:160]})", source=str(path)) from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE:
         raise PatchError(f"not a transmute patch (metadata format is {meta.get('format')!r}, expected {FORMAT!r})", source=str(path))
     try:
         n_layers, d = int(meta["n_layers"]), int(meta["d_model"])
@@ -128,26 +141,56 @@ def load_patch(path: str | Path) -> ThoughtPatch:
         raise PatchError("metadata lacks n_layers/d_model", source=str(path)) from None
     patch = ThoughtPatch(n_layers, d, metadata=meta)
     problems = []
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if not m:
+        if not m or (m.group(3) and m.group(2) == "vector"):
             problems.append(f"unexpected tensor {key!r}")
             continue
-        l, kind = int(m.group(1)), m.group(2)
-        want = {"matrix": (d, d), "vector": (d,)}.get(kind)
+        l, kind, half = int(m.group(1)), m.group(2), m.group(3)
         if l >= n_layers:
             problems.append(f"{key}: layer {l} >= n_layers {n_layers}")
-        elif want is not None and tuple(t.shape) != want:
-            problems.append(f"{key}: shape {tuple(t.shape)}, expected {want}")
-        elif kind == "down" and (t.dim() != 2 or t.shape[0] != d):
-            problems.append(f"{key}: shape {tuple(t.shape)}, expected ({d}, d_ffn)")
         elif not torch.isfinite(t).all():
             problems.append(f"{key}: contains NaN or Inf")
+        elif half:
+            halves.setdefault((l, kind), {})[half] = t.float()
         else:
-            {"matrix": patch.matrices, "vector": patch.vectors, "down": patch.downs}[kind][l] = t.float()
+            problem = _shape_problem(kind, tuple(t.shape), d)
+            if problem:
+                problems.append(f"{key}: {problem}")
+            else:
+                _store(patch, kind)[l] = t.float()
+    for (l, kind), h in sorted(halves.items()):
+        key = f"layers.{l}.{kind}"
+        if set(h) != {"left", "right"}:
+            problems.append(f"{key}: has .{next(iter(h))} but not .{({'left', 'right'} - set(h)).pop()}")
+        elif h["left"].dim() != 2 or h["right"].dim() != 2 or h["left"].shape[1] != h["right"].shape[0]:
+            problems.append(f"{key}: factors {tuple(h['left'].shape)} and {tuple(h['right'].shape)} do not chain")
+        elif l in _store(patch, kind):
+            problems.append(f"{key}: stored both dense and factored")
+        else:
+            shape = (h["left"].shape[0], h["right"].shape[1])
+            problem = _shape_problem(kind, shape, d)
+            if problem:
+                problems.append(f"{key}: {problem}")
+            else:
+                _store(patch, kind)[l] = LowRank(h["left"], h["right"])
     if problems:
         raise PatchError("; ".join(problems), source=str(path))
     return patch
+
+
+def _store(patch: ThoughtPatch, kind: str) -> dict:
+    return {"matrix": patch.matrices, "vector": patch.vectors, "down": patch.downs}[kind]
+
+
+def _shape_problem(kind: str, shape: tuple, d: int) -> str | None:
+    want = {"matrix": (d, d), "vector": (d,)}.get(kind)
+    if want is not None and shape != want:
+        return f"shape {shape}, expected {want}"
+    if kind == "down" and (len(shape) != 2 or shape[0] != d):
+        return f"shape {shape}, expected ({d}, d_ffn)"
+    return None
 
 
 def check_compatible(patch: ThoughtPatch, model: nn.Module, fam: Family, fingerprint: str | None, *, force: bool, source: str) -> None:
@@ -182,7 +225,7 @@ def combine(patches: list[tuple[ThoughtPatch, float]]) -> ThoughtPatch:
     for p, s in patches:
         for src, dst in ((p.matrices, out.matrices), (p.vectors, out.vectors), (p.downs, out.downs)):
             for l, t in src.items():
-                dst[l] = dst[l] + s * t if l in dst else s * t
+                dst[l] = add(dst[l], s * t) if l in dst else s * t
     return out
 
 
@@ -245,11 +288,11 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
             for path in fam.mlp_in:
                 lin = get_module(layer, path)
                 w = lin.weight.float()
-                lin.weight.copy_((w + w @ a.to(w.device)).to(lin.weight.dtype))
+                lin.weight.copy_((w + _times(w, a)).to(lin.weight.dtype))
         down = get_module(layer, fam.mlp_down)
         if l in patch.downs:
             w = down.weight.float()
-            down.weight.copy_((w + scale * patch.downs[l].to(w.device)).to(down.weight.dtype))
+            down.weight.copy_((w + dense((scale * patch.downs[l]).to(w.device))).to(down.weight.dtype))
         if l in patch.vectors:
             v = scale * patch.vectors[l].to(down.weight.device)
             if kind == "bias":
@@ -258,54 +301,101 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
                 if fold_stats is None or l not in fold_stats:
                     raise PatchError(f"layer {l}: folding a thought vector into weights needs activation statistics")
                 w = down.weight.float()
-                down.weight.copy_((w + fold_matrix(v, fold_stats[l])).to(down.weight.dtype))
+                down.weight.copy_((w + dense(fold_matrix(v, fold_stats[l]).to(w.device))).to(down.weight.dtype))
     return info
 
 
-def fold_matrix(v: torch.Tensor, st: dict) -> torch.Tensor:
+def _times(w: torch.Tensor, a) -> torch.Tensor:
+    """``W A`` (factored: ``(W left) right``, never the d×d A)."""
+    if isinstance(a, LowRank):
+        return (w @ a.left.to(w)) @ a.right.to(w)
+    return w @ a.to(w.device)
+
+
+def fold_matrix(v: torch.Tensor, st: dict) -> LowRank:
     """ΔD with ``ΔD a_t ≈ v`` in what joins the residual: ridge regression of the constant target
-    on the (rms-scaled) down inputs, ``ΔD' = v (Σ ã)ᵀ (Σ ã ãᵀ + λ I)⁻¹``, then the post-norm
-    scale divided out (Gemma).  λ is relative (1e-3 of the mean eigenvalue)."""
-    aa, asum = st["aa"], st["a"]
-    target = torch.outer(v.double().to(aa.device), asum)  # Σ v ãᵀ  [d, f]
-    dprime = ridge_solve(aa, target, 1e-3)
+    on the (rms-scaled) down inputs, ``ΔD' = v (Σ ã)ᵀ (Σ ã ãᵀ + λ I)⁻¹ = v gᵀ`` — rank one, its
+    direction g from ``fold_statistics`` — then the post-norm scale divided out (Gemma)."""
+    left = v.double().reshape(-1, 1).to(st["g"].device)
     scale = st.get("scale")
     if scale is not None:
-        dprime = unscale_rows(dprime, scale)
-    return dprime.float().to(v.device)
+        left = unscale_rows(left, scale.to(left.device))
+    return LowRank(left.float().to(v.device), st["g"].reshape(1, -1).float().to(v.device))
+
+
+def fold_direction(rows: list[torch.Tensor] | None = None, aa: torch.Tensor | None = None,
+                   asum: torch.Tensor | None = None) -> torch.Tensor:
+    """``g = (Σ ã ãᵀ + λ I)⁻¹ Σ ã`` [f], λ = 1e-3 of the mean eigenvalue (``ridge_solve``'s
+    relative ρ over the f dimensions).  From token rows X [T, f] it is the T×T system
+    ``Xᵀ (X Xᵀ + λ I)⁻¹ 1`` (push-through identity); from the sums, the f×f one."""
+    if rows is not None:
+        x = torch.cat(rows)
+        ones = torch.ones(1, x.shape[0], dtype=x.dtype, device=x.device)
+        return (ridge_solve(x @ x.T, ones, 1e-3, overwrite=True, dim=x.shape[1]) @ x)[0]
+    return ridge_solve(aa, asum.reshape(1, -1), 1e-3, overwrite=True)[0]
+
+
+def fold_budget(d: int, f: int) -> int:
+    """Bytes the fold statistics may hold at once: four times one layer's MLP weights in float32."""
+    return 4 * 3 * d * f * 4
 
 
 @torch.no_grad()
-def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batches: list[torch.Tensor]) -> dict:
-    """Per layer Σ ã ãᵀ and Σ ã of the down-projection inputs of the *patched* model (hooks),
-    over the given token batches (right-padded rows are harmless: pads come last)."""
+def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batches: list[torch.Tensor],
+                    budget: int | None = None) -> dict:
+    """Per layer with a thought vector, the direction ``g`` of its least-squares fold (see
+    ``fold_matrix``) over the down-projection inputs ã of the *patched* model (hooks), rms-scaled
+    where a post-norm follows, over the given token batches (right-padded rows are harmless:
+    pads come last).
+
+    Memory stays within ``budget`` (``fold_budget``): while the batches hold at most f/2 tokens
+    each layer keeps its token rows [T, f] (float64), past that its f×f sum; layers are taken in
+    groups that fit, one forward pass over the batches per group — never every layer's f×f
+    statistics at once."""
     from .hooks import ThoughtHooks, capture
 
     layers = decoder_layers(model, fam)
     want = sorted(patch.vectors)
+    if not want:
+        return {}
+    down0 = get_module(layers[0], fam.mlp_down).weight
+    d, f = int(down0.shape[0]), int(down0.shape[1])
+    tokens = sum(int(mask.sum()) for _, mask in id_batches)
+    rows = tokens <= f // 2
+    per_layer = (tokens if rows else f + 1) * f * 8
+    group = max(1, (budget or fold_budget(d, f)) // max(per_layer, 1))
     norms = {l: post_norm(layers[l], fam) for l in want}
     stats: dict[int, dict] = {}
     with ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
-        for ids, mask in id_batches:
-            with contextlib.ExitStack() as stack:
-                caps = {l: stack.enter_context(capture(layers[l], fam)) for l in want}
-                base_model(model, fam)(input_ids=ids, use_cache=False)
-            for l in want:
-                a = caps[l]["a"][mask.to(caps[l]["a"].device)].double().cpu()
-                pn = norms[l]
-                if pn is not None:
-                    m = caps[l]["m"][mask.to(caps[l]["m"].device)].double().cpu()
-                    if l in patch.downs:
-                        # capture() sees W_down a before the patch's D; the norm (in process and in
-                        # the merged checkpoint alike) normalises (W_down + D) a
-                        m = m + a @ patch.downs[l].double().cpu().T
-                    a = rms_scaled(a, m, pn[1])
-                s = stats.setdefault(l, {"aa": 0.0, "a": 0.0, "count": 0})
-                s["aa"] = s["aa"] + a.T @ a
-                s["a"] = s["a"] + a.sum(0)
-                s["count"] += a.shape[0]
-    for l in want:
-        if norms[l] is not None:
-            stats[l]["scale"] = norms[l][0].cpu()
+        for i in range(0, len(want), group):
+            chunk = want[i : i + group]
+            acc: dict[int, dict] = {l: {"rows": []} if rows else {"aa": torch.zeros(f, f, dtype=torch.float64),
+                                                                    "asum": torch.zeros(f, dtype=torch.float64)}
+                                    for l in chunk}
+            for ids, mask in id_batches:
+                with contextlib.ExitStack() as stack:
+                    caps = {l: stack.enter_context(capture(layers[l], fam)) for l in chunk}
+                    base_model(model, fam)(input_ids=ids, use_cache=False)
+                for l in chunk:
+                    a = caps[l]["a"][mask.to(caps[l]["a"].device)].double().cpu()
+                    pn = norms[l]
+                    if pn is not None:
+                        m = caps[l]["m"][mask.to(caps[l]["m"].device)].double().cpu()
+                        if l in patch.downs:
+                            # capture() sees W_down a before the patch's D; the norm (in process and in
+                            # the merged checkpoint alike) normalises (W_down + D) a
+                            m = m + apply(patch.downs[l].double().cpu(), a)
+                        a = rms_scaled(a, m, pn[1])
+                    if rows:
+                        acc[l]["rows"].append(a)
+                    else:
+                        acc[l]["aa"].addmm_(a.T, a)
+                        acc[l]["asum"] += a.sum(0)
+                del caps
+            for l in chunk:
+                st = acc.pop(l)
+                stats[l] = {"g": fold_direction(**st), "count": tokens}
+                if norms[l] is not None:
+                    stats[l]["scale"] = norms[l][0].detach().double().cpu()
     return stats

@@ -23,6 +23,7 @@ from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
 from .evaluate import HeldoutFidelity, Result, evaluate, heldout_fidelity
+from .export import vector_as_bias
 from .families import model_device
 from .models import Loaded, load_model
 from .outputs import atomic_dir, check_target
@@ -246,10 +247,10 @@ def apply(
     trust_remote_code: bool = False,
     family: str | None = None,
     fmt: str = "checkpoint",
-    rank: int = 16,
+    rank: int | None = None,
 ) -> dict:
     """One or several patches (with scales) -> a patched standard checkpoint folder, or a PEFT
-    LoRA adapter (``fmt="peft"``, truncated SVD at ``rank``)."""
+    LoRA adapter (``fmt="peft"``: exact at each module's rank, or truncated to ``rank``)."""
     if fmt not in ("checkpoint", "peft"):
         raise InputError(f"must be checkpoint or peft, got {fmt!r}", field="--format")
     out = Path(out)
@@ -264,7 +265,8 @@ def apply(
     for (p, _s), (path, _) in zip(patches, patch_specs):
         check_compatible(p, loaded.model, loaded.fam, loaded.fingerprint, force=force, source=path)
     patch = combine(patches) if len(patches) > 1 or patches[0][1] != 1.0 else first
-    needs_fold = bool(patch.vectors) and (fmt == "peft" or vector_fold_kind(loaded.model, loaded.fam) != "bias")
+    needs_fold = bool(patch.vectors) and (not vector_as_bias(loaded.fam) if fmt == "peft"
+                                          else vector_fold_kind(loaded.model, loaded.fam) != "bias")
     texts: list[str] = []
     recipes = []
     for (p, _), (path, _) in zip(patches, patch_specs):
@@ -286,7 +288,7 @@ def apply(
     one_recipe = recipes[0] if len(recipes) == 1 else None
     with atomic_dir(out, overwrite) as tmp:
         if fmt == "peft":
-            log(f"exporting a PEFT LoRA adapter at rank {rank}")
+            log("exporting a PEFT LoRA adapter " + (f"at rank {rank}" if rank else "at the patch's exact ranks"))
             info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, spec, provenance=provenance)
             (tmp / "README.md").write_text(adapter_card(
                 info, base=spec, base_kind=loaded.source.kind, fingerprint=loaded.fingerprint,

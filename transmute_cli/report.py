@@ -176,8 +176,13 @@ def show_diff(d: dict) -> None:
         out.print(f"note: {n}")
 
 
+def adapter_rank(a: dict) -> str:
+    """'exact (rank ≤ 83)' or 'rank 8 (truncated)'."""
+    return f"exact ranks (up to {a['max_rank']})" if a["rank"] is None else f"rank {a['rank']}"
+
+
 def show_adapter(a: dict) -> None:
-    t = Table(title=f"PEFT LoRA adapter, rank {a['rank']}: captured energy |ΔW_r|²/|ΔW|²", title_justify="left")
+    t = Table(title=f"PEFT LoRA adapter, {adapter_rank(a)}: captured energy |ΔW_r|²/|ΔW|²", title_justify="left")
     t.add_column("layer", justify="right")
     modules = list(dict.fromkeys(e["module"] for e in a["energy"]))
     for m in modules:
@@ -186,7 +191,7 @@ def show_adapter(a: dict) -> None:
         row = {e["module"]: e["energy"] for e in a["energy"] if e["layer"] == layer}
         t.add_row(str(layer), *[_f(row.get(m)) for m in modules])
     out.print(t)
-    line = (f"wrote {a['path']}: mean energy {_f(a['mean_energy'])}; vs in-process patch top-1 "
+    line = (f"wrote {a['path']}: mean energy {_f(a['mean_energy'])}, vectors as {a['vector']}; vs in-process patch top-1 "
             f"{_f(a['top1_agreement_vs_in_process'])}, KL {_f(a['mean_kl_vs_in_process'], 5)}")
     if "accuracy" in a:
         line += f"; eval accuracy adapter {_f(a['accuracy'])} vs in-process {_f(a['accuracy_in_process'])}"
@@ -250,6 +255,17 @@ def report_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_VECTOR_KIND = {"bias": "`lora_bias` of the down projection (exact)",
+                "least-squares": "folded into the down projection's update by least squares (approximate)",
+                "none": "none"}
+
+
+def _pair_kind(a: dict) -> str:
+    if a["rank"] is None:
+        return "each module at its update's own rank: the exact factors the patch was computed as"
+    return f"rank {a['rank']}, truncated SVD of each update"
+
+
 def adapter_card(a: dict, *, base: str, base_kind: str, fingerprint: str, instruction: str | None,
                  template: str | None, version: str) -> str:
     """README.md of a PEFT adapter folder: what it is, what was measured, how to load its base."""
@@ -262,12 +278,13 @@ def adapter_card(a: dict, *, base: str, base_kind: str, fingerprint: str, instru
         "",
         f"This adapter makes `{base}` answer, without a prompt, as it answers with the prompt below in its "
         f"context. transmute {version} computed the thought patch (layer-wise ridge solves) and wrote each "
-        f"layer's weight update as a rank-{a['rank']} LoRA pair by truncated SVD (`lora_alpha` = r, scale 1).",
+        f"layer's weight update as a LoRA pair ({_pair_kind(a)}; `lora_alpha` = r, scale 1).",
         "",
         "| | |",
         "|---|---|",
         f"| base model | `{base}` (weights fingerprint `{fingerprint}`) |",
-        f"| rank | {a['rank']} on {a['modules']} modules |",
+        f"| rank | {adapter_rank(a)} on {a['modules']} modules |",
+        f"| thought vectors | {_VECTOR_KIND[a['vector']]} |",
         f"| captured energy, ‖ΔW_r‖²/‖ΔW‖² | mean {_f(a['mean_energy'])}, lowest {_f(min(energies, default=1.0))} |",
         f"| against the in-process patch | top-1 agreement {_f(a['top1_agreement_vs_in_process'])}, mean KL "
         f"{_f(a['mean_kl_vs_in_process'], 5)} over {a['positions']} positions of the patch texts |",

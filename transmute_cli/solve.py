@@ -12,49 +12,109 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .lowrank import LowRank, apply
+
 
 @dataclass
 class LayerStats:
-    """Sufficient statistics of one layer's discrepancies over all aligned tokens."""
+    """Sufficient statistics of one layer's discrepancies over all aligned tokens.
+
+    While there are at most ``d/2`` tokens (a recipe of tens of examples: ~10² tokens against
+    d = 640 on Gemma 3 270M) the token rows ``n``, ``dz`` themselves are kept: the solve then runs
+    in token space and returns the thought matrix as exact factors of rank T (``solve_matrix``),
+    and no d×d sum is ever built.  Past that, or before an all_reduce, the rows are folded into
+    the sums (freed as they go), where the dense d×d solve is the smaller one anyway.
+    ``residual`` keeps ``Σ dz dzᵀ`` too (only the sums' fit residual needs it: a d×d product per
+    batch that costs as much as the solve, so it is paid only when asked for).
+    """
 
     d: int
     dtype: torch.dtype = torch.float64
     device: torch.device | str = "cpu"
+    keep_rows: bool = True
+    residual: bool = True
     count: int = 0  # tokens
     weight: float = 0.0  # Σ of the tokens' weights (= count when every weight is 1)
-    nn: torch.Tensor = field(init=False)  # Σ n nᵀ          [d, d]
-    dzn: torch.Tensor = field(init=False)  # Σ dz nᵀ        [d, d]
-    dzdz: torch.Tensor = field(init=False)  # Σ dz dzᵀ      [d, d]  (for the fit residual)
+    rows: list[tuple[torch.Tensor, torch.Tensor, float]] | None = field(init=False)  # (n, dz, weight)
+    nn: torch.Tensor | None = field(init=False, default=None)  # Σ n nᵀ          [d, d]
+    dzn: torch.Tensor | None = field(init=False, default=None)  # Σ dz nᵀ        [d, d]
+    dzdz: torch.Tensor | None = field(init=False, default=None)  # Σ dz dzᵀ      [d, d]  (fit residual)
     delta: torch.Tensor = field(init=False)  # Σ delta      [d]
     delta_sq: torch.Tensor = field(init=False)  # Σ |delta|²  []
 
     def __post_init__(self) -> None:
-        z = lambda *s: torch.zeros(*s, dtype=self.dtype, device=self.device)  # noqa: E731
-        self.nn, self.dzn, self.dzdz = z(self.d, self.d), z(self.d, self.d), z(self.d, self.d)
-        self.delta, self.delta_sq = z(self.d), z(())
+        self.delta = torch.zeros(self.d, dtype=self.dtype, device=self.device)
+        self.delta_sq = torch.zeros((), dtype=self.dtype, device=self.device)
+        self.rows = [] if self.keep_rows else None
+        if not self.keep_rows:
+            self._zero_sums()
+
+    def _zero_sums(self) -> None:
+        z = lambda: torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.nn, self.dzn = z(), z()
+        self.dzdz = z() if self.residual else None
+
+    def _add_sums(self, n: torch.Tensor, dz: torch.Tensor, w: float) -> None:
+        self.nn.addmm_(n.T, n, alpha=w)  # in place: no d×d temporaries
+        self.dzn.addmm_(dz.T, n, alpha=w)
+        if self.dzdz is not None:
+            self.dzdz.addmm_(dz.T, dz, alpha=w)
+
+    def fold(self) -> None:
+        """Turn the kept rows into sums (from here on every token goes into the sums)."""
+        if self.rows is None:
+            return
+        rows, self.rows = self.rows, None
+        self._zero_sums()
+        while rows:
+            n, dz, w = rows.pop(0)  # freed as they are folded
+            self._add_sums(n, dz, w)
+            del n, dz
 
     def add(self, n: torch.Tensor, n_ctx: torch.Tensor, u: torch.Tensor, u_ctx: torch.Tensor, weight: float = 1.0) -> None:
         """Accumulate tokens: ``n``/``u`` non-contextual, ``*_ctx`` contextual, all ``[tokens, d]``,
-        each token counted ``weight`` times in the least-squares sums.
+        each token counted ``weight`` times in the least-squares sums.  Every difference is
+        taken in the statistics' dtype (float64), whatever the model's (bf16 activations).
         Inputs may live on another device than the sums (layers spread by a device map)."""
         f = lambda t: t.to(device=self.device, dtype=self.dtype)  # noqa: E731
         n = f(n)
         dz = f(n_ctx) - n
         delta = f(u_ctx) - f(u)
         w = float(weight)
-        self.nn.addmm_(n.T, n, alpha=w)  # in place: no d×d temporaries
-        self.dzn.addmm_(dz.T, n, alpha=w)
-        self.dzdz.addmm_(dz.T, dz, alpha=w)
         self.delta += w * delta.sum(0)
         self.delta_sq += w * (delta * delta).sum()
+        if self.rows is not None and self.count + n.shape[0] > self.d // 2:
+            self.fold()
+        if self.rows is not None:
+            self.rows.append((n, dz, w))
+        else:
+            self._add_sums(n, dz, w)
         self.count += n.shape[0]
         self.weight += w * n.shape[0]
 
+    def scaled_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept rows scaled by √weight: (N [T, d], dZ [T, d]) with ``Σ w dz nᵀ = dZᵀ N``."""
+        sw = torch.cat([torch.full((r[0].shape[0], 1), math.sqrt(r[2]), dtype=self.dtype, device=self.device)
+                        for r in self.rows])
+        return sw * torch.cat([r[0] for r in self.rows]), sw * torch.cat([r[1] for r in self.rows])
+
+    def solve_matrix(self, rho: float):
+        """The input-space thought matrix ``A`` (``ridge_solve``'s): exact factors
+        ``A = [dZᵀ (N Nᵀ + ρ'I)⁻¹] · N`` of rank T from the kept rows (push-through identity,
+        a T×T system), or dense from the sums."""
+        if self.rows:
+            n, dz = self.scaled_rows()
+            left = ridge_solve(n @ n.T, dz.T, rho, overwrite=True, dim=self.d, rank=self.count)
+            return LowRank(left, n)
+        self.fold()
+        return ridge_solve(self.nn, self.dzn, rho, rank=self.count)
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.nn, self.dzn, self.dzdz, self.delta, self.delta_sq]
+        return [t for t in (self.nn, self.dzn, self.dzdz, self.delta, self.delta_sq) if t is not None]
 
     def all_reduce(self) -> None:
         """Sum the statistics over a torch.distributed process group (sharded data)."""
+        self.fold()
         _all_reduce(self.tensors(), self)
 
 
@@ -114,6 +174,21 @@ def fit_residual(stats: LayerStats, a: torch.Tensor, gram: torch.Tensor) -> tupl
     inner = a @ stats.nn @ a.T - a @ stats.dzn.T - stats.dzn @ a.T + stats.dzdz
     num = torch.sum(g * inner).clamp_min(0).item()
     den = torch.sum(g * stats.dzdz).item()
+    return num, den
+
+
+def fit_residual_rows(stats: LayerStats, a, weights: list[torch.Tensor]) -> tuple[float, float]:
+    """The same two figures from the kept token rows: ``Σ_W |(N Aᵀ − dZ) Wᵀ|²`` and
+    ``Σ_W |dZ Wᵀ|²`` (√weight-scaled rows), T·d·f per projection instead of the sums' d²·f + d³.
+    A figure, not the solve: float32 products."""
+    n, dz = stats.scaled_rows()
+    r = (apply(a.to(n.dtype), n) - dz).float()
+    dz = dz.float()
+    num = den = 0.0
+    for w in weights:
+        w = w.detach().float().to(r.device)
+        num += float((r @ w.T).pow(2).sum())
+        den += float((dz @ w.T).pow(2).sum())
     return num, den
 
 
@@ -204,7 +279,7 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, con
     with the same relative ρ as ``ridge_solve`` (sums and means weighted by the tokens' weights).
     With the token rows kept, the same D comes from the T×T system (push-through identity):
     ``D = Yᵀ (X Xᵀ + ρ' I)⁻¹ X`` for the centred, √w-scaled rows X [T, f] and Y [T, d].
-    Returns (D [d, f], c [d], relative residual).  ``consume``: the f×f sums are centred and
+    Returns (D [d, f], c [d], relative residual); D is a ``LowRank`` (rank T) from the rows.  ``consume``: the f×f sums are centred and
     regularised in place (no f×f copy: 32 MB each on Gemma 3 270M) and ``st`` is spent.
     ``matrix=False``: the intercept alone (D is None), the weighted mean of ``e``.
     """
@@ -255,7 +330,7 @@ def _centred_rank(tokens: int, intercept: bool) -> int:
     return max(1, tokens - 1 if intercept else tokens)
 
 
-def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[LowRank, torch.Tensor, float]:
     a = torch.cat([r[0] for r in st.rows])
     e = torch.cat([r[1] for r in st.rows])
     w = torch.cat([torch.full((r[0].shape[0],), r[2], dtype=a.dtype, device=a.device) for r in st.rows])
@@ -266,10 +341,11 @@ def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[t
         ma, me = torch.zeros(st.f, dtype=a.dtype, device=a.device), torch.zeros(st.d, dtype=a.dtype, device=a.device)
     sw = w.sqrt()[:, None]
     x, y = sw * (a - ma), sw * (e - me)
-    # Yᵀ (X Xᵀ + ρ' I)⁻¹ with ρ' from tr(X Xᵀ) = tr(C_aa): ridge_solve's scale and cut-off
-    dmat = ridge_solve(x @ x.T, y.T, rho, overwrite=True, dim=st.f, rank=_centred_rank(st.count, intercept)) @ x
-    c = me - dmat @ ma
-    r = a @ dmat.T + c - e
+    # Yᵀ (X Xᵀ + ρ' I)⁻¹ X with ρ' from tr(X Xᵀ) = tr(C_aa): ridge_solve's scale and cut-off;
+    # kept as its factors (rank T): the left one solved, the right one the centred rows
+    dmat = LowRank(ridge_solve(x @ x.T, y.T, rho, overwrite=True, dim=st.f, rank=_centred_rank(st.count, intercept)), x)
+    c = me - dmat.left @ (dmat.right @ ma)
+    r = apply(dmat, a) + c - e
     res = float(w @ (r * r).sum(1))
     tot = float(w @ (e * e).sum(1))
     rel = math.sqrt(max(res, 0.0) / tot) if tot > 0 else 0.0
@@ -297,8 +373,11 @@ def rms_scaled(a: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
     return a / torch.sqrt(m.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def unscale_rows(mat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def unscale_rows(mat, scale: torch.Tensor):
     """Divide row i of a solution fitted *after* a post-norm scale by ``scale[i]``; a channel
-    whose scale is ~0 cannot be moved at all, so its row stays 0."""
+    whose scale is ~0 cannot be moved at all, so its row stays 0.  A factored solution has its
+    rows in the left factor."""
+    if isinstance(mat, LowRank):
+        return LowRank(unscale_rows(mat.left, scale), mat.right)
     live = scale.abs() > 1e-3 * scale.abs().max()
     return torch.where(live[:, None], mat / torch.where(live, scale, 1.0)[:, None], 0.0)
