@@ -142,6 +142,7 @@ def load_patch(path: str | Path) -> ThoughtPatch:
     patch = ThoughtPatch(n_layers, d, metadata=meta)
     problems = []
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    bad: set[tuple[int, str]] = set()  # one problem per tensor is enough
     for key, t in tensors.items():
         m = _KEY.match(key)
         if not m or (m.group(3) and m.group(2) == "vector"):
@@ -152,6 +153,7 @@ def load_patch(path: str | Path) -> ThoughtPatch:
             problems.append(f"{key}: layer {l} >= n_layers {n_layers}")
         elif not torch.isfinite(t).all():
             problems.append(f"{key}: contains NaN or Inf")
+            bad.add((l, kind))
         elif half:
             halves.setdefault((l, kind), {})[half] = t.float()
         else:
@@ -162,6 +164,8 @@ def load_patch(path: str | Path) -> ThoughtPatch:
                 _store(patch, kind)[l] = t.float()
     for (l, kind), h in sorted(halves.items()):
         key = f"layers.{l}.{kind}"
+        if (l, kind) in bad:
+            continue
         if set(h) != {"left", "right"}:
             problems.append(f"{key}: has .{next(iter(h))} but not .{({'left', 'right'} - set(h)).pop()}")
         elif h["left"].dim() != 2 or h["right"].dim() != 2 or h["left"].shape[1] != h["right"].shape[0]:
