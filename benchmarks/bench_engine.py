@@ -28,6 +28,7 @@ import torch
 
 from transmute_cli.engine import EngineConfig, compute_patch
 from transmute_cli.families import base_model, family_for
+from transmute_cli.lowrank import dense
 from transmute_cli.datafiles import render
 from transmute_cli.recipe import load_recipe
 from transmute_cli.tokens import encode, micro_batches, pad_id
@@ -108,8 +109,9 @@ def patch_diff(a, b) -> tuple[float, float]:
         if set(da) != set(db):
             return float("inf"), 0.0
         for l in da:
-            diff = max(diff, (da[l] - db[l]).abs().max().item())
-            scale = max(scale, da[l].abs().max().item())
+            ta, tb = dense(da[l]), dense(db[l])  # factored matrices compared as what they are
+            diff = max(diff, (ta - tb).abs().max().item())
+            scale = max(scale, ta.abs().max().item())
     return diff, scale
 
 

@@ -13,11 +13,12 @@ import torch
 
 from . import __version__
 from .datafiles import render
+from .errors import InputError
 from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids
 from .families import model_device
 from .fidelity import compare_logits
 from .hooks import ThoughtHooks
-from .models import Loaded
+from .models import DTYPES, Loaded
 from .patch import ThoughtPatch, fold_statistics, merge, vector_fold_kind
 from .recipe import Recipe
 from .tokens import encode, micro_batches, pad_id, special_prefix, token_ids
@@ -43,10 +44,17 @@ def masked_logits(model, batches) -> list[torch.Tensor]:
 
 
 def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
-                     patched_answers: list[str] | None, *, scale: float = 1.0, provenance: dict | None = None) -> dict:
-    """Merge the patch into the loaded model's weights, save a standard HF folder, undo the merge, and measure how far the merged weights are from the in-process patch:
-    mean KL and top-1 agreement over the patch texts, and greedy-answer agreement on the eval."""
+                     patched_answers: list[str] | None, *, scale: float = 1.0, provenance: dict | None = None,
+                     save_dtype: str = "auto") -> dict:
+    """Merge the patch into the loaded model's weights, save a standard HF folder in ``save_dtype``
+    (``auto``: the model's own, ``models.native_dtype``), undo the merge, and measure how far the
+    checkpoint is from the in-process patch: mean KL and top-1 agreement over the patch texts,
+    and greedy-answer agreement on the eval.  Saved in another dtype than the one in memory, the
+    checkpoint is measured as a user gets it: reloaded from the folder with plain transformers."""
     model, fam = loaded.model, loaded.fam
+    check_save_dtype(save_dtype)
+    dtype = loaded.native_dtype if save_dtype == "auto" else save_dtype
+    in_memory = next(model.parameters()).dtype == DTYPES[dtype]
     batches = token_batches(loaded, texts[:64])
     with ThoughtHooks(model, fam) as hooks:
         hooks.scale = scale
@@ -55,26 +63,64 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
     fold = vector_fold_kind(model, fam)
     stats = fold_statistics(model, fam, patch.scaled(scale), token_batches(loaded, texts)) if patch.vectors and fold != "bias" else None
     info = merge(model, fam, patch, scale, stats)
+    result = {"path": out.name, "dtype": dtype, "vector_fold": info["vector_fold"],
+              "exact": info["vector_fold"] in ("bias", "none")}
     try:
-        got = masked_logits(model, batches)
-        result = {
-            "path": out.name,
-            "vector_fold": info["vector_fold"],
-            "exact": info["vector_fold"] in ("bias", "none"),
-            **compare_runs(ref, got, "in_process"),
-        }
-        if patched_answers is not None and recipe is not None and recipe.eval:
-            answers = _eval_answers(loaded, recipe)
-            result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
-            result["accuracy"] = correct_answers(answers, recipe.eval) / len(answers)
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
+        save_in(model, out, DTYPES[dtype])
         loaded.tokenizer.save_pretrained(out)
         result["generation_stops_at_newline"] = _stop_at_newline(model, loaded.tokenizer, out)
+        if in_memory:  # the merged weights are the saved ones
+            result.update(_measure(loaded, model, batches, ref, recipe, patched_answers))
     finally:
         info["undo"]()  # the loaded model is the base model again
+    if not in_memory:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype]).to(model_device(model)).eval()
+        try:
+            result.update(_measure(loaded, saved, batches, ref, recipe, patched_answers))
+        finally:
+            del saved
     _write_sidecar(out, loaded, patch, recipe, provenance, {"fidelity": {k: v for k, v in result.items() if k != "path"}})
     return result
+
+
+def check_save_dtype(value: str) -> None:
+    """Checked before any work, so a typo does not cost a compute."""
+    if value != "auto" and value not in DTYPES:
+        raise InputError(f"must be auto or one of {', '.join(DTYPES)}, got {value!r}", field="--save-dtype")
+
+
+def _measure(loaded: Loaded, model, batches, ref, recipe: Recipe | None, patched_answers: list[str] | None) -> dict:
+    got = masked_logits(model, batches)
+    result = compare_runs(ref, got, "in_process")
+    if patched_answers is not None and recipe is not None and recipe.eval:
+        answers = _eval_answers(loaded, recipe, model)
+        result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
+        result["accuracy"] = correct_answers(answers, recipe.eval) / len(answers)
+    return result
+
+
+def save_in(model, out: Path, dtype: torch.dtype) -> None:
+    """``save_pretrained`` with every floating-point weight in ``dtype`` and the config saying so,
+    converting one tensor at a time (tied weights stay one tensor); the model is left as it was."""
+    current = next(model.parameters()).dtype
+    if current == dtype:
+        model.save_pretrained(out)
+        return
+    cast: dict[int, torch.Tensor] = {}  # by storage: a tied embedding is converted (and saved) once
+    state = {}
+    for name, t in model.state_dict().items():
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        if key not in cast:
+            cast[key] = t.to(dtype) if t.is_floating_point() else t
+        state[name] = cast[key]
+    model.save_pretrained(out, state_dict=state)
+    # save_pretrained writes the dtype of the parameters in memory into config.json
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _stop_at_newline(model, tokenizer, out: Path) -> bool:

@@ -28,6 +28,8 @@ app = typer.Typer(
 
 DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="where the model runs")
 DtypeOpt = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16", help="dtype the model is loaded in")
+SaveDtypeOpt = typer.Option("auto", "--save-dtype", metavar="auto|float32|bfloat16|float16",
+                            help="dtype of the checkpoint's weights (auto: the model's own, bfloat16 for GGUF models)")
 JsonOpt = typer.Option(False, "--json", help="print the result as one JSON document on stdout")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress on stderr")
 FamilyOpt = typer.Option(None, "--family", help="treat an unlisted architecture like this family (llama, gemma3, ...)")
@@ -107,6 +109,7 @@ def compute(
     quiet: bool = QuietOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="write the patch and report only"),
+    save_dtype: str = SaveDtypeOpt,
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the accuracy report"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto|balanced|sequential, or a JSON file of module -> device ('cpu', 'disk', GPU index): spread a large model (accelerate)"),
     family: Optional[str] = FamilyOpt,
@@ -121,7 +124,7 @@ def compute(
         doc = pipeline.compute(
             r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
             evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
-            trust_remote_code=trust_remote_code, device_map=device_map,
+            trust_remote_code=trust_remote_code, device_map=device_map, save_dtype=save_dtype,
         )
     if doc.get("rank"):  # a non-zero torchrun rank: rank 0 reports and writes
         return
@@ -156,6 +159,7 @@ def apply(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    save_dtype: str = SaveDtypeOpt,
     as_json: bool = JsonOpt,
     quiet: bool = QuietOpt,
     family: Optional[str] = FamilyOpt,
@@ -170,14 +174,15 @@ def apply(
     specs = [(_patch_file(p), s) for p, s in specs]
     with report.ProgressView(quiet=quiet) as view:
         doc = pipeline.apply(specs, output, model=model, force=force, overwrite=overwrite, device=device, dtype=dtype,
-                             log=view.log, family=family, trust_remote_code=trust_remote_code, fmt=fmt, rank=rank)
+                             log=view.log, family=family, trust_remote_code=trust_remote_code, fmt=fmt, rank=rank,
+                             save_dtype=save_dtype)
     if as_json:
         _emit_json(doc)
     elif "adapter" in doc:
         report.show_adapter(doc["adapter"])
     else:
         c = doc["checkpoint"]
-        report.out.print(f"wrote {c['path']}: vectors stored as {c['vector_fold']}; vs in-process top-1 "
+        report.out.print(f"wrote {c['path']} ({c['dtype']}): vectors stored as {c['vector_fold']}; vs in-process top-1 "
                          f"{c['top1_agreement_vs_in_process']:.3f}, KL {c['mean_kl_vs_in_process']:.5f}")
 
 

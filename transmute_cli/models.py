@@ -278,6 +278,22 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def native_dtype(src: ModelSource) -> str:
+    """The dtype the model's own weights come in, which a patched checkpoint keeps: a folder's
+    ``config.json`` ``dtype`` (``torch_dtype`` before transformers 5), float32 when it says
+    nothing.  A GGUF file holds 4–8-bit quantized weights of a model released in bfloat16 (the
+    float32 of our converted copy is only the dequantization's container): bfloat16."""
+    folder = Path(src.path)
+    if (folder / "transmute-source.json").is_file():
+        return "bfloat16"
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
 @dataclass
 class Loaded:
     """A loaded model with what every command needs beside it."""
@@ -285,13 +301,14 @@ class Loaded:
     model: torch.nn.Module
     tokenizer: object
     fam: Family
-    source: ModelSource
+    source: ModelSource | None
     fingerprint: str
     dtype: str
+    native_dtype: str = "float32"  # what a checkpoint is saved in by default (``native_dtype``)
 
 
 def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", family: str | None = None,
                trust_remote_code: bool = False, device_map: str | None = None) -> Loaded:
     model, tok, src = load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     fam = family_for(model, family)
-    return Loaded(model, tok, fam, src, fingerprint(model), dtype)
+    return Loaded(model, tok, fam, src, fingerprint(model), dtype, native_dtype(src))

@@ -257,8 +257,9 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
     layers = decoder_layers(model, fam)
     kind = vector_fold_kind(model, fam)
     info: dict = {"vector_fold": kind if patch.vectors else "none", "layers": patch.layers}
-    # what to put back so the caller can undo the merge (a cached model stays the base model)
-    saved = [(get_module(layers[l], path), get_module(layers[l], path).weight.detach().clone())
+    # what to put back so the caller can undo the merge (a cached model stays the base model);
+    # kept in host memory, so a model on a GPU needs no room there for a second copy of its MLPs
+    saved = [(get_module(layers[l], path), get_module(layers[l], path).weight.detach().to("cpu", copy=True))
              for l in patch.layers for path in (*fam.mlp_in, fam.mlp_down)]
     added_bias = patch.vectors and kind == "bias" and not getattr(model.config, fam.bias_flag)
     biases = [(l, get_module(layers[l], fam.mlp_down).bias.detach().clone()) for l in patch.vectors

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import write_checkpoint, write_peft
+from .checkpoint import check_save_dtype, write_checkpoint, write_peft
 from .datafiles import load_templates, render
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
@@ -114,10 +114,12 @@ def compute(
     trust_remote_code: bool = False,
     family: str | None = None,
     device_map: str | None = None,
+    save_dtype: str = "auto",
 ) -> dict:
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md."""
     out = Path(out) if out is not None else Path("runs") / recipe.name
     check_target(out, overwrite)
+    check_save_dtype(save_dtype)
     rank, distributed, owned = init_distributed(device)
     if distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -183,7 +185,7 @@ def compute(
             patched_answers = next((r.answers for r in results if r.condition == "patched"), None)
             report["checkpoint"] = write_checkpoint(
                 loaded, patch, tmp / "checkpoint", texts, recipe, patched_answers,
-                provenance={"patch_sha256_recipe": recipe.sha256, "scale": 1.0},
+                provenance={"patch_sha256_recipe": recipe.sha256, "scale": 1.0}, save_dtype=save_dtype,
             )
             report["timings"]["checkpoint_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
@@ -248,6 +250,7 @@ def apply(
     family: str | None = None,
     fmt: str = "checkpoint",
     rank: int | None = None,
+    save_dtype: str = "auto",
 ) -> dict:
     """One or several patches (with scales) -> a patched standard checkpoint folder, or a PEFT
     LoRA adapter (``fmt="peft"``: exact at each module's rank, or truncated to ``rank``)."""
@@ -255,6 +258,7 @@ def apply(
         raise InputError(f"must be checkpoint or peft, got {fmt!r}", field="--format")
     out = Path(out)
     check_target(out, overwrite)
+    check_save_dtype(save_dtype)
     patches = [(load_patch(p), s) for p, s in patch_specs]
     first = patches[0][0]
     spec = model or first.metadata.get("base_model")
@@ -295,7 +299,8 @@ def apply(
                 instruction=one_recipe and one_recipe.instruction, template=one_recipe and one_recipe.template,
                 version=__version__))
         else:
-            info = write_checkpoint(loaded, patch, tmp, texts or [" "], one_recipe, None, provenance=provenance)
+            info = write_checkpoint(loaded, patch, tmp, texts or [" "], one_recipe, None, provenance=provenance,
+                                    save_dtype=save_dtype)
     info["path"] = str(out)
     return {"checkpoint" if fmt == "checkpoint" else "adapter": info, "model": model_json(loaded),
             "patches": provenance["patches"]}

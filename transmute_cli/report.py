@@ -151,7 +151,7 @@ def show_compute(report: dict) -> None:
     if c and "skipped" in c:
         out.print(f"checkpoint: not written ({c['skipped']})")
     elif c:
-        line = (f"checkpoint: vectors stored as {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'}); "
+        line = (f"checkpoint ({c.get('dtype', 'float32')}): vectors stored as {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'}); "
                 f"vs in-process: top-1 {_f(c['top1_agreement_vs_in_process'])}, KL {_f(c['mean_kl_vs_in_process'], 5)}")
         if "answer_agreement_vs_in_process" in c:
             line += f", same answers {_f(c['answer_agreement_vs_in_process'])}, accuracy {_f(c['accuracy'])}"
@@ -246,7 +246,8 @@ def report_markdown(r: dict) -> str:
     elif r.get("checkpoint"):
         c = r["checkpoint"]
         lines += ["", "## Saved checkpoint vs in-process patch", "",
-                  f"- thought vectors stored as: {c['vector_fold']} ({'exact' if c['exact'] else 'approximate'})",
+                  f"- weights saved in {c.get('dtype', 'float32')}; thought vectors stored as: {c['vector_fold']} "
+                  f"({'exact' if c['exact'] else 'approximate'})",
                   f"- top-1 agreement {_f(c['top1_agreement_vs_in_process'])}, mean KL {_f(c['mean_kl_vs_in_process'], 5)} "
                   f"over {c['positions']} positions"]
         if "answer_agreement_vs_in_process" in c:
