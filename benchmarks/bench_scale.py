@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def random_llama(shape: str, dtype: torch.dtype, device: str):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02, generator=g)
-    model.model.rotary_emb = LlamaRotaryEmbedding(cfg, device=device)  # its buffers were left empty
+    model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(device)  # its buffers were left empty
     model.tie_weights()
     return model.eval()
 
@@ -136,7 +137,7 @@ def child(args) -> dict:
         res = compute_patch(model, tok, INSTRUCTION, xs, EngineConfig(fidelity=False))
         sync(args.device)
         out["compute_s"] = time.perf_counter() - t1
-        out["patch_tokens"] = res.fidelity.tokens
+        out["patch_tokens"] = res.fidelity.layers[0].tokens
         with tempfile.TemporaryDirectory() as d:
             from transmute_cli.patch import save_patch
 
@@ -147,10 +148,11 @@ def child(args) -> dict:
     elif args.child in ("checkpoint", "peft"):
         from transmute_cli.checkpoint import write_checkpoint, write_peft
         from transmute_cli.families import family_for
-        from transmute_cli.models import Loaded
+        from transmute_cli.models import Loaded, ModelSource
 
         res = compute_patch(model, tok, INSTRUCTION, xs, EngineConfig(fidelity=False))
-        loaded = Loaded(model, tok, family_for(model), None, "random", args.dtype, "bfloat16")
+        src = ModelSource(f"random-llama-{args.shape}", "folder", "")
+        loaded = Loaded(model, tok, family_for(model), src, "random", args.dtype, "bfloat16")
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
@@ -174,7 +176,8 @@ def child(args) -> dict:
 
 @torch.no_grad()
 def decode_speeds(model, tok, patch, device: str, steps: int = 32) -> dict:
-    """Greedy continuation tokens/s of 8 prompts, base vs with the patch's hooks (in process)."""
+    """Greedy continuation tokens/s of 8 prompts, base vs with the patch's hooks (in process),
+    medians of 3 alternated runs."""
     from transmute_cli.families import family_for
     from transmute_cli.hooks import ThoughtHooks
 
@@ -189,11 +192,15 @@ def decode_speeds(model, tok, patch, device: str, steps: int = 32) -> dict:
         return ids.shape[0] * steps / (time.perf_counter() - t0)
 
     run()  # warm-up
-    base = max(run() for _ in range(2))
+    base, patched = [], []
     with ThoughtHooks(model, family_for(model)) as hooks:
-        hooks.set_patch(patch)
-        patched = max(run() for _ in range(2))
-    return {"decode_tokens_per_s_base": base, "decode_tokens_per_s_patched": patched}
+        for _ in range(3):  # alternated, so a drift of the machine's speed hits both alike
+            hooks.enabled = False
+            base.append(run())
+            hooks.set_patch(patch)
+            hooks.enabled = True
+            patched.append(run())
+    return {"decode_tokens_per_s_base": statistics.median(base), "decode_tokens_per_s_patched": statistics.median(patched)}
 
 
 def spawn(args, step: str) -> dict:

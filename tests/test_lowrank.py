@@ -133,3 +133,43 @@ def test_diff_compares_factors_as_the_matrices_they_are():
     rep = diff_patches(patch, as_dense, "factored", "dense")
     assert rep.tensors and all(t.diff_norm == 0.0 and t.cosine == pytest.approx(1.0) for t in rep.tensors)
     assert {t.tensor for t in rep.tensors} == {"matrix", "vector", "down"}
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def test_merge_spills_the_originals_to_disk_and_puts_them_back(tmp_path):
+    """With ``spill`` the weights a merge overwrites go to one file per layer (not to memory), and
+    undo restores them bit for bit."""
+    model, patch = _patch("llama")  # the vector as down_proj's bias: new parameters, removed on undo
+    fam = family_for(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = merge(model, fam, patch, spill=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"layer{l}.safetensors" for l in sorted(patch.layers)]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    info["undo"]()
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], v) for k, v in after.items())
+
+
+def test_fold_direction_rows_sums_and_layer_groups_agree():
+    """The fold direction from token rows (T×T) equals the f×f one, and fold statistics taken in
+    groups of layers under a small memory budget (one forward per group) equal one pass."""
+    from transmute_cli.patch import fold_direction, fold_statistics
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 20, generator=g, dtype=torch.float64)
+    rows = fold_direction(rows=[x[:3], x[3:]])
+    sums = fold_direction(aa=x.T @ x, asum=x.sum(0))
+    assert torch.allclose(rows, sums, rtol=1e-9, atol=1e-12)
+
+    model, patch = _patch("gemma3")
+    fam = family_for(model)
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14], [2, 15, 16, 17, 0, 0]])
+    mask = ids != 0
+    one = fold_statistics(model, fam, patch, [(ids, mask)])
+    f = model.config.intermediate_size
+    grouped = fold_statistics(model, fam, patch, [(ids, mask)], budget=int(mask.sum()) * f * 8)  # one layer a group
+    assert set(one) == set(grouped) == set(patch.vectors)
+    for l in one:
+        assert torch.allclose(one[l]["g"], grouped[l]["g"], rtol=1e-10, atol=1e-12)

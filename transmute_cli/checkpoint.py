@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .evaluate import correct_answers, end_token_ids, generate_answers, newline_
 from .families import model_device
 from .fidelity import compare_logits
 from .hooks import ThoughtHooks
-from .models import DTYPES, Loaded
+from .models import DTYPES, Loaded, cache_dir
 from .patch import ThoughtPatch, fold_statistics, merge, vector_fold_kind
 from .recipe import Recipe
 from .tokens import encode, micro_batches, pad_id, special_prefix, token_ids
@@ -62,7 +63,9 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         ref = masked_logits(model, batches)
     fold = vector_fold_kind(model, fam)
     stats = fold_statistics(model, fam, patch.scaled(scale), token_batches(loaded, texts)) if patch.vectors and fold != "bias" else None
-    info = merge(model, fam, patch, scale, stats)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    spill = tempfile.TemporaryDirectory(prefix="undo-", dir=cache_dir())
+    info = merge(model, fam, patch, scale, stats, spill=Path(spill.name))  # originals on disk: one layer in memory
     result = {"path": out.name, "dtype": dtype, "vector_fold": info["vector_fold"],
               "exact": info["vector_fold"] in ("bias", "none")}
     try:
@@ -74,6 +77,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
             result.update(_measure(loaded, model, batches, ref, recipe, patched_answers))
     finally:
         info["undo"]()  # the loaded model is the base model again
+        spill.cleanup()
     if not in_memory:
         from transformers import AutoModelForCausalLM
 

@@ -111,6 +111,8 @@ def compute(
     no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="write the patch and report only"),
     save_dtype: str = SaveDtypeOpt,
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the accuracy report"),
+    diagnostics: bool = typer.Option(False, "--diagnostics", help="per-layer matrix fit residual even past d/2 "
+                                     "tokens, where it costs more than the solve (d²·f + d³ per layer)"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto|balanced|sequential, or a JSON file of module -> device ('cpu', 'disk', GPU index): spread a large model (accelerate)"),
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
@@ -125,6 +127,7 @@ def compute(
             r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
             evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
             trust_remote_code=trust_remote_code, device_map=device_map, save_dtype=save_dtype,
+            diagnostics=diagnostics,
         )
     if doc.get("rank"):  # a non-zero torchrun rank: rank 0 reports and writes
         return

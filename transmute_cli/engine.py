@@ -12,8 +12,9 @@ Both passes are propagated **incrementally**: the hidden states entering layer l
 each layer is run once per pass (plus one rerun of the non-contextual layer after its patch
 changed), never the whole model per layer.  The instruction is a shared prefix, so its hidden
 states are kept once per layer, not once per example; per example we keep only the states at
-the positions of x, so memory is O(L·d²) for the statistics plus O(examples·|x|·d) for the
-current layer — no list of all activations.
+the positions of x, so memory is one layer's statistics (the token rows while they are fewer
+than d/2, else d×d sums; f×f or T×f for the joint solve) plus O(examples·|x|·d) states, plus
+the patch itself (factored: O(L·T·(d + f))) — no list of all activations.
 
 No printing: progress goes through a callback.  The CLI and reports live elsewhere.
 """

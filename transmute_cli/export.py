@@ -18,6 +18,7 @@ checkpoint.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -70,18 +71,18 @@ def vector_as_bias(fam: Family) -> bool:
 
 @torch.no_grad()
 def deltas(model: nn.Module, fam: Family, patch: ThoughtPatch, fold_stats: dict | None,
-           bias: bool = False) -> dict[str, torch.Tensor | LowRank]:
-    """Weight updates per module name (relative to the CausalLM root), factored where the patch
-    is: ``W A = (W left) right``.  ``bias``: the vectors are left out (they become LoRA biases)."""
+           bias: bool = False) -> Iterator[tuple[str, torch.Tensor | LowRank]]:
+    """Weight updates per module name (relative to the CausalLM root), one at a time (a dense
+    update is as big as its weight), factored where the patch is: ``W A = (W left) right``.
+    ``bias``: the vectors are left out (they become LoRA biases)."""
     layers = decoder_layers(model, fam)
-    out: dict = {}
     for l in patch.layers:
         layer = layers[l]
         if l in patch.matrices:
             a = patch.matrices[l]
             for path in fam.mlp_in:
                 w = get_module(layer, path).weight.detach().float()
-                out[f"{fam.layers}.{l}.{path}"] = a.premul(w) if isinstance(a, LowRank) else w @ a.to(w.device)
+                yield f"{fam.layers}.{l}.{path}", (a.premul(w) if isinstance(a, LowRank) else w @ a.to(w.device))
         down = patch.downs[l] if l in patch.downs else None
         if l in patch.vectors and not bias:
             if fold_stats is None or l not in fold_stats:
@@ -89,11 +90,10 @@ def deltas(model: nn.Module, fam: Family, patch: ThoughtPatch, fold_stats: dict 
             fold = fold_matrix(patch.vectors[l], fold_stats[l])
             down = fold if down is None else add(down, fold.to(down.device))
         if down is not None:
-            out[f"{fam.layers}.{l}.{fam.mlp_down}"] = down
+            yield f"{fam.layers}.{l}.{fam.mlp_down}", down
         elif l in patch.vectors:  # a vector alone, as a bias: the module needs a (zero) pair
             lin = get_module(layer, fam.mlp_down)
-            out[f"{fam.layers}.{l}.{fam.mlp_down}"] = LowRank(torch.zeros(lin.out_features, 1), torch.zeros(1, lin.in_features))
-    return out
+            yield f"{fam.layers}.{l}.{fam.mlp_down}", LowRank(torch.zeros(lin.out_features, 1), torch.zeros(1, lin.in_features))
 
 
 @torch.no_grad()
@@ -108,13 +108,13 @@ def export_peft(model: nn.Module, fam: Family, patch: ThoughtPatch, rank: int | 
     if rank is not None and rank < 1:
         raise InputError(f"must be >= 1, got {rank}", field="--rank")
     bias = bool(patch.vectors) and vector_as_bias(fam)
-    ups = deltas(model, fam, patch, fold_stats, bias=bias)
-    pairs = {name: lora_pair(delta, rank) for name, delta in ups.items()}
+    # each update turned into its pair before the next is built: never every ΔW at once
+    pairs = {name: lora_pair(delta, rank) for name, delta in deltas(model, fam, patch, fold_stats, bias=bias)}
     ranks = {name: int(a.shape[0]) for name, (a, _b, _e) in pairs.items()}
     top = max(ranks.values(), default=1)
     # one r for all would pad most modules with zeros: each module gets its own (alpha = r: scale 1)
     config = LoraConfig(r=top, lora_alpha=top, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        target_modules=sorted(ups), rank_pattern=dict(ranks), alpha_pattern=dict(ranks),
+                        target_modules=sorted(pairs), rank_pattern=dict(ranks), alpha_pattern=dict(ranks),
                         lora_bias=bias)
     with warnings.catch_warnings():
         # with lora_bias peft warns that merge_and_unload() is impossible on a layer without a bias
@@ -149,5 +149,5 @@ def export_peft(model: nn.Module, fam: Family, patch: ThoughtPatch, rank: int | 
     return {"rank": rank, "max_rank": top, "vector": vector,
             # a dense update's exact pair drops directions under 1e-7·s_max: < 1e-12 of its energy
             "exact": vector != "least-squares" and all(x["energy"] >= 1.0 - 1e-12 for x in energy),
-            "modules": len(ups), "energy": energy,
+            "modules": len(pairs), "energy": energy,
             "mean_energy": sum(x["energy"] for x in energy) / max(len(energy), 1)}

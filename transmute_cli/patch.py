@@ -242,13 +242,16 @@ def vector_fold_kind(model: nn.Module, fam: Family) -> str:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0, fold_stats: dict | None = None) -> dict:
+def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0, fold_stats: dict | None = None,
+          spill: Path | None = None) -> dict:
     """Fold the patch into the model's weights in place so a plain checkpoint carries it.
 
     Matrices are exact (``W + W A``, ``W_down + D``).  Vectors: exact as ``down_proj.bias`` where
     the family has a config bias switch; otherwise folded into ``W_down`` by least squares over
     the activations in ``fold_stats`` (see ``fold_statistics``) — an approximation whose cost
-    the caller measures.
+    the caller measures.  ``info["undo"]()`` puts the original weights back: kept in host memory,
+    or with ``spill`` (a folder) written there one layer at a time before the layer changes, so
+    the merge holds at most one layer's weights beside the model.
     """
     patch.check_finite()
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -257,17 +260,14 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
     layers = decoder_layers(model, fam)
     kind = vector_fold_kind(model, fam)
     info: dict = {"vector_fold": kind if patch.vectors else "none", "layers": patch.layers}
-    # what to put back so the caller can undo the merge (a cached model stays the base model);
-    # kept in host memory, so a model on a GPU needs no room there for a second copy of its MLPs
-    saved = [(get_module(layers[l], path), get_module(layers[l], path).weight.detach().to("cpu", copy=True))
-             for l in patch.layers for path in (*fam.mlp_in, fam.mlp_down)]
+    # what to put back so the caller can undo the merge (a cached model stays the base model)
+    saved = _Originals(spill)
     added_bias = patch.vectors and kind == "bias" and not getattr(model.config, fam.bias_flag)
     biases = [(l, get_module(layers[l], fam.mlp_down).bias.detach().clone()) for l in patch.vectors
               if get_module(layers[l], fam.mlp_down).bias is not None]
 
     def undo() -> None:
-        for lin, w in saved:
-            lin.weight.data.copy_(w)
+        saved.restore()
         if added_bias:
             setattr(model.config, fam.bias_flag, False)
             for layer in layers:
@@ -288,6 +288,7 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
                     lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
     for l in patch.layers:
         layer = layers[l]
+        saved.keep(l, [(path, get_module(layer, path)) for path in (*fam.mlp_in, fam.mlp_down)])
         if l in patch.matrices:
             a = scale * patch.matrices[l]
             for path in fam.mlp_in:
@@ -308,6 +309,35 @@ def merge(model: nn.Module, fam: Family, patch: ThoughtPatch, scale: float = 1.0
                 w = down.weight.float()
                 down.weight.copy_((w + dense(fold_matrix(v, fold_stats[l]).to(w.device))).to(down.weight.dtype))
     return info
+
+
+class _Originals:
+    """The MLP weights a merge overwrites: copies in host memory (a model on a GPU needs no room
+    there for a second copy of its MLPs), or one safetensors file per layer in ``spill``."""
+
+    def __init__(self, spill: Path | None):
+        self.spill = spill
+        self.kept: list[tuple[nn.Module, torch.Tensor | None, Path | None, str]] = []
+
+    def keep(self, l: int, modules: list[tuple[str, nn.Module]]) -> None:
+        if self.spill is None:
+            self.kept += [(lin, lin.weight.detach().to("cpu", copy=True), None, name) for name, lin in modules]
+            return
+        from safetensors.torch import save_file
+
+        file = Path(self.spill) / f"layer{l}.safetensors"
+        save_file({name: lin.weight.detach().cpu().contiguous() for name, lin in modules}, str(file))
+        self.kept += [(lin, None, file, name) for name, lin in modules]
+
+    def restore(self) -> None:
+        from safetensors import safe_open
+
+        for lin, w, file, name in self.kept:
+            if w is None:
+                with safe_open(str(file), framework="pt") as f:
+                    w = f.get_tensor(name)
+            lin.weight.data.copy_(w)
+            del w
 
 
 def _times(w: torch.Tensor, a) -> torch.Tensor:

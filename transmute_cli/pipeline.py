@@ -115,8 +115,11 @@ def compute(
     family: str | None = None,
     device_map: str | None = None,
     save_dtype: str = "auto",
+    diagnostics: bool = False,
 ) -> dict:
-    """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md."""
+    """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md.
+    ``diagnostics``: the per-layer matrix fit residual also where it costs more than the solve
+    (d×d sums, past d/2 tokens); where the token rows are kept it is always there."""
     out = Path(out) if out is not None else Path("runs") / recipe.name
     check_target(out, overwrite)
     check_save_dtype(save_dtype)
@@ -135,7 +138,7 @@ def compute(
     done = False
     try:
         res = compute_patch(loaded.model, loaded.tokenizer, recipe.instruction, texts,
-                            engine_config(recipe, distributed=distributed), progress=progress, family=family,
+                            engine_config(recipe, distributed=distributed, diagnostics=diagnostics or None), progress=progress, family=family,
                             preserve=recipe.preserve)
         done = True
     except InputError as e:

@@ -143,7 +143,8 @@ def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool
     rank-one patch ``dz nᵀ / |n|²``.
 
     Only the lower triangle of ``nn`` is read (Cholesky and eigh both use it).  ``overwrite``
-    lets the solve add the ridge to ``nn`` in place instead of copying it (f×f on the joint path).
+    lets the solve add the ridge to ``nn`` and factor it in place instead of copying it (f×f on
+    the joint path): ``nn`` is then spent.
     ``dim`` is the dimension the mean eigenvalue and the pseudo-inverse cut-off refer to, when
     ``nn`` is the token-space Gram ``X Xᵀ`` of an f-dimensional problem (same nonzero spectrum).
     """
@@ -154,7 +155,8 @@ def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool
     if rho > 0:
         reg = nn if overwrite else nn.clone()
         reg.diagonal().add_(rho * scale)
-        chol = torch.linalg.cholesky(reg)
+        # overwritten by its own factor: no second f×f matrix (3.3 GB in float64 at f = 14336)
+        chol = torch.linalg.cholesky(reg, out=reg)
         # A reg = dzn  <=>  reg A^T = dzn^T   (reg symmetric)
         return torch.cholesky_solve(dzn.T, chol).T
     evals, evecs = torch.linalg.eigh(nn)
@@ -296,12 +298,13 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, con
     caa = (st.aa if consume else st.aa.clone()).addr_(ma, ma, alpha=-n)
     cea = (st.ea if consume else st.ea.clone()).addr_(me, ma, alpha=-n)
     cee = st.ee - n * (me @ me)
-    # the residual Σ_t w|D a_t + c − e_t|² = Σ_t w|D ã_t − ẽ_t|² (centred) = tr(D C_aa Dᵀ) − 2⟨D, C_ea⟩ + C_ee;
-    # the solve adds its ridge λI to C_aa in place, so λ|D|² comes off again
+    # the residual Σ_t w|D a_t + c − e_t|² = Σ_t w|D ã_t − ẽ_t|² (centred) = tr(D C_aa Dᵀ) − 2⟨D, C_ea⟩ + C_ee,
+    # and the solve's own equation D (C_aa + λI) = C_ea turns tr(D C_aa Dᵀ) into ⟨D, C_ea⟩ − λ|D|²: no
+    # product with C_aa, which the solve overwrites with its Cholesky factor
     rank = _centred_rank(st.count, intercept)
     lam = rho * float(torch.trace(caa)) / max(1, min(caa.shape[0], rank)) if rho > 0 else 0.0
     dmat = ridge_solve(caa, cea, rho, overwrite=True, rank=rank)
-    res = torch.sum((dmat @ caa) * dmat) - lam * torch.sum(dmat * dmat) - 2 * torch.sum(dmat * cea) + cee
+    res = cee - torch.sum(dmat * cea) - lam * torch.sum(dmat * dmat)
     c = me - dmat @ ma
     rel = math.sqrt(max(float(res), 0.0) / float(st.ee)) if st.ee > 0 else 0.0
     if consume:
