@@ -29,3 +29,14 @@ def tiny_model_dir(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is ~10x faster than contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,12 +31,7 @@ TEXTS = [f"{w} -> {w[::-1]}\n" for w in WORDS]
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def invoke(*args):

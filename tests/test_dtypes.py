@@ -23,12 +23,7 @@ WORDS = ["dog", "cat", "sun", "pen", "map", "cup"]
 TEXTS = [f"{w} -> {w[::-1]}\n" for w in WORDS]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _rel(a, b) -> float:

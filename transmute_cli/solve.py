@@ -15,8 +15,39 @@ import torch
 from .lowrank import LowRank, apply
 
 
+class _RowsThenSums:
+    """Token rows kept while there are at most ``limit`` of them (the solve then runs in token
+    space), folded into sums past that or before an all_reduce (rows freed as they go, so rows
+    and sums are never both whole).  Subclasses define ``_zero_sums`` and ``_add_sums``."""
+
+    rows: list | None
+    count: int
+    weight: float
+
+    def _keep(self, x: torch.Tensor, y: torch.Tensor, w: float, limit: int) -> None:
+        if self.rows is not None and self.count + x.shape[0] > limit:
+            self.fold()
+        if self.rows is not None:
+            self.rows.append((x, y, w))
+        else:
+            self._add_sums(x, y, w)
+        self.count += x.shape[0]
+        self.weight += w * x.shape[0]
+
+    def fold(self) -> None:
+        """Turn the kept rows into sums (from here on every token goes into the sums)."""
+        if self.rows is None:
+            return
+        rows, self.rows = self.rows, None
+        self._zero_sums()
+        while rows:
+            x, y, w = rows.pop(0)
+            self._add_sums(x, y, w)
+            del x, y
+
+
 @dataclass
-class LayerStats:
+class LayerStats(_RowsThenSums):
     """Sufficient statistics of one layer's discrepancies over all aligned tokens.
 
     While there are at most ``d/2`` tokens (a recipe of tens of examples: ~10² tokens against
@@ -60,17 +91,6 @@ class LayerStats:
         if self.dzdz is not None:
             self.dzdz.addmm_(dz.T, dz, alpha=w)
 
-    def fold(self) -> None:
-        """Turn the kept rows into sums (from here on every token goes into the sums)."""
-        if self.rows is None:
-            return
-        rows, self.rows = self.rows, None
-        self._zero_sums()
-        while rows:
-            n, dz, w = rows.pop(0)  # freed as they are folded
-            self._add_sums(n, dz, w)
-            del n, dz
-
     def add(self, n: torch.Tensor, n_ctx: torch.Tensor, u: torch.Tensor, u_ctx: torch.Tensor, weight: float = 1.0) -> None:
         """Accumulate tokens: ``n``/``u`` non-contextual, ``*_ctx`` contextual, all ``[tokens, d]``,
         each token counted ``weight`` times in the least-squares sums.  Every difference is
@@ -83,14 +103,7 @@ class LayerStats:
         w = float(weight)
         self.delta += w * delta.sum(0)
         self.delta_sq += w * (delta * delta).sum()
-        if self.rows is not None and self.count + n.shape[0] > self.d // 2:
-            self.fold()
-        if self.rows is not None:
-            self.rows.append((n, dz, w))
-        else:
-            self._add_sums(n, dz, w)
-        self.count += n.shape[0]
-        self.weight += w * n.shape[0]
+        self._keep(n, dz, w, self.d // 2)
 
     def scaled_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept rows scaled by √weight: (N [T, d], dZ [T, d]) with ``Σ w dz nᵀ = dZᵀ N``."""
@@ -202,7 +215,7 @@ def mean_vector(stats: LayerStats) -> torch.Tensor:
 
 
 @dataclass
-class DownStats:
+class DownStats(_RowsThenSums):
     """Statistics for the joint solve of a down-projection thought matrix and the thought vector.
 
     Per token: ``a`` [f] the (scaled) input of the down projection, ``e`` [d] the gap between the
@@ -245,28 +258,9 @@ class DownStats:
         self.e += w * e.sum(0)
         self.ee += w * (e * e).sum()
 
-    def fold(self) -> None:
-        """Turn the kept rows into sums (from here on every token goes into the sums)."""
-        if self.rows is None:
-            return
-        rows, self.rows = self.rows, None
-        self._zero_sums()
-        while rows:
-            a, e, w = rows.pop(0)  # freed as they are folded: sums and rows never both whole
-            self._add_sums(a, e, w)
-            del a, e
-
     def add(self, a: torch.Tensor, e: torch.Tensor, weight: float = 1.0) -> None:
         a, e = a.to(self.device, self.dtype), e.to(self.device, self.dtype)
-        w = float(weight)
-        if self.rows is not None and self.count + a.shape[0] > self.f // 2:
-            self.fold()
-        if self.rows is not None:
-            self.rows.append((a, e, w))
-        else:
-            self._add_sums(a, e, w)
-        self.count += a.shape[0]
-        self.weight += w * a.shape[0]
+        self._keep(a, e, float(weight), self.f // 2)
 
     def all_reduce(self) -> None:
         self.fold()
