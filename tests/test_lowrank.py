@@ -186,3 +186,18 @@ def test_batches_accumulate_factors_side_by_side():
     for l, m in inc.matrices.items():
         assert isinstance(m, LowRank) and m.rank == 12
         assert torch.allclose(dense(m), dense(nai.matrices[l]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("texts", [["ab\n"], ["dog -> god\n"] * 4], ids=["token rows", "d×d sums"])
+def test_non_finite_activations_are_one_clear_error(texts):
+    """A model that produces NaN (here: an Inf weight in layer 0's MLP) stops the solve with an
+    EngineError naming the layer, whether the statistics are token rows or sums."""
+    from transmute_cli.errors import EngineError
+    from transmute_cli.families import decoder_layers, get_module
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    fam = family_for(model)
+    with torch.no_grad():
+        get_module(decoder_layers(model, fam)[0], fam.mlp_down).weight[0, 0] = float("inf")
+    with pytest.raises(EngineError, match=r"non-finite activations at layer \d+: the model produced NaN or Inf"):
+        compute_patch(model, tok, "Swap:\nxy -> yx\n", texts, EngineConfig(fidelity=False))

@@ -37,7 +37,7 @@ from .families import (
 )
 from .fidelity import Fidelity, LayerFidelity, end_to_end
 from .hooks import ThoughtHooks, capture, record_layer_inputs
-from .lowrank import add, compact, is_finite
+from .lowrank import add, compact
 from .patch import ThoughtPatch
 from .solve import (
     DownStats, LayerStats, fit_residual, fit_residual_rows, mean_vector, ridge_intercept_solve, rms_scaled,
@@ -293,9 +293,9 @@ class _Loop:
 
     def _solve(self, l: int, stats: LayerStats, mbs, ctx_out, hooks: ThoughtHooks) -> None:
         cfg = self.cfg
-        a = stats.solve_matrix(cfg.rho) if "matrix" in cfg.components else None
-        if a is not None and not is_finite(a):
+        if not stats.finite():
             raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
+        a = stats.solve_matrix(cfg.rho) if "matrix" in cfg.components else None
         if a is not None and stats.rows is not None and cfg.diagnostics is not False:  # rows kept: cheap
             num, den = fit_residual_rows(stats, a, [weight_of(get_module(self.layers[l], p)) for p in self.fam.mlp_in])
         elif a is not None and stats.dzdz is not None:

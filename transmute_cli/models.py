@@ -301,7 +301,7 @@ class Loaded:
     model: torch.nn.Module
     tokenizer: object
     fam: Family
-    source: ModelSource | None
+    source: ModelSource
     fingerprint: str
     dtype: str
     native_dtype: str = "float32"  # what a checkpoint is saved in by default (``native_dtype``)

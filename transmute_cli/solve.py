@@ -105,6 +105,11 @@ class LayerStats(_RowsThenSums):
         self.delta_sq += w * (delta * delta).sum()
         self._keep(n, dz, w, self.d // 2)
 
+    def finite(self) -> bool:
+        """No NaN or Inf among the tokens taken in (rows or sums)."""
+        kept = [t for r in self.rows for t in r[:2]] if self.rows is not None else [self.nn, self.dzn]
+        return all(bool(torch.isfinite(t).all()) for t in kept)
+
     def scaled_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept rows scaled by √weight: (N [T, d], dZ [T, d]) with ``Σ w dz nᵀ = dZᵀ N``."""
         sw = torch.cat([torch.full((r[0].shape[0], 1), math.sqrt(r[2]), dtype=self.dtype, device=self.device)
