@@ -7,6 +7,7 @@ Three conditions per template: ``base`` (no prompt), ``prompt`` (the instruction
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -231,14 +232,12 @@ def evaluate(
             prompts, prefix = [pre + q for q in queries], ()
             if cond == "prompt":
                 prompts, prefix = queries, pre + (instr if rewritten is None else token_ids(tokenizer, rewritten))
-            if cond == "patched":
-                if patch is None:
-                    raise ValueError("the patched condition needs a patch")
-                with ThoughtHooks(model, fam) as hooks:
+            if cond == "patched" and patch is None:
+                raise ValueError("the patched condition needs a patch")
+            with ThoughtHooks(model, fam) if cond == "patched" else contextlib.nullcontext() as hooks:
+                if hooks is not None:
                     hooks.scale = scale
                     hooks.set_patch(patch)
-                    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []))
-            else:
                 answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []), prefix=prefix)
             correct = correct_answers(answers, pairs)
             results.append(Result(template, cond, correct, len(pairs), answers, got,
