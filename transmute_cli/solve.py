@@ -1,8 +1,10 @@
 """Pure tensor maths of the method: streaming statistics and the ridge solve.
 
-No hooks, no models.  Shapes: ``n``/``dz``/``delta`` are ``[tokens, d]``; statistics are
-``[d, d]`` (``nn``, ``dzn``, ``dzdz``) or ``[d]`` sums, so memory is independent of the
-number of examples and the sums add across batches and processes (all_reduce).
+No hooks, no models.  Shapes: ``n``/``dz``/``delta`` are ``[tokens, d]``.  A layer's statistics
+are its token rows while they are few (the solve then runs in token space and its matrices come
+out as exact low-rank factors), else ``[d, d]`` (``nn``, ``dzn``, ``dzdz``) and ``[d]`` sums,
+whose memory is independent of the number of examples and which add across batches and
+processes (all_reduce).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ class _RowsThenSums:
             self._add_sums(x, y, w)
         self.count += x.shape[0]
         self.weight += w * x.shape[0]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept rows as one batch: (x [T, ·], y [T, ·], each token's weight [T])."""
+        x = torch.cat([r[0] for r in self.rows])
+        w = torch.cat([torch.full((r[0].shape[0],), r[2], dtype=x.dtype, device=x.device) for r in self.rows])
+        return x, torch.cat([r[1] for r in self.rows]), w
 
     def fold(self) -> None:
         """Turn the kept rows into sums (from here on every token goes into the sums)."""
@@ -112,9 +120,9 @@ class LayerStats(_RowsThenSums):
 
     def scaled_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept rows scaled by √weight: (N [T, d], dZ [T, d]) with ``Σ w dz nᵀ = dZᵀ N``."""
-        sw = torch.cat([torch.full((r[0].shape[0], 1), math.sqrt(r[2]), dtype=self.dtype, device=self.device)
-                        for r in self.rows])
-        return sw * torch.cat([r[0] for r in self.rows]), sw * torch.cat([r[1] for r in self.rows])
+        n, dz, w = self.stacked()
+        sw = w.sqrt()[:, None]
+        return sw * n, sw * dz
 
     def solve_matrix(self, rho: float):
         """The input-space thought matrix ``A`` (``ridge_solve``'s): exact factors
@@ -333,9 +341,7 @@ def _centred_rank(tokens: int, intercept: bool) -> int:
 
 
 def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[LowRank, torch.Tensor, float]:
-    a = torch.cat([r[0] for r in st.rows])
-    e = torch.cat([r[1] for r in st.rows])
-    w = torch.cat([torch.full((r[0].shape[0],), r[2], dtype=a.dtype, device=a.device) for r in st.rows])
+    a, e, w = st.stacked()
     n = float(w.sum()) if float(w.sum()) > 0 else 1.0
     if intercept:
         ma, me = (w @ a) / n, (w @ e) / n
