@@ -40,9 +40,6 @@ class LowRank:
     def device(self) -> torch.device:
         return self.left.device
 
-    def dim(self) -> int:
-        return 2
-
     def stored(self) -> int:
         """Numbers kept (against ``out·in`` dense)."""
         return self.left.numel() + self.right.numel()
@@ -62,16 +59,10 @@ class LowRank:
     def cpu(self) -> "LowRank":
         return self.to("cpu")
 
-    def detach(self) -> "LowRank":
-        return LowRank(self.left.detach(), self.right.detach())
-
     def __mul__(self, s) -> "LowRank":
         return LowRank(s * self.left, self.right)
 
     __rmul__ = __mul__
-
-    def __neg__(self) -> "LowRank":
-        return LowRank(-self.left, self.right)
 
     def premul(self, w: torch.Tensor) -> "LowRank":
         """``w @ M`` (``W A`` for an MLP input projection W), still factored."""
@@ -87,9 +78,6 @@ class LowRank:
 
     def __repr__(self) -> str:
         return f"LowRank(shape={tuple(self.shape)}, rank={self.rank}, dtype={self.dtype})"
-
-
-Matrix = "torch.Tensor | LowRank"
 
 
 def dense(m) -> torch.Tensor:
