@@ -400,6 +400,7 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
     per_layer = (tokens if rows else f + 1) * f * 8
     group = max(1, (budget or fold_budget(d, f)) // max(per_layer, 1))
     norms = {l: post_norm(layers[l], fam) for l in want}
+    downs = {l: patch.downs[l].double().cpu() for l in want if l in patch.downs}  # once, not per batch
     stats: dict[int, dict] = {}
     with ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
@@ -417,10 +418,10 @@ def fold_statistics(model: nn.Module, fam: Family, patch: ThoughtPatch, id_batch
                     pn = norms[l]
                     if pn is not None:
                         m = caps[l]["m"][mask.to(caps[l]["m"].device)].double().cpu()
-                        if l in patch.downs:
+                        if l in downs:
                             # capture() sees W_down a before the patch's D; the norm (in process and in
                             # the merged checkpoint alike) normalises (W_down + D) a
-                            m = m + apply(patch.downs[l].double().cpu(), a)
+                            m = m + apply(downs[l], a)
                         a = rms_scaled(a, m, pn[1])
                     if rows:
                         acc[l]["rows"].append(a)
