@@ -45,7 +45,7 @@ from transmute_cli import checkpoint, models, pipeline
 from transmute_cli.engine import compute_patch
 from transmute_cli.evaluate import correct_answers, evaluate, generate_answers
 from transmute_cli.families import family_for
-from transmute_cli.patch import fold_statistics, merge, vector_fold_kind
+from transmute_cli.patch import merge, vector_fold_kind
 from transmute_cli.datafiles import render
 from transmute_cli.recipe import load_recipe, parse_recipe
 from transmute_cli.tokens import left_pad, pad_id, special_prefix, token_ids
@@ -179,8 +179,7 @@ def throughput_section(model, tok, recipe, patch) -> dict:
     loaded = pipeline.Loaded(model, tok, fam, None, "", "float32")
     texts = pipeline.patch_texts(recipe)
     log("fold statistics for the merged patch")
-    stats = (fold_statistics(model, fam, patch, checkpoint.token_batches(loaded, texts))
-             if patch.vectors and vector_fold_kind(model, fam) != "bias" else None)
+    stats = checkpoint.vector_fold_stats(loaded, patch, texts)
     out: dict = {"gen_tokens": GEN_TOKENS, "batch": len(queries), "repeats": REPEATS,
                  "vector_fold": vector_fold_kind(model, fam) if patch.vectors else "none"}
     times: dict[str, list[float]] = {"merged": [], "prompt": [], "base": []}

@@ -16,6 +16,7 @@ from . import __version__
 from .datafiles import render
 from .errors import InputError
 from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids
+from .export import vector_as_bias
 from .families import model_device
 from .fidelity import compare_logits
 from .hooks import ThoughtHooks
@@ -61,8 +62,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         hooks.scale = scale
         hooks.set_patch(patch)
         ref = masked_logits(model, batches)
-    fold = vector_fold_kind(model, fam)
-    stats = fold_statistics(model, fam, patch.scaled(scale), token_batches(loaded, texts)) if patch.vectors and fold != "bias" else None
+    stats = vector_fold_stats(loaded, patch.scaled(scale), texts)
     cache_dir().mkdir(parents=True, exist_ok=True)
     spill = tempfile.TemporaryDirectory(prefix="undo-", dir=cache_dir())
     info = merge(model, fam, patch, scale, stats, spill=Path(spill.name))  # originals on disk: one layer in memory
@@ -88,6 +88,25 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
             del saved
     _write_sidecar(out, loaded, patch, recipe, provenance, {"fidelity": {k: v for k, v in result.items() if k != "path"}})
     return result
+
+
+def needs_fold(loaded: Loaded, patch: ThoughtPatch, fmt: str = "checkpoint") -> bool:
+    """Whether the patch's thought vectors must be folded into the down projection by least
+    squares: a checkpoint carries them exactly only as a config-switched MLP bias (Llama), a
+    PEFT adapter as ``lora_bias`` where they join the residual at down_proj itself."""
+    if not patch.vectors:
+        return False
+    if fmt == "peft":
+        return not vector_as_bias(loaded.fam)
+    return vector_fold_kind(loaded.model, loaded.fam) != "bias"
+
+
+def vector_fold_stats(loaded: Loaded, patch: ThoughtPatch, texts: Sequence[str], fmt: str = "checkpoint") -> dict | None:
+    """The activation statistics over ``texts`` that fold the vectors (``patch.fold_statistics``),
+    or None where ``fmt`` carries them exactly."""
+    if not needs_fold(loaded, patch, fmt):
+        return None
+    return fold_statistics(loaded.model, loaded.fam, patch, token_batches(loaded, texts))
 
 
 def check_save_dtype(value: str) -> None:
@@ -145,11 +164,10 @@ def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[s
     in-process patch (KL/top-1 on the patch texts; eval accuracy of both when there is an eval)."""
     from peft import PeftModel
 
-    from .export import export_peft, vector_as_bias
+    from .export import export_peft
 
     model, fam = loaded.model, loaded.fam
-    fold = patch.vectors and not vector_as_bias(fam)
-    stats = fold_statistics(model, fam, patch, token_batches(loaded, texts)) if fold else None
+    stats = vector_fold_stats(loaded, patch, texts, "peft")
     info = export_peft(model, fam, patch, rank, out, base_spec, stats)
     batches = token_batches(loaded, texts[:64])
     with ThoughtHooks(model, fam) as hooks:

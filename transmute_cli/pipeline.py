@@ -17,17 +17,16 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import check_save_dtype, write_checkpoint, write_peft
+from .checkpoint import check_save_dtype, needs_fold, write_checkpoint, write_peft
 from .datafiles import load_templates, render
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
 from .evaluate import HeldoutFidelity, Result, evaluate, heldout_fidelity
-from .export import vector_as_bias
 from .families import model_device
 from .models import Loaded, load_model
 from .outputs import atomic_dir, check_target
-from .patch import check_compatible, combine, load_patch, save_patch, vector_fold_kind
+from .patch import check_compatible, combine, load_patch, save_patch
 from .recipe import Recipe, load_recipe, parse_recipe
 from .report import adapter_card, report_markdown
 
@@ -272,8 +271,7 @@ def apply(
     for (p, _s), (path, _) in zip(patches, patch_specs):
         check_compatible(p, loaded.model, loaded.fam, loaded.fingerprint, force=force, source=path)
     patch = combine(patches) if len(patches) > 1 or patches[0][1] != 1.0 else first
-    needs_fold = bool(patch.vectors) and (not vector_as_bias(loaded.fam) if fmt == "peft"
-                                          else vector_fold_kind(loaded.model, loaded.fam) != "bias")
+    fold = needs_fold(loaded, patch, fmt)
     texts: list[str] = []
     recipes = []
     for (p, _), (path, _) in zip(patches, patch_specs):
@@ -284,12 +282,12 @@ def apply(
         except RecipeError:
             # the recipe is needed only to fold thought vectors; a patch written before recipes
             # were stored self-contained may name files relative to a folder we do not know
-            if needs_fold:
+            if fold:
                 raise
             continue
         recipes.append(r)
         texts += patch_texts(r)
-    if needs_fold and not texts:
+    if fold and not texts:
         raise PatchError("the patch carries no recipe to fold its thought vectors with", source=patch_specs[0][0])
     provenance = {"patches": [{"path": p, "scale": s} for p, s in patch_specs]}
     one_recipe = recipes[0] if len(recipes) == 1 else None
