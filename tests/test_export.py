@@ -94,6 +94,7 @@ def test_apply_format_peft_loads_with_peft(run, rank):
     card = (out / "README.md").read_text()
     assert "More Information Needed" not in card and "Reverse the word" in card
     assert ("exact ranks" in card and "lora_bias" in card) if rank is None else f"rank {rank}" in card
+    assert "cannot `merge_and_unload()`" in card  # Llama: the vector is a lora_bias at either rank
     side = json.loads((out / "transmute.json").read_text())
     assert side["base_model"] == str(run / "model") and side["adapter"]["rank"] == rank and "max_new_tokens" in side["recipe"]
     if rank is None:

@@ -177,7 +177,7 @@ def show_diff(d: dict) -> None:
 
 
 def adapter_rank(a: dict) -> str:
-    """'exact (rank ≤ 83)' or 'rank 8 (truncated)'."""
+    """'exact ranks (up to 84)' for the default adapter, 'rank 8' for a truncated one."""
     return f"exact ranks (up to {a['max_rank']})" if a["rank"] is None else f"rank {a['rank']}"
 
 
@@ -298,6 +298,10 @@ def adapter_card(a: dict, *, base: str, base_kind: str, fingerprint: str, instru
               'model = PeftModel.from_pretrained(base, "THIS_FOLDER")', "```", "",
               "Answers end at the first newline: pass `stop_strings=[\"\\n\"]` (with `tokenizer=`) to `generate`, "
               "or cut the text there.", ""]
+    if a.get("vector") == "bias":
+        lines += ["The thought vectors are `lora_bias` terms on layers without a bias of their own, so peft "
+                  "cannot `merge_and_unload()` this adapter; `transmute apply --format checkpoint` writes the "
+                  "merged model.", ""]
     if instruction is not None:
         fence = "````" if "```" in instruction else "```"
         lines += ["## The prompt it replaces", "", fence, instruction.rstrip("\n"), fence, "",
