@@ -126,8 +126,9 @@ def _measure(loaded: Loaded, model, batches, ref, recipe: Recipe | None, patched
 
 
 def save_in(model, out: Path, dtype: torch.dtype) -> None:
-    """``save_pretrained`` with every floating-point weight in ``dtype`` and the config saying so,
-    converting one tensor at a time (tied weights stay one tensor); the model is left as it was."""
+    """``save_pretrained`` with every floating-point weight in ``dtype`` and the config saying so;
+    the model is left as it was.  The converted copies (a tied weight converted once) are held
+    until saved: half the model's size from float32 to bf16, nothing when the dtypes match."""
     current = next(model.parameters()).dtype
     if current == dtype:
         model.save_pretrained(out)
