@@ -529,11 +529,11 @@ BAD_RECIPES = {
                  "but got '<stream end>')"),
     "root-list": ("- a\n- b\n", "the top level must be a mapping of keys, got a list"),
     "unknown-key": (dict(bogus=1),
-                    "bogus: unknown key (allowed: batches, components, eta, eval, eval_file, examples, examples_file, "
-                    "instruction, layers, max_new_tokens, model, name, patch_templates, preserve, preserve_file, preserve_weight, "
+                    "bogus: unknown key (allowed: batches, components, demonstrations, eta, eval, eval_file, examples, "
+                    "examples_file, inputs, inputs_file, instruction, layers, max_new_tokens, model, name, patch_templates, preserve, preserve_file, preserve_weight, "
                     "rho, seed, solver, template)"),
     "wrong-type": (dict(rho="abc"), "rho: must be a number >= 0, got a string ('abc')"),
-    "empty-examples": (dict(examples=[]), "examples: at least one example is required (examples or examples_file)"),
+    "empty-examples": (dict(examples=[]), "examples: at least one example is required (examples, examples_file, inputs or inputs_file)"),
     "no-output-field": (dict(template="{input} ->"), "template: must contain {input} and {output}"),
     "empty-instruction": (dict(instruction="  "), "instruction: must not be empty"),
     "negative-rho": (dict(rho=-0.5), "rho: must be a number >= 0, got -0.5"),
@@ -703,3 +703,31 @@ def test_truncated_gguf_is_a_clean_error(tmp_path):
     line = error_line(invoke("compute", recipe, "-o", out, *CPU, "--quiet"))
     assert line.startswith(f"error: {gguf}: not a readable GGUF model (")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- many-shot and label-free recipes
+
+
+def test_label_free_many_shot_recipe_end_to_end(work, llama_dir):
+    """Inputs without outputs get the prompted model's answers; a many-shot recipe reports the
+    prompt it distils; the patch records the labelled pairs, so `apply` re-folds from them alone."""
+    extra = {"inputs": ["pen", "cup", "hat"], "demonstrations": 4}
+    recipe = write_recipe(work / "label-free.yaml", llama_dir, **extra)
+    run = compute_run(work / "runs" / "label-free", recipe, "--quiet")
+    doc = run["doc"]
+    labels = doc["labels"]
+    assert [l["input"] for l in labels] == extra["inputs"]
+    kept = [[l["input"], l["output"]] for l in labels if l["kept"]]
+    assert doc["examples"] == len(EXAMPLES) + len(kept)
+    shot = doc["eval"]["many_shot_prompt"]
+    assert shot["demonstrations"] == 4 and shot["n"] == len(EVAL) and 0 <= shot["accuracy"] <= 1
+    assert doc["settings"]["demonstrations"] == 4
+    from transmute_cli.recipe import parse_recipe
+
+    meta = load_patch(run["dir"] / "patch.safetensors").metadata
+    again = parse_recipe(meta["recipe"])
+    assert [[p.input, p.output] for p in again.examples] == [list(p) for p in EXAMPLES] + kept
+    assert again.inputs == () and again.demonstrations == 4
+    md = (run["dir"] / "report.md").read_text()
+    assert "prompt + 4 demonstrations" in md and "inputs labelled by the prompted model" in md
+    ok(invoke("apply", run["dir"] / "patch.safetensors", "-o", work / "label-free-ck", *CPU, "--quiet"))

@@ -415,7 +415,7 @@ def test_recipe_built_in_python_is_validated_by_the_same_schema():
 def test_allowed_keys_are_the_fields_a_user_writes():
     """Recipe's fields minus the record of what was read, plus the *_file keys (none listed twice)."""
     written = set(Recipe.model_fields) - {"source", "text", "sha256", "inlined"}
-    assert set(ALLOWED_KEYS) == written | {"examples_file", "eval_file", "preserve_file"}
+    assert set(ALLOWED_KEYS) == written | {"examples_file", "inputs_file", "eval_file", "preserve_file"}
     assert list(ALLOWED_KEYS) == sorted(ALLOWED_KEYS)
 
 
@@ -495,10 +495,10 @@ def test_message_without_source():
         (BASE + "layers: [1, 1]\n", "r.yaml: layers[1]: duplicate layer 1"),
         (BASE + "solver: fast\n", "r.yaml: solver: must be 'independent' or 'joint', got a string ('fast')"),
         # examples
-        ("instruction: x\n", "r.yaml: examples: at least one example is required (examples or examples_file)"),
+        ("instruction: x\n", "r.yaml: examples: at least one example is required (examples, examples_file, inputs or inputs_file)"),
         (
             "instruction: x\nexamples: []\n",
-            "r.yaml: examples: at least one example is required (examples or examples_file)",
+            "r.yaml: examples: at least one example is required (examples, examples_file, inputs or inputs_file)",
         ),
         ("instruction: x\nexamples: dog\n", "r.yaml: examples: must be a list of [input, output] pairs, got a string ('dog')"),
         (
@@ -518,6 +518,22 @@ def test_message_without_source():
         ("instruction: x\nexamples: [[yes, b]]\n", "r.yaml: examples[0].input: must be a string, got a boolean (true)"),
         ("instruction: x\nexamples: [[a, null]]\n", "r.yaml: examples[0].output: must be a string, got null"),
         ("instruction: x\nexamples: [[a, [b]]]\n", "r.yaml: examples[0].output: must be a string, got a list"),
+        # inputs (labelled by the prompted model) and many-shot demonstrations
+        ("instruction: x\ninputs: dog\n", "r.yaml: inputs: must be a list of inputs, got a string ('dog')"),
+        ("instruction: x\ninputs: [dog, '  ']\n", "r.yaml: inputs[1]: must not be empty"),
+        ("instruction: x\ninputs: [dog, [a, b]]\n", "r.yaml: inputs[1]: must be a string, got a list"),
+        ("instruction: x\ninputs: [yes]\n", "r.yaml: inputs[0]: must be a string, got a boolean (true)"),
+        ("instruction: x\ninputs: []\n",
+         "r.yaml: examples: at least one example is required (examples, examples_file, inputs or inputs_file)"),
+        (BASE + "demonstrations: -1\n", "r.yaml: demonstrations: must be an integer >= 0, got -1"),
+        (BASE + "demonstrations: 2.5\n", "r.yaml: demonstrations: must be an integer >= 0, got 2.5"),
+        (BASE + "demonstrations: 1\n", "r.yaml: demonstrations: must be at most the number of examples - 1 (0: an"
+         " example is never its own demonstration), got 1"),
+        ("instruction: x\nexamples: [[a, b]]\ninputs: [c, d]\ndemonstrations: 3\n",
+         "r.yaml: demonstrations: must be at most the number of examples - 1 (2: an example is never its own"
+         " demonstration), got 3"),
+        ("instruction: x\nexamples: [[a, b]]\ninputs: [c]\nbatches: 3\n",
+         "r.yaml: batches: must be <= the number of examples (2), got 3"),
         ("instruction: x\nexamples: [[a, {b: c}]]\n", "r.yaml: examples[0].output: must be a string, got a mapping"),
         (BASE + "eval: [[sun, soleil], [moon]]\n", f"r.yaml: eval[1]: must be {ITEM_FORM}, got a list of 1 item"),
         (BASE + "eval: {sun: soleil}\n", "r.yaml: eval: must be a list of [input, output] pairs, got a mapping"),
@@ -606,6 +622,9 @@ def _recipe_with_file(key: str, value: str) -> Path:
         ({"d.jsonl": '["a", true]\n'}, "examples_file", "d.jsonl",
          "d.jsonl: line 1: output: must be a string, got a boolean (true)"),
         ({"d.jsonl": "[" * 100000 + "\n"}, "examples_file", "d.jsonl", "d.jsonl: line 1: not valid JSON (nested too deeply)"),
+        ({}, "inputs_file", "in.txt", "r.yaml: inputs_file: file not found (in.txt)"),
+        ({"in.txt": "# only a comment\n\n"}, "inputs_file", "in.txt", "r.yaml: inputs_file: the file has no inputs (in.txt)"),
+        ({"in.txt": b"walk\n\xff\n"}, "inputs_file", "in.txt", "in.txt: line 2: not valid UTF-8 text"),
     ],
 )
 def test_bad_examples_files(in_tmp, files, key, value, message):
@@ -736,8 +755,11 @@ _PLAUSIBLE = {
     "patch_templates": [[], ["{input} = {output}"], ["{input}"]],
     "examples": [[["a", "b"]], [], [[1, 2.5]], [["a", "b"], ["c", "d"], ["e", "f"]]],
     "examples_file": ["x.tsv", "y.jsonl", "z.csv", "missing.tsv"],
+    "inputs": [[], ["a"], ["a", 3, ""], "a"],
+    "inputs_file": ["in.txt", "missing.txt"],
     "eval": [[], [["a", "b"]]],
     "eval_file": ["x.tsv", "missing.jsonl"],
+    "demonstrations": [0, 1, 2, 5, -1],
     "rho": [0, 0.5, -1, float("inf"), float("nan")],
     "eta": [None, 1, 0, 0.5],
     "batches": [1, 2, 3, 0],
@@ -778,6 +800,7 @@ def data_dir(tmp_path_factory) -> Path:
     (folder / "x.tsv").write_text("a\tb\n", encoding="utf-8")
     (folder / "y.jsonl").write_text('["a", "b"]\nbroken\n', encoding="utf-8")
     (folder / "keep.txt").write_text("one text\n\nanother\n", encoding="utf-8")
+    (folder / "in.txt").write_text("walk\ngo\n", encoding="utf-8")
     return folder
 
 
@@ -851,3 +874,27 @@ def test_scientific_notation_without_dot_is_a_number(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text(BASE + "rho: 1e-3\n")
     assert load_recipe(p).rho == 1e-3
+
+
+def test_inputs_and_inputs_file_are_example_inputs_without_outputs(tmp_path):
+    _write(tmp_path / "in.txt", "# verbs\nwalk\n\n  go far \r\n7\n")
+    r = load_recipe(_write(tmp_path / "r.yaml", "instruction: x\ninputs: [run, 12]\ninputs_file: in.txt\n"))
+    assert r.inputs == ("run", "12", "walk", "  go far ", "7")  # inner spaces kept, line breaks not
+    assert r.examples == ()
+    assert r.demonstrations == 0  # default: the instruction alone
+
+
+def test_with_labels_makes_inputs_examples_that_reparse_anywhere(tmp_path):
+    from transmute_cli.recipe import with_labels
+
+    _write(tmp_path / "in.txt", "walk\ngo\n")
+    r = load_recipe(_write(tmp_path / "r.yaml", "instruction: x\nexamples: [[see, saw]]\ninputs_file: in.txt\n"
+                                                "demonstrations: 1\n"))
+    labelled = with_labels(r, ["walked", "went"])
+    assert labelled.examples == (Pair("see", "saw"), Pair("walk", "walked"), Pair("go", "went"))
+    assert labelled.inputs == ()
+    assert labelled.sha256 == r.sha256 and labelled.text == r.text  # what was read is still recorded
+    again = parse_recipe(labelled.self_contained_text)  # no folder, no model: the pairs themselves
+    assert again.examples == labelled.examples and again.inputs == () and again.demonstrations == 1
+    with pytest.raises(ValueError):
+        with_labels(r, ["walked"])

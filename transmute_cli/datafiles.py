@@ -183,6 +183,16 @@ def load_texts(path: str | os.PathLike, *, source: str | None = None, field: str
     return texts
 
 
+def load_inputs(path: str | os.PathLike, *, source: str | None = None, field: str | None = None) -> list[str]:
+    """Read an inputs file (``inputs_file``): one example input per line; blank lines and lines
+    starting with ``#`` are skipped.  An input keeps its inner spaces, not the line break."""
+    name = os.fsdecode(path)
+    where = f" ({name})" if source is not None else ""
+    data = read_bytes(Path(name), source=source if source is not None else name, field=field, where=where)
+    return [line.removesuffix("\r") for line in decode_lines(data, source=name)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
 # --------------------------------------------------------------------------- pairs
 
 

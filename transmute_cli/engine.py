@@ -10,9 +10,12 @@ For each batch of examples and each layer l in order:
 
 Both passes are propagated **incrementally**: the hidden states entering layer l are kept and
 each layer is run once per pass (plus one rerun of the non-contextual layer after its patch
-changed), never the whole model per layer.  The instruction is a shared prefix, so its hidden
-states are kept once per layer, not once per example; per example we keep only the states at
-the positions of x, so memory is one layer's statistics (the token rows while they are fewer
+changed), never the whole model per layer.  The instruction is a shared prefix and the
+contextual pass always runs the *unpatched* model, so its keys and values at every layer are
+computed once (one prefill per distinct instruction, ``hooks.PrefixCache``) and every example's
+tokens attend to them: the contextual pass costs the examples' tokens, not instruction length ×
+examples.  Many-shot recipes patch the examples under several instructions (``contexts``): one
+prefill each.  Per example we keep only the states at the positions of x, so memory is one layer's statistics (the token rows while they are fewer
 than d/2, else d×d sums; f×f or T×f for the joint solve) plus O(examples·|x|·d) states, plus
 the patch itself (factored: O(L·T·(d + f))) — no list of all activations.
 
@@ -36,7 +39,7 @@ from .families import (
     Family, decoder_layers, family_for, get_module, model_device, post_norm, resolve_layers, select, weight_of,
 )
 from .fidelity import Fidelity, LayerFidelity, end_to_end
-from .hooks import ThoughtHooks, capture, record_layer_inputs
+from .hooks import PrefixCache, ThoughtHooks, capture, record_layer_inputs
 from .lowrank import add, compact
 from .patch import ThoughtPatch
 from .solve import (
@@ -70,6 +73,10 @@ class EngineConfig:
     distributed: bool = False
     # weight of each token of the preservation texts relative to a token of an example
     preserve_weight: float = 1.0
+    # the contextual pass attends to the instruction's keys and values, computed once (False:
+    # rerun the instruction's tokens with every micro-batch at every layer — same maths, the
+    # benchmark's baseline)
+    prefix_cache: bool = True
 
     @property
     def step(self) -> float:
@@ -138,7 +145,8 @@ class _Residuals:
 
 
 class _Loop:
-    def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family, preserve=()):
+    def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family, preserve=(),
+                 contexts=None):
         cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
         self.fam = family_for(model, family)
@@ -146,17 +154,16 @@ class _Loop:
         self.L = len(self.layers)
         self.patch_layers = resolve_layers(cfg.layers, self.L)
         self.device = model_device(model)
-        self.enc = encode(tokenizer, instruction, texts, preserve)
+        self.enc = encode(tokenizer, instruction, texts, preserve, contexts)
         if not self.enc.texts:
             raise InputError("at least one example is required", field="examples")
-        if not self.enc.instruction:
+        if not self.enc.instruction or not all(self.enc.contexts):
             raise InputError("must not be empty", field="instruction")
         check_lengths(model, self.enc)
         self.pad = pad_id(tokenizer)
         self.d = int(get_module(self.layers[0], self.fam.mlp_in[0]).weight.shape[1])
         self.f = int(get_module(self.layers[0], self.fam.mlp_down).weight.shape[1])
         self.p = len(self.enc.pre)  # where x starts in the non-contextual sequence
-        self.P = self.enc.prefix_len  # where x starts in the contextual sequence
         self.matrices: dict[int, torch.Tensor] = {}
         self.vectors: dict[int, torch.Tensor] = {}
         self.downs: dict[int, torch.Tensor] = {}
@@ -175,9 +182,11 @@ class _Loop:
 
     # -- one pass of one layer -----------------------------------------------------------
     # incremental: replay layer l on the kept states; naive: the whole model, captured at l
-    def _ctx_pass(self, l: int, mb: MicroBatch, prefix: torch.Tensor, hooks: ThoughtHooks):
+    def _ctx_pass(self, l: int, mb: MicroBatch, prefixes: dict[int, torch.Tensor], hooks: ThoughtHooks):
+        """Captures, layer output, and where x starts in them (0 when the prefix is cached)."""
         layer = self.layers[l]
         hooks.enabled = False  # the contextual pass always sees the original model
+        start = mb.start
         try:
             with capture(layer, self.fam) as c:
                 if self.cfg.propagation == "naive":
@@ -185,12 +194,14 @@ class _Loop:
                     out = None
                 elif mb.preserve:
                     out = mb.ctx_call[l](layer, mb.xc)
+                elif self.cfg.prefix_cache:  # x alone, attending to the cached prefix
+                    out, start = mb.ctx_call[l](layer, mb.xc), 0
                 else:
                     B = mb.ctx_ids.shape[0]
-                    out = mb.ctx_call[l](layer, torch.cat([prefix.expand(B, -1, -1), mb.xc], 1))
+                    out = mb.ctx_call[l](layer, torch.cat([prefixes[mb.context].expand(B, -1, -1), mb.xc], 1))
         finally:
             hooks.enabled = True
-        return c, out
+        return c, out, start
 
     def _nctx_pass(self, l: int, mb: MicroBatch):
         layer = self.layers[l]
@@ -215,24 +226,17 @@ class _Loop:
                 # every batch's solve keeps the preservation texts' anchors (sharded over ranks too)
                 mbs += micro_batches(self.enc, list(range(len(self.enc.preserve)))[rank::world], cfg.micro_batch,
                                       self.pad, self.device, preserve=True, weight=cfg.preserve_weight)
-                prefix = None
+                prefixes: dict[int, torch.Tensor] = {}  # without the cache: states entering the layer
                 if cfg.propagation == "incremental":
                     hooks.enabled = False
-                    for mb in mbs:
-                        h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
-                        if mb.preserve:  # same tokens in both passes: one recording serves both
-                            # (no copy: both states are replaced, never written, as the loop moves on)
-                            mb.ctx_call, mb.xc, mb.xn = mb.nctx_call, h_n, h_n
-                            continue
-                        h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
-                        prefix = h_ctx[:1, : self.P].clone()  # the shared prefix, identical in every row
-                        # copies, not views: a view would keep every example's prefix states alive
-                        mb.xc, mb.xn = h_ctx[:, self.P :].clone(), h_n
-                    hooks.enabled = True
+                    try:
+                        self._record(mbs, prefixes)
+                    finally:
+                        hooks.enabled = True
                 t0 = self._tick("record", t0)
                 for l in range(self.L):
                     self.progress(Progress("layer", b, len(batches), l, self.L))
-                    prefix = self._layer(l, mbs, hooks, prefix)
+                    prefixes = self._layer(l, mbs, hooks, prefixes)
                     t0 = self._tick("layers", t0)
                 del mbs
         patch = ThoughtPatch(self.L, self.d, dict(self.matrices), dict(self.vectors), downs=dict(self.downs))
@@ -243,6 +247,29 @@ class _Loop:
             end_to_end(self.model, self.fam, patch, self.enc, self.pad, fid, cfg.micro_batch, cfg.distributed)
             t0 = self._tick("fidelity", t0)
         return PatchResult(patch, fid, self.timings)
+
+    def _record(self, mbs: list[MicroBatch], prefixes: dict[int, torch.Tensor]) -> None:
+        """The states entering layer 0 and each layer's call arguments, for both passes (the model
+        unpatched); the contextual pass's prefix is filled once per instruction in this batch."""
+        caches: dict[int, PrefixCache] = {}
+        for mb in mbs:
+            h_n, mb.nctx_call = record_layer_inputs(self.model, self.fam, mb.nctx_ids)
+            if mb.preserve:  # same tokens in both passes: one recording serves both
+                # (no copy: both states are replaced, never written, as the loop moves on)
+                mb.ctx_call, mb.xc, mb.xn = mb.nctx_call, h_n, h_n
+                continue
+            mb.xn = h_n
+            if self.cfg.prefix_cache:
+                if mb.context not in caches:
+                    caches[mb.context] = PrefixCache(self.model).fill(self.model, self.fam, mb.ctx_ids[:1, : mb.start])
+                mb.xc, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids[:, mb.start :],
+                                                         caches[mb.context])
+            else:
+                h_ctx, mb.ctx_call = record_layer_inputs(self.model, self.fam, mb.ctx_ids)
+                # the shared prefix, identical in every row; copies, not views: a view would keep
+                # every example's prefix states alive
+                prefixes.setdefault(mb.context, h_ctx[:1, : mb.start].clone())
+                mb.xc = h_ctx[:, mb.start :].clone()
 
     def _layer_fidelity(self, l: int) -> LayerFidelity:
         r = self.fid[l]
@@ -256,24 +283,22 @@ class _Loop:
             float(self.matrices[l].norm()) if l in self.matrices else 0.0,
         )
 
-    def _layer(self, l: int, mbs: list[MicroBatch], hooks: ThoughtHooks, prefix):
+    def _layer(self, l: int, mbs: list[MicroBatch], hooks: ThoughtHooks, prefixes: dict[int, torch.Tensor]):
         cfg, p = self.cfg, self.p
         patched = l in self.patch_layers
         joint = cfg.solver == "joint"
         stats = LayerStats(self.d, cfg.stats_dtype, self.device, residual=cfg.diagnostics is True) if patched else None
         ctx_out: list[torch.Tensor] = []  # joint: contextual layer output u^C + y^C at x [tokens, d]
-        next_prefix = prefix
+        next_prefixes: dict[int, torch.Tensor] = {}
         for mb in mbs:
-            P = mb.start
             if patched or cfg.propagation == "incremental":
-                c, out = self._ctx_pass(l, mb, prefix, hooks)
+                c, out, P = self._ctx_pass(l, mb, prefixes, hooks)
                 # the contextual state moves on at once (it is read once per layer): one copy alive
-                if out is not None and mb.preserve:
+                if out is not None and (mb.preserve or P == 0):
                     mb.xc = out
                 elif out is not None:
                     mb.xc = out[:, P:].clone()  # drop the prefix rows
-                    if next_prefix is prefix:
-                        next_prefix = out[:1, :P].clone()
+                    next_prefixes.setdefault(mb.context, out[:1, :P].clone())
             if not patched:
                 continue
             m = mb.xmask
@@ -289,7 +314,7 @@ class _Loop:
         if cfg.propagation == "incremental":
             for mb in mbs:
                 mb.xn = mb.nctx_call[l](self.layers[l], mb.xn)  # with layer l's (new) patch
-        return next_prefix
+        return next_prefixes
 
     def _solve(self, l: int, stats: LayerStats, mbs, ctx_out, hooks: ThoughtHooks) -> None:
         cfg = self.cfg
@@ -366,6 +391,7 @@ def compute_patch(
     progress: ProgressFn | None = None,
     family: str | None = None,
     preserve: Sequence[str] = (),
+    contexts: Sequence[str] | None = None,
 ) -> PatchResult:
     """Compute a thought patch that makes ``model`` without ``instruction`` act as if it were there.
 
@@ -373,7 +399,9 @@ def compute_patch(
     ``preserve`` are texts on which the patched model should act like the *original* one (other
     prompted tasks, plain prose): their tokens enter every least-squares fit with the original
     model's states as the target and ``config.preserve_weight`` as the weight, so the patch
-    learns to leave them alone.  The model is left exactly as it was: patches live in hooks
-    during the computation.
+    learns to leave them alone.  ``contexts`` (many-shot): one instruction per text, used in place
+    of ``instruction`` in that text's contextual pass.  The model is left exactly as it was:
+    patches live in hooks during the computation.
     """
-    return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family, preserve).run()
+    return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family, preserve,
+                 contexts).run()

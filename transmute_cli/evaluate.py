@@ -18,7 +18,7 @@ from torch import nn
 from .datafiles import Pair, render, rerender
 from .families import Family, base_model, family_for, model_device, select
 from .fidelity import compare_logits, final_logits, last_hidden
-from .hooks import ThoughtHooks
+from .hooks import ThoughtHooks, cache_kwargs
 from .patch import ThoughtPatch
 from .tokens import left_pad, pad_id, special_prefix, token_ids
 
@@ -160,10 +160,9 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
     ids, mask = left_pad(tokenizer, prompts)
     ids, mask, width = ids.to(dev), mask.to(dev), ids.shape[1]
     cache = DynamicCache(config=getattr(model, "config", None))
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
-    names = inspect.signature(inner.forward).parameters
-    with_cache = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True}  # renamed in 5.x
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in names else {}
+    with_cache = cache_kwargs(model, cache)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
     if prefix:
         shared = torch.tensor([list(prefix)], dtype=torch.long, device=dev)
         model(input_ids=shared, attention_mask=torch.ones_like(shared),

@@ -7,11 +7,13 @@ Hooks are always removed in ``finally`` blocks, so an exception never leaves a m
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from .families import Family, base_model, decoder_layers, get_module
 from .lowrank import apply
@@ -213,9 +215,55 @@ class LayerCall:
 _NONE = object()
 
 
-def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[LayerCall]]:
+def cache_kwargs(model: nn.Module, cache: DynamicCache) -> dict[str, Any]:
+    """The keyword arguments that hand ``cache`` to ``model.forward``: ``cache`` since
+    transformers 5.x renamed it, ``past_key_values`` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
+    names = inspect.signature(inner.forward).parameters
+    return {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True}
+
+
+class PrefixCache(DynamicCache):
+    """The keys and values of one shared prefix (``pre + I``), computed once by :meth:`fill`
+    with the model as it is (the engine fills it unpatched).  Afterwards it is read-only: every
+    attention call attends to the prefix and to its own tokens, for any number of rows, and stores
+    nothing — so one prefill serves every micro-batch and every replay of every layer, and the
+    contextual pass costs the examples' tokens instead of (instruction + example) × examples."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(config=model.config)
+        self.frozen = False
+
+    def fill(self, model: nn.Module, fam: Family, prefix_ids: torch.Tensor) -> "PrefixCache":
+        """Run the decoder once on ``prefix_ids`` [1, P] and keep every layer's keys and values."""
+        with torch.no_grad():
+            base = base_model(model, fam)
+            base(input_ids=prefix_ids, **cache_kwargs(base, self))
+        self.frozen = True
+        return self
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.frozen:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        kept = dict(vars(layer))  # the prefix's tensors and counters, put back after the call
+        rows = key_states.shape[0]
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+        try:
+            return layer.update(key_states, value_states, *args, **kwargs)
+        finally:
+            vars(layer).clear()
+            vars(layer).update(kept)
+
+
+def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor,
+                        prefix: "PrefixCache | None" = None) -> tuple[torch.Tensor, list[LayerCall]]:
     """The embeddings entering layer 0 and, per layer, the extra arguments the model passes it
     (attention masks, rotary embeddings, positions) for inputs shaped like ``input_ids``.
+    With ``prefix``, the inputs continue that prefix: positions start after it, and every replay
+    of a layer attends to its keys and values as well as to the inputs' own.
 
     Layer 0 runs for real so we learn whether layers return a tensor or a tuple in this
     transformers version; layers ≥ 1 are replaced by an identity of the same return type, so the
@@ -250,7 +298,11 @@ def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor) 
         layers[i].forward = identity(i)
     try:
         with torch.no_grad():
-            base_model(model, fam)(input_ids=input_ids, use_cache=False)
+            if prefix is None:
+                base_model(model, fam)(input_ids=input_ids, use_cache=False)
+            else:
+                base = base_model(model, fam)
+                base(input_ids=input_ids, **cache_kwargs(base, prefix))
     finally:
         for h in handles:
             h.remove()

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .checkpoint import check_save_dtype, needs_fold, write_checkpoint, write_peft
-from .datafiles import load_templates, render
+from .datafiles import Pair, load_templates, render
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
@@ -27,7 +27,7 @@ from .families import model_device
 from .models import Loaded, load_model
 from .outputs import atomic_dir, check_target
 from .patch import check_compatible, combine, load_patch, save_patch
-from .recipe import Recipe, load_recipe, parse_recipe
+from .recipe import Recipe, load_recipe, parse_recipe, with_labels
 from .report import adapter_card, report_markdown
 
 Log = Callable[[str], None]
@@ -41,6 +41,64 @@ def patch_texts(recipe: Recipe) -> list[str]:
     """Example texts x: every pair under every patch template, ending with the newline that
     marks the end of an answer (the patched model must learn where to stop)."""
     return [render(t, p.input, p.output) + "\n" for t in recipe.all_templates() for p in recipe.examples]
+
+
+def patch_contexts(recipe: Recipe) -> list[str] | None:
+    """Many-shot (``demonstrations: N``): the instruction each patch text is patched under — the
+    recipe's instruction followed by N of the *other* examples, written in that text's template,
+    one per line (one per paragraph when the instruction ends with a blank line, as Q/A prompts
+    do).  The examples are shuffled with the recipe's seed and cut into folds of n − N; a fold's
+    demonstrations are the first N examples outside it, so no example demonstrates itself and
+    there are ⌈n / (n − N)⌉ distinct prompts (each prefilled once by the engine).
+    ``None`` without demonstrations: every text sees the instruction as written."""
+    k, n = recipe.demonstrations, len(recipe.examples)
+    if not k:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed)).tolist()
+    size = n - k
+    demos: dict[int, list[int]] = {}
+    for start in range(0, n, size):
+        fold = order[start : start + size]
+        outside = [i for i in order if i not in fold][:k]
+        demos.update({i: outside for i in fold})
+    head = recipe.instruction if recipe.instruction.endswith("\n") else recipe.instruction + "\n"
+    sep = "\n\n" if head.endswith("\n\n") else "\n"
+    contexts = []
+    for t in recipe.all_templates():
+        for i in range(n):
+            shown = [recipe.examples[j] for j in demos[i]]
+            contexts.append(head + "".join(render(t, p.input, p.output) + sep for p in shown))
+    return contexts
+
+
+def many_shot_prompt(recipe: Recipe) -> str | None:
+    """The instruction and the demonstrations the first fold is patched under: the many-shot
+    prompt a user could write instead, for comparison (``None`` without demonstrations)."""
+    contexts = patch_contexts(recipe)
+    return contexts[0] if contexts else None  # the main template comes first
+
+
+def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None) -> tuple[Recipe, list[dict]]:
+    """A recipe's ``inputs`` labelled with the prompted model's greedy answers (the prompt's
+    behaviour, not a gold label): the recipe with them as examples, and the labels.  Inputs whose
+    answer is empty (the model ends the line at once) are left out; the labels say which."""
+    if not recipe.inputs:
+        return recipe, []
+    pairs = [Pair(i, "") for i in recipe.inputs]
+    (res,) = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, pairs, [recipe.template],
+                      conditions=("prompt",), max_new_tokens=recipe.max_new_tokens, family=family)
+    labels = [{"input": i, "output": a, "kept": bool(a)} for i, a in zip(recipe.inputs, res.answers)]
+    kept = [l for l in labels if l["kept"]]
+    if not kept and not recipe.examples:
+        raise InputError(f"the prompted model answered none of the {len(labels)} inputs (every answer is empty)",
+                         source=recipe.source, field="inputs")
+    n = len(recipe.examples) + len(kept)
+    for key, value, most in (("batches", recipe.batches, n), ("demonstrations", recipe.demonstrations, n - 1)):
+        if value > most:
+            raise InputError(f"must be at most {most}: {len(labels) - len(kept)} of the inputs got an empty answer from"
+                             f" the prompted model and were left out, got {value}", source=recipe.source, field=key)
+    labelled = recipe.model_copy(update={"inputs": tuple(l["input"] for l in kept)})
+    return with_labels(labelled, [l["output"] for l in kept]), labels
 
 
 def engine_config(recipe: Recipe, **over) -> EngineConfig:
@@ -131,14 +189,20 @@ def compute(
         loaded = load_model(recipe.model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family,
                             device_map=device_map)
     t_load = time.perf_counter() - t0
-    texts = patch_texts(recipe)
-    log(f"computing the patch from {len(texts)} example texts on {model_device(loaded.model)}")
+    t_label = time.perf_counter()
+    if recipe.inputs:
+        log(f"labelling {len(recipe.inputs)} inputs with the prompted model's greedy answers")
+    recipe, labels = label_inputs(recipe, loaded, family=family)
+    t_label = time.perf_counter() - t_label
+    texts, contexts = patch_texts(recipe), patch_contexts(recipe)
+    shots = f", each under the instruction + {recipe.demonstrations} other examples" if contexts else ""
+    log(f"computing the patch from {len(texts)} example texts{shots} on {model_device(loaded.model)}")
     t1 = time.perf_counter()
     done = False
     try:
         res = compute_patch(loaded.model, loaded.tokenizer, recipe.instruction, texts,
-                            engine_config(recipe, distributed=distributed, diagnostics=diagnostics or None), progress=progress, family=family,
-                            preserve=recipe.preserve)
+                            engine_config(recipe, distributed=distributed, diagnostics=diagnostics or None),
+                            progress=progress, family=family, preserve=recipe.preserve, contexts=contexts)
         done = True
     except InputError as e:
         raise _with_source(e, recipe) from None
@@ -157,8 +221,10 @@ def compute(
         "settings": settings_json(recipe),
         "examples": len(recipe.examples),
         "patch_texts": len(texts),
+        "labels": labels or None,  # inputs labelled by the prompted model (label_inputs)
         "fidelity": fidelity_json(res),
-        "timings": {"load_s": t_load, "compute_s": t_compute, **{f"engine_{k}_s": v for k, v in res.timings.items()}},
+        "timings": {"load_s": t_load, "compute_s": t_compute, **({"label_s": t_label} if labels else {}),
+                    **{f"engine_{k}_s": v for k, v in res.timings.items()}},
         "eval": None,
         "checkpoint": None,
     }
@@ -169,6 +235,12 @@ def compute(
         results = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, recipe.eval, [recipe.template], patch,
                            max_new_tokens=recipe.max_new_tokens, family=family)
         report["eval"] = {"results": results_json(results)}
+        if recipe.demonstrations:  # the prompt the patch distils, as a user could write it instead
+            (shot,) = evaluate(loaded.model, loaded.tokenizer, many_shot_prompt(recipe), recipe.eval,
+                               [recipe.template], conditions=("prompt",), max_new_tokens=recipe.max_new_tokens,
+                               family=family)
+            report["eval"]["many_shot_prompt"] = {"demonstrations": recipe.demonstrations, "accuracy": shot.accuracy,
+                                                  "correct": shot.correct, "n": shot.n}
         by = {r.condition: r for r in results}
         held = heldout_fidelity(loaded.model, loaded.tokenizer, recipe.instruction, recipe.eval, recipe.template, patch,
                                 by["prompt"], by["patched"], by["base"], family=family)
@@ -216,6 +288,7 @@ def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
         "seed": str(recipe.seed),
         "preserve_texts": str(len(recipe.preserve)),
         "preserve_weight": repr(recipe.preserve_weight),
+        "demonstrations": str(recipe.demonstrations),
     }
 
 
@@ -235,6 +308,7 @@ def settings_json(recipe: Recipe) -> dict:
         "layers": recipe.layers if recipe.layers == "all" else list(recipe.layers), "solver": recipe.solver,
         "seed": recipe.seed, "templates": list(recipe.all_templates()),
         "preserve_texts": len(recipe.preserve), "preserve_weight": recipe.preserve_weight,
+        "demonstrations": recipe.demonstrations,
     }
 
 

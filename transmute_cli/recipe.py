@@ -29,10 +29,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from transmute_cli import defaults
-from transmute_cli.datafiles import bad_byte_line, read_bytes
+from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes
 from transmute_cli.messages import describe, fail, key_label, one_line, shorten
 from transmute_cli.recipe_fields import MAX_NAME_LENGTH, Components, Layers, Model, Name, NonNegative, Pairs
-from transmute_cli.recipe_fields import PairsFile, Positive, Template, Templates, Text, Texts, TextsFile, number
+from transmute_cli.recipe_fields import Inputs, InputsFile, PairsFile, Positive, Template, Templates, Text, Texts
+from transmute_cli.recipe_fields import TextsFile, number
 
 DEFAULT_TEMPLATE = "{input} -> {output}"
 DEFAULT_MODEL = "gemma-3-270m"
@@ -55,7 +56,13 @@ class Recipe(BaseModel):
     template: Template = DEFAULT_TEMPLATE
     patch_templates: Templates = ()
     examples: Pairs = ()
+    # example inputs without outputs: compute labels them with the prompted model's greedy answers
+    # (the prompt's own behaviour) before patching; see label_inputs
+    inputs: Inputs = ()
     eval: Pairs = ()
+    # many-shot: each example is patched under the instruction followed by this many of the
+    # *other* examples as demonstrations (pipeline.patch_contexts); 0 = the instruction alone
+    demonstrations: number(int, ge=0) = 0
     rho: NonNegative = defaults.RHO
     eta: Optional[Positive] = None  # None: the default step 1/batches
     batches: number(int, ge=1) = defaults.BATCHES
@@ -90,7 +97,7 @@ class Recipe(BaseModel):
 
 
 _META = ("source", "text", "sha256", "inlined")
-_FILES = {"examples": PairsFile, "eval": PairsFile, "preserve": TextsFile}
+_FILES = {"examples": PairsFile, "inputs": InputsFile, "eval": PairsFile, "preserve": TextsFile}
 FILE_KEYS = tuple(f"{key}_file" for key in _FILES)
 
 
@@ -199,21 +206,27 @@ def parse_recipe(
     values = dict(keys)
     for key in _FILES:
         values[key] = values[key] + values.pop(f"{key}_file")
-    if not values["examples"]:
-        fail(source, "examples", "at least one example is required (examples or examples_file)")
-    if values["batches"] > len(values["examples"]):
-        fail(source, "batches", f"must be <= the number of examples ({len(values['examples'])}),"
-                                f" got {values['batches']}")
+    n = len(values["examples"]) + len(values["inputs"])
+    if not n:
+        fail(source, "examples", "at least one example is required (examples, examples_file, inputs or inputs_file)")
+    if values["batches"] > n:
+        fail(source, "batches", f"must be <= the number of examples ({n}), got {values['batches']}")
+    if values["demonstrations"] > n - 1:
+        fail(source, "demonstrations", f"must be at most the number of examples - 1 ({n - 1}: an example is"
+                                       f" never its own demonstration), got {values['demonstrations']}")
     if "name" not in data:
         values["name"] = sanitize_name(default_name)
     inlined = _inline_files(data, values, source) if any(k in data for k in FILE_KEYS) else ""
     return Recipe.model_construct(**values, source=source, text=text, sha256=sha256, inlined=inlined)
 
 
-def _inline_files(data: dict, values: dict, source: str | None) -> str:
-    """The recipe's keys with every ``*_file`` replaced by what it held (order of keys kept)."""
-    lists = {"examples": [[p.input, p.output] for p in values["examples"]],
+def _inline_files(data: dict, values: dict, source: str | None, labelled: bool = False) -> str:
+    """The recipe's keys with every ``*_file`` replaced by what it held (order of keys kept);
+    ``labelled``: its inputs are in ``values["examples"]`` already, and the keys go."""
+    lists = {"examples": [[p.input, p.output] for p in values["examples"]], "inputs": list(values["inputs"]),
              "eval": [[p.input, p.output] for p in values["eval"]], "preserve": list(values["preserve"])}
+    if labelled:
+        lists["inputs"] = []
     out: dict = {}
     for key, value in data.items():
         target = key.removesuffix("_file")
@@ -222,8 +235,26 @@ def _inline_files(data: dict, values: dict, source: str | None) -> str:
                 out[target] = lists[target]
         else:
             out[key] = value
-    head = f"# {source or 'recipe'} with the contents of its *_file keys written in\n"
+    if labelled and "examples" not in out:
+        out["examples"] = lists["examples"]
+    what = "its inputs labelled by the prompted model" if labelled else "the contents of its *_file keys written in"
+    head = f"# {source or 'recipe'} with {what}\n"
     return head + yaml.safe_dump(out, allow_unicode=True, sort_keys=False, width=1000)
+
+
+def with_labels(recipe: Recipe, labels: list[str]) -> Recipe:
+    """The recipe with its ``inputs`` turned into examples whose outputs are ``labels`` (one per
+    input, in order).  Its self-contained text holds them as examples, so a patch or checkpoint
+    that records it re-parses to the very pairs the patch was computed from."""
+    if len(labels) != len(recipe.inputs):
+        raise ValueError(f"{len(labels)} labels for {len(recipe.inputs)} inputs")
+    values = {k: getattr(recipe, k) for k in Recipe.model_fields if k not in _META}
+    values["examples"] = tuple(recipe.examples) + tuple(Pair(i, o) for i, o in zip(recipe.inputs, labels))
+    data = yaml.safe_load(recipe.text)
+    inlined = _inline_files(data, values, recipe.source, labelled=True)
+    values["inputs"] = ()
+    return Recipe.model_construct(**values, source=recipe.source, text=recipe.text, sha256=recipe.sha256,
+                                  inlined=inlined)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -18,7 +18,8 @@ from pydantic import WrapValidator
 from pydantic_core import PydanticCustomError
 
 from transmute_cli import defaults
-from transmute_cli.datafiles import Pair, check_template, load_pairs_file, load_texts, parse_pair
+from transmute_cli.datafiles import Pair, check_template, load_inputs, load_pairs_file, load_texts, pair_text
+from transmute_cli.datafiles import parse_pair
 from transmute_cli.errors import RecipeError
 from transmute_cli.messages import Problem, describe, int_text, show
 
@@ -66,6 +67,14 @@ def _pair(item: object) -> Pair:
         return parse_pair(item, "[input, output] or {input: ..., output: ...}")
     except Problem as problem:
         reject(problem.reason, f".{problem.key}" if problem.key else "")
+
+
+def _input(item: object) -> str:
+    """An example input without its output: text, or a number written without quotes."""
+    try:
+        return pair_text(item, "")
+    except Problem as problem:
+        reject(problem.reason)
 
 
 def list_of(what: str) -> BeforeValidator:
@@ -154,8 +163,10 @@ def _layers(value: object) -> str | tuple[int, ...]:
 
 
 def data_file(kind: str) -> PlainValidator:
-    """A ``*_file`` key: read the file (relative paths from the recipe's folder) into pairs or texts."""
+    """A ``*_file`` key: read the file (relative paths from the recipe's folder) into pairs, texts
+    or inputs (one per line)."""
     what = "a .tsv or .jsonl file" if kind == "pairs" else "a text file"
+    loaders = {"texts": load_texts, "inputs": load_inputs}
 
     def load(value: object, info: ValidationInfo) -> tuple:
         field = info.field_name
@@ -167,7 +178,7 @@ def data_file(kind: str) -> PlainValidator:
         source = (info.context or {}).get("source")
         try:
             found = (load_pairs_file(path, source_field=field, source=source) if kind == "pairs"
-                     else load_texts(path, source=source, field=field))
+                     else loaders[kind](path, source=source, field=field))
         except RecipeError as error:  # located in the data file (or the recipe); kept as it is
             raise PydanticCustomError("located", "{error}", {"error": error}) from None
         if not found:
@@ -188,6 +199,8 @@ Pairs = Annotated[tuple[Annotated[Pair, PlainValidator(_pair)], ...], list_of("[
 Texts = Annotated[tuple[Text, ...], list_of("texts")]
 PairsFile = Annotated[tuple[Pair, ...], data_file("pairs")]
 TextsFile = Annotated[tuple[str, ...], data_file("texts")]
+Inputs = Annotated[tuple[Annotated[str, PlainValidator(_input)], ...], list_of("inputs")]
+InputsFile = Annotated[tuple[str, ...], data_file("inputs")]
 NonNegative = number(float, ge=0)
 Positive = number(float, gt=0)
 Components = Annotated[tuple[str, ...], PlainValidator(_components)]

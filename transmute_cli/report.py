@@ -147,6 +147,14 @@ def show_compute(report: dict) -> None:
     out.print(lt)
     if report.get("eval"):
         out.print(accuracy_table(report["eval"]["results"]))
+        m = report["eval"].get("many_shot_prompt")
+        if m:
+            out.print(f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from the examples):"
+                      f" {m['accuracy']:.3f} ({m['correct']}/{m['n']})")
+    if report.get("labels"):
+        kept = sum(l["kept"] for l in report["labels"])
+        out.print(f"{kept} inputs labelled by the prompted model's greedy answers"
+                  f" ({len(report['labels']) - kept} left out: empty answer); see report.json")
     c = report.get("checkpoint")
     if c and "skipped" in c:
         out.print(f"checkpoint: not written ({c['skipped']})")
@@ -211,6 +219,9 @@ def report_markdown(r: dict) -> str:
         f"- recipe sha256: `{r['recipe']['sha256']}`",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
         f"- examples: {r['examples']} ({r['patch_texts']} patch texts, {f['tokens']} token positions)",
+        *([f"- {sum(l['kept'] for l in r['labels'])} of the examples are inputs labelled by the prompted model's greedy"
+           f" answers ({sum(not l['kept'] for l in r['labels'])} left out: empty answer); the labels are in report.json"]
+          if r.get("labels") else []),
         f"- compute: {r['timings']['compute_s']:.1f} s",
         "",
         "## Fidelity on the patch examples (patched, no prompt  vs  original, with prompt)",
@@ -241,6 +252,10 @@ def report_markdown(r: dict) -> str:
                   "| template | condition | accuracy | correct / n |", "|---|---|---|---|"]
         for e in r["eval"]["results"]:
             lines.append(f"| `{e['template']!r}` | {e['condition']} | {e['accuracy']:.3f} | {e['correct']}/{e['n']} |")
+        m = r["eval"].get("many_shot_prompt")
+        if m:
+            lines.append(f"| `{r['eval']['results'][0]['template']!r}` | prompt + {m['demonstrations']} demonstrations "
+                         f"(what the patch distils) | {m['accuracy']:.3f} | {m['correct']}/{m['n']} |")
     if r.get("checkpoint") and "skipped" in r["checkpoint"]:
         lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
     elif r.get("checkpoint"):

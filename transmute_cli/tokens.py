@@ -22,16 +22,28 @@ def token_ids(tokenizer, text: str) -> list[int]:
 @dataclass(frozen=True)
 class Encoded:
     """Token ids: ``pre`` (BOS or nothing), the instruction, each example text x, and each
-    preservation text z (run without the instruction in both passes)."""
+    preservation text z (run without the instruction in both passes).
+
+    ``contexts`` (many-shot recipes): the distinct instructions the example texts are patched
+    under, and ``context_of[i]`` the one text i sees; empty when every text sees ``instruction``."""
 
     pre: tuple[int, ...]
     instruction: tuple[int, ...]
     texts: tuple[tuple[int, ...], ...]
     preserve: tuple[tuple[int, ...], ...] = ()
+    contexts: tuple[tuple[int, ...], ...] = ()
+    context_of: tuple[int, ...] = ()
 
     @property
-    def prefix_len(self) -> int:  # tokens before x in the contextual sequence
+    def prefix_len(self) -> int:  # tokens before x in the contextual sequence (the one instruction)
         return len(self.pre) + len(self.instruction)
+
+    def context(self, i: int) -> int:
+        """Which instruction text i is patched under (0: ``instruction``, or ``contexts[0]``)."""
+        return self.context_of[i] if self.context_of else 0
+
+    def instruction_ids(self, context: int) -> tuple[int, ...]:
+        return self.contexts[context] if self.contexts else self.instruction
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -44,11 +56,20 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence[str] = ()) -> Encoded:
-    """Tokenize I and each x separately so the positions of x align in both passes."""
+def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence[str] = (),
+           contexts: Sequence[str] | None = None) -> Encoded:
+    """Tokenize I and each x separately so the positions of x align in both passes.
+    ``contexts``: one instruction per text (many-shot), in place of ``instruction`` for that text."""
     ids = lambda s: tuple(token_ids(tokenizer, s))  # noqa: E731
+    distinct: tuple[tuple[int, ...], ...] = ()
+    context_of: tuple[int, ...] = ()
+    if contexts is not None:
+        if len(contexts) != len(texts):
+            raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts")
+        order = list(dict.fromkeys(contexts))
+        distinct, context_of = tuple(ids(c) for c in order), tuple(order.index(c) for c in contexts)
     return Encoded(tuple(special_prefix(tokenizer)), ids(instruction), tuple(ids(t) for t in texts),
-                   tuple(ids(t) for t in preserve))
+                   tuple(ids(t) for t in preserve), distinct, context_of)
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -62,9 +83,10 @@ def check_lengths(model: nn.Module, enc: Encoded) -> None:
     for i, x in enumerate(enc.texts):
         if not x:
             raise InputError("the example text is empty after tokenization", field=f"examples[{i}]")
-        if limit is not None and enc.prefix_len + len(x) > limit:
+        prefix = len(enc.pre) + len(enc.instruction_ids(enc.context(i)))
+        if limit is not None and prefix + len(x) > limit:
             raise InputError(
-                f"instruction + example is {enc.prefix_len + len(x)} tokens; the model's context is {limit}",
+                f"instruction + example is {prefix + len(x)} tokens; the model's context is {limit}",
                 field=f"examples[{i}]",
             )
     for i, z in enumerate(enc.preserve):
@@ -108,12 +130,13 @@ class MicroBatch:
     ``p`` and the contextual state covers the whole sequence (there is no shared prefix)."""
 
     index: list[int]  # example indices
-    ctx_ids: torch.Tensor  # [B, P + Tx]   pre + I + x
+    ctx_ids: torch.Tensor  # [B, P + Tx]   pre + I + x (every row under the same instruction)
     nctx_ids: torch.Tensor  # [B, p + Tx]  pre + x
     xmask: torch.Tensor  # [B, Tx] bool: real tokens of x
     start: int = 0  # where x starts in ctx_ids (P; p for preservation)
     preserve: bool = False
     weight: float = 1.0  # of each token in the least-squares sums
+    context: int = 0  # which instruction (Encoded.context)
     # incremental state (hidden states entering the current layer)
     xc: torch.Tensor | None = None  # [B, Tx, d]   contextual, positions of x only (preservation: whole sequence)
     xn: torch.Tensor | None = None  # [B, p + Tx, d] non-contextual, whole sequence
@@ -123,8 +146,20 @@ class MicroBatch:
 
 def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, device, *, preserve: bool = False,
                    weight: float = 1.0) -> list[MicroBatch]:
+    """Micro-batches of at most ``size`` texts; the texts of one micro-batch share their
+    instruction (grouped by ``Encoded.context``, order kept within a group)."""
     texts = enc.preserve if preserve else enc.texts
-    ctx_prefix = enc.pre if preserve else enc.pre + enc.instruction
+    groups: dict[int, list[int]] = {}
+    for i in index:
+        groups.setdefault(0 if preserve else enc.context(i), []).append(i)
+    out = []
+    for context, members in groups.items():
+        ctx_prefix = enc.pre if preserve else enc.pre + enc.instruction_ids(context)
+        out += _chunks(texts, members, size, pad, device, ctx_prefix, enc.pre, preserve, weight, context)
+    return out
+
+
+def _chunks(texts, index, size, pad, device, ctx_prefix, pre, preserve, weight, context) -> list[MicroBatch]:
     out = []
     for s in range(0, len(index), size):
         idx = list(index[s : s + size])
@@ -135,7 +170,7 @@ def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, devic
             xs[r, : len(texts[i])] = torch.tensor(texts[i])
             xmask[r, : len(texts[i])] = True
         ctx_pre = torch.tensor(ctx_prefix, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
-        nctx_pre = torch.tensor(enc.pre, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
+        nctx_pre = torch.tensor(pre, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
         out.append(
             MicroBatch(
                 idx,
@@ -145,6 +180,7 @@ def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, devic
                 start=len(ctx_prefix),
                 preserve=preserve,
                 weight=weight,
+                context=context,
             )
         )
     return out
