@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as be
+from baselines import lora_batch
 from bench_engine import ROOT, log, sync
 
 from transmute_cli import checkpoint, models, pipeline
@@ -90,21 +91,6 @@ def run_engine(args, recipe_path: str, tmp: Path) -> tuple[dict, list[tuple]]:
 # --------------------------------------------------------------------------- 2. LoRA
 
 
-def lora_batch(tok, recipe, answers, device):
-    """Right-padded full batch of query + ' ' + answer + newline; labels only on answer and newline."""
-    ids, pre = functools.partial(token_ids, tok), special_prefix(tok)
-    rows = []
-    for p, a in zip(recipe.examples, answers):
-        q, full = pre + ids(render(recipe.template, p.input)), pre + ids(render(recipe.template, p.input, a) + "\n")
-        k = next((i for i, (x, y) in enumerate(zip(q, full)) if x != y), min(len(q), len(full)))
-        rows.append((full, [-100] * k + full[k:]))
-    width, pad = max(len(f) for f, _ in rows), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([f + [pad] * (width - len(f)) for f, _ in rows], device=device)
-    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in rows], device=device)
-    mask = torch.tensor([[1] * len(f) + [0] * (width - len(f)) for f, _ in rows], device=device)
-    return input_ids, mask, labels
-
-
 def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, object]:
     from peft import LoraConfig, get_peft_model
 
@@ -122,7 +108,8 @@ def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, o
     answers = generate_answers(model, tok, [pre + ids(recipe.instruction) + ids(render(recipe.template, p.input))
                                             for p in recipe.examples], recipe.max_new_tokens)
     out["lora_targets"] = answers
-    batch = lora_batch(tok, recipe, answers, next(model.parameters()).device)
+    batch = lora_batch(tok, recipe.template, [p.input for p in recipe.examples], answers,
+                       next(model.parameters()).device)
     queries = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     torch.manual_seed(0)
