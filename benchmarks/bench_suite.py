@@ -1,23 +1,17 @@
 """The whole benchmark suite in one command: one table on stdout, every number in --json.
 
     python benchmarks/bench_suite.py [--model gemma-3-270m] [--recipe recipes/translate-en-fr.yaml]
-        [--device auto] [--json results/bench.json] [--quick] [--tiny] [--skip-engine] [--lora-lr 3e-3]
+        [--device auto] [--json results/bench.json] [--quick] [--tiny] [--skip-engine]
 
 1+4. cost of compute and scaling in examples: bench_engine.py in a subprocess (same flags), merged.
-2.   against fine-tuning: time to compute the thought patch vs time for a LoRA (r=8, alpha=16, MLP
-     projections, AdamW lr=LORA_LR, full batch) to reach the patched accuracy on the held-out pairs.
-     LoRA targets are the *prompted* model's greedy answers on the recipe's example inputs (the
-     behaviour the patch imitates); the loss covers the answer and its newline, no instruction in
-     the input.  Accuracy is checked every 10 steps; training time excludes eval (both reported).
-     Stop at the patched accuracy or 300 steps (100 with --quick): then the ratio is a lower bound.
+2.   the patch: one cold compute_patch and its held-out accuracy (patched / prompt / base).  The
+     comparison with a tuned LoRA and a steering vector is benchmarks/bench_baselines.py.
 3.   inference throughput: greedy generation of exactly GEN_TOKENS new tokens for every eval query
      in one batch: merged patch without prompt (a), base with prompt (b), base without (c); median
      of 3 interleaved repeats.
 5.   model loading: first GGUF conversion vs cached load, in a fresh TRANSMUTE_CACHE (not --tiny).
 --tiny: tests/tiny.py's random gemma3 and a built-in tiny recipe (a smoke run, numbers meaningless).
-LORA_LR = 3e-3: on tiny, 60 full-batch steps reached a loss of 2.45 at 3e-3 vs 2.99 at 1e-3, both
-decreasing smoothly; the faster rate is the stricter baseline for transmute (--lora-lr overrides; the loss curve
-is in the JSON).  Transmute's compute is one cold call, as a user runs it.  Table: stdout; progress: stderr.
+Transmute's compute is one cold call, as a user runs it.  Table: stdout; progress: stderr.
 """
 
 from __future__ import annotations
@@ -39,7 +33,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as be
-from baselines import lora_batch
 from bench_engine import ROOT, log, sync
 
 from transmute_cli import checkpoint, models, pipeline
@@ -51,7 +44,6 @@ from transmute_cli.datafiles import render
 from transmute_cli.recipe import load_recipe, parse_recipe
 from transmute_cli.tokens import left_pad, pad_id, special_prefix, token_ids
 
-LORA_LR, LORA_RANK, LORA_ALPHA, EVAL_EVERY, MAX_STEPS, QUICK_MAX_STEPS = 3e-3, 8, 16, 10, 300, 100
 GEN_TOKENS, REPEATS = 8, 3
 _TINY = [("dog", "god"), ("cat", "tac"), ("sun", "nus"), ("map", "pam"), ("red", "der"), ("box", "xob"),
          ("fig", "gif"), ("jam", "maj")], [("pen", "nep"), ("cup", "puc"), ("hat", "tah"), ("log", "gol"),
@@ -88,13 +80,14 @@ def run_engine(args, recipe_path: str, tmp: Path) -> tuple[dict, list[tuple]]:
     return json.loads(out.read_text()), rows
 
 
-# --------------------------------------------------------------------------- 2. LoRA
+# --------------------------------------------------------------------------- 2. the patch
 
 
-def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, object]:
-    from peft import LoraConfig, get_peft_model
-
-    ids, pre, out = functools.partial(token_ids, tok), special_prefix(tok), {}
+def patch_section(model, tok, recipe) -> tuple[dict, object]:
+    """The patch the throughput section merges: one cold compute_patch, and its held-out accuracy.
+    (The comparison with fine-tuning and steering is benchmarks/bench_baselines.py: a LoRA tuned
+    over learning rates on a validation split, on several tasks.)"""
+    out = {}
     log(f"compute_patch on {len(pipeline.patch_texts(recipe))} texts")
     out["transmute_s"], res = timed_once(
         lambda: compute_patch(model, tok, recipe.instruction, pipeline.patch_texts(recipe), pipeline.engine_config(recipe)),
@@ -105,44 +98,6 @@ def lora_section(model, tok, recipe, lr: float, max_steps: int) -> tuple[dict, o
         model, tok, recipe.instruction, recipe.eval, [recipe.template], res.patch,
         conditions=("patched", "prompt", "base"), max_new_tokens=recipe.max_new_tokens)}
     out.update(patched_accuracy=accs["patched"], prompt_accuracy=accs["prompt"], base_accuracy=accs["base"])
-    answers = generate_answers(model, tok, [pre + ids(recipe.instruction) + ids(render(recipe.template, p.input))
-                                            for p in recipe.examples], recipe.max_new_tokens)
-    out["lora_targets"] = answers
-    batch = lora_batch(tok, recipe.template, [p.input for p in recipe.examples], answers,
-                       next(model.parameters()).device)
-    queries = [pre + ids(render(recipe.template, p.input)) for p in recipe.eval]
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                  target_modules=["gate_proj", "up_proj", "down_proj"]))
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    train_s = eval_s = 0.0
-    step, acc, history = 0, accs["base"], []
-    try:
-        while step < max_steps:
-            def one_step():
-                loss = peft_model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss.item()
-            dt, loss = timed_once(one_step, model)
-            train_s, step = train_s + dt, step + 1
-            if step % EVAL_EVERY == 0 or step == max_steps:
-                dt, got = timed_once(lambda: generate_answers(peft_model, tok, queries, recipe.max_new_tokens), model)
-                eval_s += dt
-                acc = correct_answers(got, recipe.eval) / len(recipe.eval)
-                history.append({"step": step, "loss": loss, "accuracy": acc, "train_s": train_s})
-                log(f"LoRA step {step}: loss {loss:.4f}, accuracy {acc:.3f}, train {train_s:.1f} s")
-                if acc >= accs["patched"]:
-                    break
-    finally:
-        peft_model.unload()  # LoRA layers out: the loaded model is the base model again
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads.get(n, True))
-    out.update(lora_lr=lr, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_max_steps=max_steps, lora_steps=step,
-               lora_reached=acc >= accs["patched"], lora_accuracy=acc, lora_train_s=train_s, lora_eval_s=eval_s,
-               lora_history=history, ratio_lora_transmute=train_s / out["transmute_s"])
     return out, res.patch
 
 
@@ -229,10 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "translate-en-fr.yaml"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--quick", action="store_true", help="engine sizes 10/30/100, LoRA capped at 100 steps")
+    ap.add_argument("--quick", action="store_true", help="engine sizes 10/30/100")
     ap.add_argument("--tiny", action="store_true", help="tiny random gemma3 and a built-in tiny recipe (smoke run)")
     ap.add_argument("--skip-engine", action="store_true", help="leave out bench_engine.py (sections 1 and 4)")
-    ap.add_argument("--lora-lr", type=float, default=LORA_LR, help=f"LoRA AdamW learning rate ({LORA_LR:g})")
     args = ap.parse_args(argv)
     res: dict = {}
     rows: list[tuple] = []
@@ -253,27 +207,18 @@ def main(argv=None) -> int:
     info = be.machine_info(model)
     log(f"{'tiny gemma3' if args.tiny else args.model} on {info['device']} ({info['device_name']}), "
         f"{info['torch_threads']} threads; recipe {recipe.name}: {len(recipe.examples)} examples, {len(recipe.eval)} eval")
-    max_steps = QUICK_MAX_STEPS if args.quick else MAX_STEPS
-    res["lora"], patch = lora_section(model, tok, recipe, args.lora_lr, max_steps)
+    res["patch"], patch = patch_section(model, tok, recipe)
     res["throughput"] = throughput_section(model, tok, recipe, patch)
     del model, patch
     gc.collect()
     res["loading"] = loading_section(args)
 
-    L, T, ld = res["lora"], res["throughput"], res["loading"]
+    L, T, ld = res["patch"], res["throughput"], res["loading"]
     yes = lambda ok: "yes" if ok else "no"
-    bound = "" if L["lora_reached"] else ">= "
     rows += [
-        ("lora: transmute compute_patch", f"{L['transmute_s']:.2f} s", "", "info"),
-        ("lora: accuracy patched / prompt / base",
+        ("patch: compute_patch (cold)", f"{L['transmute_s']:.2f} s", "", "info"),
+        ("patch: accuracy patched / prompt / base",
          f"{L['patched_accuracy']:.3f} / {L['prompt_accuracy']:.3f} / {L['base_accuracy']:.3f}", "", "info"),
-        ("lora: steps to reach patched acc", f"{L['lora_steps']}" + ("" if L["lora_reached"] else " (not reached)"),
-         f"<= {max_steps}", yes(L["lora_reached"])),
-        ("lora: train time (excl. eval)", f"{L['lora_train_s']:.2f} s", "", "info"),
-        ("lora: eval time during training", f"{L['lora_eval_s']:.2f} s", "", "info"),
-        ("lora: final accuracy", f"{L['lora_accuracy']:.3f}", "", "info"),
-        ("lora train / transmute compute", f"{bound}{L['ratio_lora_transmute']:.1f}x", ">= 20 (equal acc)",
-         yes(L["ratio_lora_transmute"] >= 20)),
         ("infer: merged patch, no prompt (a)", f"{T['merged_tok_s']:.1f} tok/s", "", "info"),
         ("infer: base + prompt (b)", f"{T['prompt_tok_s']:.1f} tok/s", "", "info"),
         ("infer: base, no prompt (c)", f"{T['base_tok_s']:.1f} tok/s", "", "info"),
