@@ -220,3 +220,19 @@ def test_inputs_whose_answer_is_empty_are_left_out_or_refused(monkeypatch):
         label_inputs(parse_recipe("instruction: x\ninputs: [a]\n", source="r.yaml"), _loaded(model, tok))
     with pytest.raises(InputError, match="batches: must be at most 1: 1 of the inputs got an empty answer"):
         label_inputs(parse_recipe("instruction: x\ninputs: [a, b]\nbatches: 2\n", source="r.yaml"), _loaded(model, tok))
+
+
+def test_an_engine_error_on_a_labelled_input_names_the_input():
+    from transmute_cli.pipeline import _with_source
+    from transmute_cli.recipe import with_labels
+
+    r = parse_recipe("instruction: x\nexamples: [[a, b]]\ninputs: [c, d, e]\npatch_templates: ['{input} = {output}']\n",
+                     source="r.yaml")
+    labels = [{"input": "c", "output": "", "kept": False}, {"input": "d", "output": "D", "kept": True},
+              {"input": "e", "output": "E", "kept": True}]
+    labelled = with_labels(r.model_copy(update={"inputs": ("d", "e")}), ["D", "E"])
+    said = [str(_with_source(InputError("too long", field=f"examples[{i}]"), labelled, labels)) for i in range(6)]
+    assert said == ["r.yaml: examples[0]: too long", "r.yaml: inputs[1]: too long", "r.yaml: inputs[2]: too long",
+                    "r.yaml: examples[0]: too long (under patch_templates[0])",
+                    "r.yaml: inputs[1]: too long (under patch_templates[0])",
+                    "r.yaml: inputs[2]: too long (under patch_templates[0])"]

@@ -15,9 +15,10 @@ contextual pass always runs the *unpatched* model, so its keys and values at eve
 computed once (one prefill per distinct instruction, ``hooks.PrefixCache``) and every example's
 tokens attend to them: the contextual pass costs the examples' tokens, not instruction length ×
 examples.  Many-shot recipes patch the examples under several instructions (``contexts``): one
-prefill each.  Per example we keep only the states at the positions of x, so memory is one layer's statistics (the token rows while they are fewer
-than d/2, else d×d sums; f×f or T×f for the joint solve) plus O(examples·|x|·d) states, plus
-the patch itself (factored: O(L·T·(d + f))) — no list of all activations.
+prefill each.  Per example we keep only the states at the positions of x, so memory is one
+layer's statistics (the token rows while they are fewer than d/2, else d×d sums; f×f or T×f for
+the joint solve) plus O(examples·|x|·d) states, the instructions' keys and values (every layer,
+one row each), plus the patch itself (factored: O(L·T·(d + f))) — no list of all activations.
 
 No printing: progress goes through a callback.  The CLI and reports live elsewhere.
 """

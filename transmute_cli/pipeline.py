@@ -110,14 +110,19 @@ def engine_config(recipe: Recipe, **over) -> EngineConfig:
     return EngineConfig(**cfg)
 
 
-def _with_source(err: InputError, recipe: Recipe) -> InputError:
+def _with_source(err: InputError, recipe: Recipe, labels: Sequence[dict] = ()) -> InputError:
     """Engine input errors name a field of patch texts; the recipe file, the example and the
-    template are named here (patch texts are every example under every patch template)."""
+    template are named here (patch texts are every example under every patch template; the
+    examples that ``labels`` added came from the recipe's ``inputs``)."""
     field, reason = err.field, err.reason
     m = re.fullmatch(r"examples\[(\d+)\]", field or "")
     if m:
         i, n = int(m.group(1)), len(recipe.examples)
         field = f"examples[{i % n}]"
+        kept = [k for k, label in enumerate(labels) if label["kept"]]
+        given = n - len(kept)
+        if i % n >= given:
+            field = f"inputs[{kept[i % n - given]}]"
         if i >= n:
             reason += f" (under patch_templates[{i // n - 1}])"
     if err.source is None:
@@ -205,7 +210,7 @@ def compute(
                             progress=progress, family=family, preserve=recipe.preserve, contexts=contexts)
         done = True
     except InputError as e:
-        raise _with_source(e, recipe) from None
+        raise _with_source(e, recipe, labels) from None
     finally:
         if owned:
             leave_distributed(barrier=done)
