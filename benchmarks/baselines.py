@@ -50,7 +50,6 @@ leaves the model exactly as it found it (tested: bit-identical logits, same ``re
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 import statistics
 import time
@@ -58,6 +57,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from bench_engine import sync
 from transmute_cli.datafiles import render
 from transmute_cli.evaluate import correct_answers, generate_answers
 from transmute_cli.families import base_model, decoder_layers, family_for, model_device
@@ -77,12 +77,6 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def sync(model) -> None:
-    """Wait for the accelerator, so wall times measure the work."""
-    if model_device(model).type == "cuda":
-        torch.cuda.synchronize()
-
-
 # --------------------------------------------------------------------------- shared
 
 
@@ -99,17 +93,22 @@ def accuracy(model, tok, template: str, pairs, max_new_tokens: int) -> tuple[flo
     return correct_answers(got, pairs) / max(len(pairs), 1), got
 
 
+def answer_split(tok, template: str, x: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of ``template(x, answer) + "\n"`` (no special prefix) and where the answer starts
+    in them: the first token that differs from the query's (``template(x)``) own ids."""
+    q, full = token_ids(tok, render(template, x)), token_ids(tok, render(template, x, answer) + "\n")
+    return full, next((i for i, (u, v) in enumerate(zip(q, full)) if u != v), min(len(q), len(full)))
+
+
 def answer_budget(tok, template: str, pairs, cap: int, slack: int = 2) -> int:
     """A greedy budget for choosing on ``pairs``: the most tokens a gold answer and its newline
     take (as ``lora_batch`` tokenizes them) plus ``slack``, at most ``cap``.  An answer cut there
     that ran on would be wrong at any budget (exact match), so accuracy is unchanged but for an
     answer reached by a path ``slack`` tokens longer than the gold one; it saves most of a
     selection's time, where bad settings never emit the newline.  Held-out scores use ``cap``."""
-    ids = functools.partial(token_ids, tok)
     longest = 0
     for p in pairs:
-        q, full = ids(render(template, p.input)), ids(render(template, p.input, p.output) + "\n")
-        k = next((i for i, (u, v) in enumerate(zip(q, full)) if u != v), min(len(q), len(full)))
+        full, k = answer_split(tok, template, p.input, p.output)
         longest = max(longest, len(full) - k)
     return min(cap, longest + slack)
 
@@ -130,11 +129,11 @@ def lora_batch(tok, template: str, inputs: Sequence[str], answers: Sequence[str]
     """Right-padded full batch of query + ' ' + answer + newline (no instruction); labels only on
     the answer and its newline: from the first token where the full text's tokens leave the
     query's.  Returns (input_ids, attention_mask, labels)."""
-    ids, pre = functools.partial(token_ids, tok), special_prefix(tok)
+    pre = special_prefix(tok)
     rows = []
     for x, a in zip(inputs, answers):
-        q, full = pre + ids(render(template, x)), pre + ids(render(template, x, a) + "\n")
-        k = next((i for i, (u, v) in enumerate(zip(q, full)) if u != v), min(len(q), len(full)))
+        text, k = answer_split(tok, template, x, a)
+        full, k = pre + text, len(pre) + k
         rows.append((full, [-100] * k + full[k:]))
     width, pad = max(len(f) for f, _ in rows), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids = torch.tensor([f + [pad] * (width - len(f)) for f, _ in rows], device=device)
@@ -350,9 +349,7 @@ def build_vectors(model, tok, recipe) -> dict[str, torch.Tensor]:
     pre, instr = special_prefix(tok), token_ids(tok, recipe.instruction)
     last, every, tokens = 0.0, 0.0, 0
     for p in recipe.examples:
-        x = token_ids(tok, render(recipe.template, p.input, p.output) + "\n")
-        q = token_ids(tok, render(recipe.template, p.input))
-        k = next((i for i, (u, v) in enumerate(zip(q, x)) if u != v), min(len(q), len(x)))  # answer starts
+        x, k = answer_split(tok, recipe.template, p.input, p.output)
         diff = layer_outputs(model, pre + instr + x)[:, -len(x):] - layer_outputs(model, pre + x)[:, -len(x):]
         last, every, tokens = last + diff[:, k - 1], every + diff.sum(1), tokens + len(x)
     return {"last": last / len(recipe.examples), "mean": every / tokens}

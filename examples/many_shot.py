@@ -26,19 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli.pipeline import compute, load_model  # noqa: E402
-from transmute_cli.recipe import load_recipe, parse_recipe  # noqa: E402
+from transmute_cli.recipe import load_recipe  # noqa: E402
 
 TASKS = ROOT / "examples" / "tasks"
 SKIP = {"staff-city"}
 TARGET_BELOW = 0.95  # the target: many-shot beats the prompt where the prompt is below this
-
-
-def with_shots(path: Path, n: int):
-    recipe = load_recipe(path)
-    if not n:
-        return recipe
-    return parse_recipe(recipe.text + f"\ndemonstrations: {n}\n", source=str(path), base_dir=path.parent,
-                        default_name=path.stem)
 
 
 def run(args) -> dict:
@@ -49,7 +41,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for path in files:
             for n in shots:
-                recipe = with_shots(path, n)
+                recipe = load_recipe(path).model_copy(update={"demonstrations": n})
                 rep = compute(recipe, Path(tmp) / f"{path.stem}-{n}", loaded=loaded, checkpoint=False)
                 acc = {r["condition"]: r["accuracy"] for r in rep["eval"]["results"]}
                 many = rep["eval"].get("many_shot_prompt")

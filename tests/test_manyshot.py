@@ -89,7 +89,7 @@ def test_the_instruction_runs_once_per_layer_not_once_per_example(single_thread)
     assert shots == prefills + sum(n * w for n, w in zip(counts, widths)) + 3 * sum(n * (p + w) for n, w in zip(counts, widths))
 
 
-def test_fidelity_counted_rows_are_unchanged_by_the_cache():
+def test_end_to_end_fidelity_is_unchanged_by_the_cache():
     """The cache is the engine's business: end-to-end fidelity still runs full prompted sequences."""
     model, tok = tiny_model("gemma3"), tiny_tokenizer()
     a = compute_patch(model, tok, INSTRUCTION, TEXTS)

@@ -8,7 +8,6 @@ Three conditions per template: ``base`` (no prompt), ``prompt`` (the instruction
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from torch import nn
 from .datafiles import Pair, render, rerender
 from .families import Family, base_model, family_for, model_device, select
 from .fidelity import compare_logits, final_logits, last_hidden
-from .hooks import ThoughtHooks, cache_kwargs
+from .hooks import ThoughtHooks, cache_kwargs, forward_parameters
 from .patch import ThoughtPatch
 from .tokens import left_pad, pad_id, special_prefix, token_ids
 
@@ -161,8 +160,7 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
     ids, mask, width = ids.to(dev), mask.to(dev), ids.shape[1]
     cache = DynamicCache(config=getattr(model, "config", None))
     with_cache = cache_kwargs(model, cache)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
     if prefix:
         shared = torch.tensor([list(prefix)], dtype=torch.long, device=dev)
         model(input_ids=shared, attention_mask=torch.ones_like(shared),

@@ -215,12 +215,16 @@ class LayerCall:
 _NONE = object()
 
 
+def forward_parameters(model: nn.Module) -> set[str]:
+    """The keyword names ``model.forward`` takes (a PeftModel's: its base model's, it passes them on)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(inner.forward).parameters)
+
+
 def cache_kwargs(model: nn.Module, cache: DynamicCache) -> dict[str, Any]:
     """The keyword arguments that hand ``cache`` to ``model.forward``: ``cache`` since
     transformers 5.x renamed it, ``past_key_values`` before."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
-    names = inspect.signature(inner.forward).parameters
-    return {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True}
+    return {"cache" if "cache" in forward_parameters(model) else "past_key_values": cache, "use_cache": True}
 
 
 class PrefixCache(DynamicCache):
@@ -298,11 +302,8 @@ def record_layer_inputs(model: nn.Module, fam: Family, input_ids: torch.Tensor,
         layers[i].forward = identity(i)
     try:
         with torch.no_grad():
-            if prefix is None:
-                base_model(model, fam)(input_ids=input_ids, use_cache=False)
-            else:
-                base = base_model(model, fam)
-                base(input_ids=input_ids, **cache_kwargs(base, prefix))
+            base = base_model(model, fam)
+            base(input_ids=input_ids, **({"use_cache": False} if prefix is None else cache_kwargs(base, prefix)))
     finally:
         for h in handles:
             h.remove()
