@@ -529,7 +529,8 @@ BAD_RECIPES = {
                  "but got '<stream end>')"),
     "root-list": ("- a\n- b\n", "the top level must be a mapping of keys, got a list"),
     "unknown-key": (dict(bogus=1),
-                    "bogus: unknown key (allowed: batches, components, demonstrations, eta, eval, eval_file, examples, "
+                    "bogus: unknown key (allowed: answer_format, batches, chat, components, demonstrations, eta, eval, eval_file, "
+                    "eval_inputs, eval_inputs_file, examples, "
                     "examples_file, inputs, inputs_file, instruction, layers, max_new_tokens, model, name, patch_templates, preserve, preserve_file, preserve_weight, "
                     "rho, seed, solver, template)"),
     "wrong-type": (dict(rho="abc"), "rho: must be a number >= 0, got a string ('abc')"),

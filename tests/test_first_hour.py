@@ -62,7 +62,7 @@ def test_a_mistyped_alias_fails_at_once_naming_the_known_ones():
     with pytest.raises(ModelError) as info:
         resolve("gemma-3-270M-it")
     assert str(info.value) == ("gemma-3-270M-it: unknown model alias (did you mean 'gemma-3-270m'? "
-                               "known aliases: gemma-3-270m)")
+                               "known aliases: gemma-3-270m, smollm2-135m-instruct)")
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_a_hub_id_without_network_fails_fast_in_one_line(no_hub):
     with pytest.raises(ModelError) as info:
         resolve("someone/some-model")
     assert str(info.value) == (
-        "someone/some-model: not an alias (known aliases: gemma-3-270m), a local model folder or a .gguf file, "
+        "someone/some-model: not an alias (known aliases: gemma-3-270m, smollm2-135m-instruct), a local model folder or a .gguf file, "
         "and not in the Hugging Face cache; the hub cannot be reached from here to download it")
 
 

@@ -415,7 +415,7 @@ def test_recipe_built_in_python_is_validated_by_the_same_schema():
 def test_allowed_keys_are_the_fields_a_user_writes():
     """Recipe's fields minus the record of what was read, plus the *_file keys (none listed twice)."""
     written = set(Recipe.model_fields) - {"source", "text", "sha256", "inlined"}
-    assert set(ALLOWED_KEYS) == written | {"examples_file", "inputs_file", "eval_file", "preserve_file"}
+    assert set(ALLOWED_KEYS) == written | {"examples_file", "inputs_file", "eval_file", "eval_inputs_file", "preserve_file"}
     assert list(ALLOWED_KEYS) == sorted(ALLOWED_KEYS)
 
 
@@ -508,7 +508,7 @@ def test_message_without_source():
         ("instruction: x\nexamples: [[a]]\n", f"r.yaml: examples[0]: must be {ITEM_FORM}, got a list of 1 item"),
         (
             "instruction: x\nexamples: [[a, b], {input: a, output: b, note: c}]\n",
-            "r.yaml: examples[1].note: unknown key (allowed: input, output)",
+            "r.yaml: examples[1].note: unknown key (allowed: input, output, history)",
         ),
         ("instruction: x\nexamples: [{input: a}]\n", "r.yaml: examples[0].output: is required"),
         ("instruction: x\nexamples: [[a, b], dog]\n", f"r.yaml: examples[1]: must be {ITEM_FORM}, got a string ('dog')"),
@@ -613,7 +613,7 @@ def _recipe_with_file(key: str, value: str) -> Path:
          "d.jsonl: line 3: not valid JSON (Expecting ',' delimiter at column 14)"),
         ({"d.jsonl": "nope\n"}, "examples_file", "d.jsonl", "d.jsonl: line 1: not valid JSON (Expecting value at column 1)"),
         ({"d.jsonl": '{"input": "a", "output": "b", "x": 1}\n'}, "examples_file", "d.jsonl",
-         "d.jsonl: line 1: x: unknown key (allowed: input, output)"),
+         "d.jsonl: line 1: x: unknown key (allowed: input, output, history)"),
         ({"d.jsonl": '{"input": "a"}\n'}, "examples_file", "d.jsonl", "d.jsonl: line 1: output: is required"),
         ({"d.jsonl": '["a", "b", "c"]\n'}, "examples_file", "d.jsonl",
          'd.jsonl: line 1: must be {"input": ..., "output": ...} or [input, output], got a list of 3 items'),
@@ -759,6 +759,10 @@ _PLAUSIBLE = {
     "inputs_file": ["in.txt", "missing.txt"],
     "eval": [[], [["a", "b"]]],
     "eval_file": ["x.tsv", "missing.jsonl"],
+    "eval_inputs": [[], ["a"], "a"],
+    "eval_inputs_file": ["in.txt", "missing.txt"],
+    "chat": [True, False, "yes", 1],
+    "answer_format": ["uppercase", ["one_word", "regex:^[A-Z]"], "upper", "regex:[", []],
     "demonstrations": [0, 1, 2, 5, -1],
     "rho": [0, 0.5, -1, float("inf"), float("nan")],
     "eta": [None, 1, 0, 0.5],

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .datafiles import render
 from .errors import InputError
-from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids
+from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids, query_ids
 from .export import vector_as_bias
 from .families import model_device
 from .fidelity import compare_logits
@@ -23,13 +22,14 @@ from .hooks import ThoughtHooks
 from .models import DTYPES, Loaded, cache_dir
 from .patch import ThoughtPatch, fold_statistics, merge, vector_fold_kind
 from .recipe import Recipe
-from .tokens import encode, micro_batches, pad_id, special_prefix, token_ids
+from .tokens import encode, micro_batches, pad_id
 
 
-def token_batches(loaded: Loaded, texts: Sequence[str], size: int = 16):
-    enc = encode(loaded.tokenizer, "", texts)
+def token_batches(loaded: Loaded, texts: Sequence[str], size: int = 16, plain: str | None = None):
+    """The texts as the model without the prompt reads them (``plain``: a chat recipe's prefix)."""
+    enc = encode(loaded.tokenizer, "", texts, plain=plain)
     mbs = micro_batches(enc, list(range(len(texts))), size, pad_id(loaded.tokenizer), model_device(loaded.model))
-    p = len(enc.pre)
+    p = len(enc.npre)
     out = []
     for mb in mbs:
         mask = torch.zeros(mb.nctx_ids.shape, dtype=torch.bool, device=mb.nctx_ids.device)
@@ -57,12 +57,13 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
     check_save_dtype(save_dtype)
     dtype = loaded.native_dtype if save_dtype == "auto" else save_dtype
     in_memory = next(model.parameters()).dtype == DTYPES[dtype]
-    batches = token_batches(loaded, texts[:64])
+    plain = plain_prefix(loaded, recipe)
+    batches = token_batches(loaded, texts[:64], plain=plain)
     with ThoughtHooks(model, fam) as hooks:
         hooks.scale = scale
         hooks.set_patch(patch)
         ref = masked_logits(model, batches)
-    stats = vector_fold_stats(loaded, patch.scaled(scale), texts)
+    stats = vector_fold_stats(loaded, patch.scaled(scale), texts, plain=plain)
     cache_dir().mkdir(parents=True, exist_ok=True)
     spill = tempfile.TemporaryDirectory(prefix="undo-", dir=cache_dir())
     info = merge(model, fam, patch, scale, stats, spill=Path(spill.name))  # originals on disk: one layer in memory
@@ -72,7 +73,8 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         out.mkdir(parents=True, exist_ok=True)
         save_in(model, out, DTYPES[dtype])
         loaded.tokenizer.save_pretrained(out)
-        result["generation_stops_at_newline"] = _stop_at_newline(model, loaded.tokenizer, out)
+        # a chat model's answers end at its own end-of-turn token: its generation_config stays
+        result["generation_stops_at_newline"] = plain is None and _stop_at_newline(model, loaded.tokenizer, out)
         if in_memory:  # the merged weights are the saved ones
             result.update(_measure(loaded, model, batches, ref, recipe, patched_answers))
     finally:
@@ -101,12 +103,22 @@ def needs_fold(loaded: Loaded, patch: ThoughtPatch, fmt: str = "checkpoint") -> 
     return vector_fold_kind(loaded.model, loaded.fam) != "bias"
 
 
-def vector_fold_stats(loaded: Loaded, patch: ThoughtPatch, texts: Sequence[str], fmt: str = "checkpoint") -> dict | None:
+def vector_fold_stats(loaded: Loaded, patch: ThoughtPatch, texts: Sequence[str], fmt: str = "checkpoint",
+                      plain: str | None = None) -> dict | None:
     """The activation statistics over ``texts`` that fold the vectors (``patch.fold_statistics``),
     or None where ``fmt`` carries them exactly."""
     if not needs_fold(loaded, patch, fmt):
         return None
-    return fold_statistics(loaded.model, loaded.fam, patch, token_batches(loaded, texts))
+    return fold_statistics(loaded.model, loaded.fam, patch, token_batches(loaded, texts, plain=plain))
+
+
+def plain_prefix(loaded: Loaded, recipe: Recipe | None) -> str | None:
+    """A chat recipe's text before the turns without a system message (``None``: a text recipe)."""
+    if recipe is None or not recipe.chat:
+        return None
+    from .chat import chat_format
+
+    return chat_format(loaded.tokenizer, recipe.instruction).plain
 
 
 def check_save_dtype(value: str) -> None:
@@ -121,7 +133,7 @@ def _measure(loaded: Loaded, model, batches, ref, recipe: Recipe | None, patched
     if patched_answers is not None and recipe is not None and recipe.eval:
         answers = _eval_answers(loaded, recipe, model)
         result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
-        result["accuracy"] = correct_answers(answers, recipe.eval) / len(answers)
+        result["accuracy"] = correct_answers(answers, recipe.eval, contains=recipe.chat) / len(answers)
     return result
 
 
@@ -168,9 +180,10 @@ def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[s
     from .export import export_peft
 
     model, fam = loaded.model, loaded.fam
-    stats = vector_fold_stats(loaded, patch, texts, "peft")
+    plain = plain_prefix(loaded, recipe)
+    stats = vector_fold_stats(loaded, patch, texts, "peft", plain=plain)
     info = export_peft(model, fam, patch, rank, out, base_spec, stats)
-    batches = token_batches(loaded, texts[:64])
+    batches = token_batches(loaded, texts[:64], plain=plain)
     with ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
         ref = masked_logits(model, batches)
@@ -205,13 +218,16 @@ def _write_sidecar(out: Path, loaded: Loaded, patch: ThoughtPatch, recipe: Recip
 
 def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:
     """Greedy answers to the recipe's eval queries, no prompt (``model`` defaults to the loaded one)."""
-    pre = special_prefix(loaded.tokenizer)
-    prompts = [pre + token_ids(loaded.tokenizer, render(recipe.template, p.input)) for p in recipe.eval]
-    return generate_answers(model or loaded.model, loaded.tokenizer, prompts, recipe.max_new_tokens)
+    from .chat import chat_format
+
+    chat = chat_format(loaded.tokenizer, recipe.instruction) if recipe.chat else None
+    _, pre, queries = query_ids(loaded.tokenizer, recipe.instruction, recipe.eval, recipe.template, chat)
+    return generate_answers(model or loaded.model, loaded.tokenizer, [pre + q for q in queries], recipe.max_new_tokens,
+                            newline=chat is None)
 
 
 def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
-    return correct_answers(_eval_answers(loaded, recipe, model), recipe.eval) / len(recipe.eval)
+    return correct_answers(_eval_answers(loaded, recipe, model), recipe.eval, contains=recipe.chat) / len(recipe.eval)
 
 
 def compare_runs(ref: list[torch.Tensor], got: list[torch.Tensor], name: str) -> dict:

@@ -224,6 +224,9 @@ def eval_cmd(
         )
     gate = None
     if min_accuracy is not None:
+        if not doc["results"]:
+            raise InputError("the recipe has no eval pairs with answers to score (only eval_inputs)",
+                             field="--min-accuracy")
         own = doc["results"][0]["template"]
         patched = next(r for r in doc["results"] if r["template"] == own and r["condition"] == "patched")
         gate = {"min_accuracy": min_accuracy, "accuracy": patched["accuracy"], "passed": patched["accuracy"] >= min_accuracy}
@@ -231,8 +234,12 @@ def eval_cmd(
     if as_json:
         _emit_json({k: v for k, v in doc.items() if k != "answers"})
     else:
-        report.out.print(report.accuracy_table(doc["results"], title=f"{doc['recipe']}: accuracy on {doc['n']} held-out pairs",
-                                               rerendered=doc["prompt_rerendered"]))
+        if doc["results"]:
+            report.out.print(report.accuracy_table(doc["results"], title=f"{doc['recipe']}: accuracy on {doc['n']} held-out "
+                             "pairs" + (" (the answer contains the reference)" if doc["chat"] else ""),
+                                                   rerendered=doc["prompt_rerendered"]))
+        if doc.get("format"):
+            report.out.print(report.format_table(doc["format"]))
     if gate and not gate["passed"]:
         report.err.print(f"gate failed: patched accuracy {gate['accuracy']:.3f} < --min-accuracy {min_accuracy}", markup=False)
         raise typer.Exit(1)

@@ -24,10 +24,18 @@ _ESCAPE_RE = re.compile(r"\\(n|\\)")
 
 @dataclass(frozen=True)
 class Pair:
-    """One (input, output) example; both are non-empty text."""
+    """One (input, output) example; both are non-empty text.  ``history`` (chat recipes only):
+    the earlier turns of the conversation, user and assistant alternating, before ``input``."""
 
     input: str
     output: str
+    history: tuple[str, ...] = ()
+
+    def messages(self, answer: bool = True) -> list[dict[str, str]]:
+        """The conversation as chat messages (``answer=False``: up to the last user turn)."""
+        roles = ("user", "assistant")
+        turns = [*self.history, self.input] + ([self.output] if answer else [])
+        return [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]
 
 
 # --------------------------------------------------------------------------- templates
@@ -221,13 +229,23 @@ def parse_pair(item: object, form: str) -> Pair:
         return Pair(pair_text(item[0], "input"), pair_text(item[1], "output"))
     if isinstance(item, dict):
         for key in item:
-            if key not in ("input", "output"):
-                raise Problem("unknown key (allowed: input, output)", key_label(key))
+            if key not in ("input", "output", "history"):
+                raise Problem("unknown key (allowed: input, output, history)", key_label(key))
         for key in ("input", "output"):
             if key not in item:
                 raise Problem("is required", key)
-        return Pair(pair_text(item["input"], "input"), pair_text(item["output"], "output"))
+        return Pair(pair_text(item["input"], "input"), pair_text(item["output"], "output"),
+                    _history(item.get("history", [])))
     raise Problem(f"must be {form}, got {describe(item)}")
+
+
+def _history(value: object) -> tuple[str, ...]:
+    """Earlier turns of a chat example: a list of texts, user and assistant alternating."""
+    if not isinstance(value, (list, tuple)):
+        raise Problem(f"must be a list of earlier turns (user, assistant, ...), got {describe(value)}", "history")
+    if len(value) % 2:
+        raise Problem(f"must hold user and assistant turns in pairs, got {len(value)} turns", "history")
+    return tuple(pair_text(t, f"history[{k}]") for k, t in enumerate(value))
 
 
 def _tsv_pair(line: str) -> Pair:

@@ -147,7 +147,7 @@ class _Residuals:
 
 class _Loop:
     def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family, preserve=(),
-                 contexts=None):
+                 contexts=None, plain=None):
         cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
         self.fam = family_for(model, family)
@@ -155,7 +155,7 @@ class _Loop:
         self.L = len(self.layers)
         self.patch_layers = resolve_layers(cfg.layers, self.L)
         self.device = model_device(model)
-        self.enc = encode(tokenizer, instruction, texts, preserve, contexts)
+        self.enc = encode(tokenizer, instruction, texts, preserve, contexts, plain)
         if not self.enc.texts:
             raise InputError("at least one example is required", field="examples")
         if not self.enc.instruction or not all(self.enc.contexts):
@@ -164,7 +164,7 @@ class _Loop:
         self.pad = pad_id(tokenizer)
         self.d = int(get_module(self.layers[0], self.fam.mlp_in[0]).weight.shape[1])
         self.f = int(get_module(self.layers[0], self.fam.mlp_down).weight.shape[1])
-        self.p = len(self.enc.pre)  # where x starts in the non-contextual sequence
+        self.p = len(self.enc.npre)  # where x starts in the non-contextual sequence
         self.matrices: dict[int, torch.Tensor] = {}
         self.vectors: dict[int, torch.Tensor] = {}
         self.downs: dict[int, torch.Tensor] = {}
@@ -393,6 +393,7 @@ def compute_patch(
     family: str | None = None,
     preserve: Sequence[str] = (),
     contexts: Sequence[str] | None = None,
+    plain: str | None = None,
 ) -> PatchResult:
     """Compute a thought patch that makes ``model`` without ``instruction`` act as if it were there.
 
@@ -401,8 +402,11 @@ def compute_patch(
     prompted tasks, plain prose): their tokens enter every least-squares fit with the original
     model's states as the target and ``config.preserve_weight`` as the weight, so the patch
     learns to leave them alone.  ``contexts`` (many-shot): one instruction per text, used in place
-    of ``instruction`` in that text's contextual pass.  The model is left exactly as it was:
+    of ``instruction`` in that text's contextual pass.  ``plain`` (chat recipes): the text the
+    non-contextual pass starts with — the chat template without a system message — while the
+    contextual one starts with ``instruction``, the template with it (``chat.ChatFormat``); nothing
+    else is put before either.  The model is left exactly as it was:
     patches live in hooks during the computation.
     """
     return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family, preserve,
-                 contexts).run()
+                 contexts, plain).run()

@@ -3,6 +3,11 @@
 Three conditions per template: ``base`` (no prompt), ``prompt`` (the instruction in context),
 ``patched`` (the thought patch, no prompt).  Token ids are built exactly as in the engine —
 ``[pre] + ids(I) + ids(query)`` — so the prompt condition is the context the patch imitates.
+
+Chat recipes (``chat``, a ``chat.ChatFormat``): the query is the conversation up to where the
+assistant answers, after the chat template's text with the system message (prompt) or without
+it (base, patched); an answer runs to the model's end-of-turn token, newlines included, and a
+label is found in it when the answer contains it (``correct_answers``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .chat import ChatFormat
 from .datafiles import Pair, render, rerender
 from .families import Family, base_model, family_for, model_device, select
 from .fidelity import compare_logits, final_logits, last_hidden
@@ -22,6 +28,8 @@ from .patch import ThoughtPatch
 from .tokens import left_pad, pad_id, special_prefix, token_ids
 
 CONDITIONS = ("base", "prompt", "patched")
+CHAT_TEMPLATE = "(chat template)"  # what a chat recipe's results name as their template
+FIRST_TOKENS = 16  # held-out fidelity: agreement of the first this many greedy answer tokens
 
 
 @dataclass
@@ -99,9 +107,24 @@ def end_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return list(dict.fromkeys(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
 
 
-def correct_answers(answers: Sequence[str], pairs: Sequence[Pair]) -> int:
-    """Exact matches of greedy answers (already cut at the newline) with the pairs' outputs."""
-    return sum(a == p.output.strip() for a, p in zip(answers, pairs))
+def correct_answers(answers: Sequence[str], pairs: Sequence[Pair], contains: bool = False) -> int:
+    """Exact matches of greedy answers (already cut at the newline) with the pairs' outputs;
+    ``contains`` (chat answers, which are sentences): the output appears in the answer as whole
+    words, case and spacing aside."""
+    if not contains:
+        return sum(a == p.output.strip() for a, p in zip(answers, pairs))
+    return sum(label_in(p.output, a) for a, p in zip(answers, pairs))
+
+
+def label_in(label: str, answer: str) -> bool:
+    """``label`` occurs in ``answer`` as whole words, ignoring case and runs of spaces."""
+    import re
+
+    words = " ".join(label.split()).lower().strip(" .!?")
+    if not words:
+        return False
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words.split(" ")) + r"(?!\w)"
+    return re.search(pattern, answer.lower()) is not None
 
 
 def newline_token_ids(tokenizer) -> list[int]:
@@ -114,15 +137,16 @@ def newline_token_ids(tokenizer) -> list[int]:
 
 def generate_answers(
     model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 16, batch_size: int = 64,
-    ids_out: list[list[int]] | None = None, prefix: Sequence[int] = (),
+    ids_out: list[list[int]] | None = None, prefix: Sequence[int] = (), newline: bool = True,
 ) -> list[str]:
     """Greedy continuations of token-id prompts (each after ``prefix``, see ``greedy_rows``), cut
-    at the first newline and stripped.  ``ids_out``, when given, receives each continuation's
-    token ids up to its stop token."""
+    at the first newline and stripped (``newline=False``: run to an end token, newlines kept).
+    ``ids_out``, when given, receives each continuation's token ids up to its stop token."""
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
-        for row in greedy_rows(model, tokenizer, prompts[s : s + batch_size], max_new_tokens, prefix):
-            out.append(_cut(tokenizer.decode(row, skip_special_tokens=True)))
+        for row in greedy_rows(model, tokenizer, prompts[s : s + batch_size], max_new_tokens, prefix, newline):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            out.append(_cut(text) if newline else text.strip())
             if ids_out is not None:
                 ids_out.append(row)
     return out
@@ -130,7 +154,7 @@ def generate_answers(
 
 @torch.no_grad()
 def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
-                prefix: Sequence[int] = ()) -> list[list[int]]:
+                prefix: Sequence[int] = (), newline: bool = True) -> list[list[int]]:
     """Greedy decoding of a batch in which each row leaves the batch (and the KV cache) at its
     stop token (one holding a newline, or an end token) or at ``max_new_tokens``: a batch costs
     what its answers cost, not its longest answer times its rows (``transformers.generate`` keeps
@@ -141,7 +165,8 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
     once with its KV cache copied to every row instead of once per row; each row's padding then
     sits between the prefix and its own tokens (masked; positions count real tokens).  A
     sliding-window model would count that padding in its window, so when the prefix, the longest
-    row and the answers do not fit in the window the prefix simply goes in front of every row."""
+    row and the answers do not fit in the window the prefix simply goes in front of every row.
+    ``newline=False`` (chat answers): only an end token stops a row."""
     from transformers import DynamicCache
 
     dev = model_device(model)
@@ -150,7 +175,8 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
 
     def stops(token: int) -> bool:
         if token not in holds_newline:
-            holds_newline[token] = token in ends or "\n" in tokenizer.decode([token], skip_special_tokens=False)
+            holds_newline[token] = token in ends or (
+                newline and "\n" in tokenizer.decode([token], skip_special_tokens=False))
         return holds_newline[token]
 
     window = getattr(getattr(model, "config", None), "sliding_window", None)
@@ -206,20 +232,21 @@ def evaluate(
     family: str | None = None,
     progress: Callable[[str, str], None] | None = None,
     demonstrations: str | None = None,
+    chat: ChatFormat | None = None,
 ) -> list[Result]:
     """One Result per (template, condition); ``patched`` needs ``patch``.
 
     ``demonstrations``: the template the instruction's demonstrations are written in (the
     recipe's).  For any other template the prompt condition gets them rewritten in that template
-    (``datafiles.rerender``), as a user prompting in that format would write them."""
+    (``datafiles.rerender``), as a user prompting in that format would write them.
+    ``chat``: a chat recipe's format (``instruction`` is then its system message and the one
+    template is ``CHAT_TEMPLATE``)."""
     fam: Family = family_for(model, family)
-    pre = special_prefix(tokenizer)
-    instr = token_ids(tokenizer, instruction)
     results: list[Result] = []
     for template in templates:
-        queries = [token_ids(tokenizer, render(template, p.input)) for p in pairs]
+        instr, pre, queries = query_ids(tokenizer, instruction, pairs, template, chat)
         rewritten = None
-        if demonstrations is not None and template != demonstrations:
+        if demonstrations is not None and template != demonstrations and chat is None:
             rewritten = rerender(instruction, demonstrations, template)
         for cond in conditions:
             if progress:
@@ -228,18 +255,35 @@ def evaluate(
             # patched condition keeps whole rows: the hooks see each forward as it comes)
             prompts, prefix = [pre + q for q in queries], ()
             if cond == "prompt":
-                prompts, prefix = queries, pre + (instr if rewritten is None else token_ids(tokenizer, rewritten))
+                prompts, prefix = queries, (instr if rewritten is None else
+                                            special_prefix(tokenizer) + token_ids(tokenizer, rewritten))
             if cond == "patched" and patch is None:
                 raise ValueError("the patched condition needs a patch")
             with ThoughtHooks(model, fam) if cond == "patched" else contextlib.nullcontext() as hooks:
                 if hooks is not None:
                     hooks.scale = scale
                     hooks.set_patch(patch)
-                answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []), prefix=prefix)
-            correct = correct_answers(answers, pairs)
+                answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []), prefix=prefix,
+                                           newline=chat is None)
+            correct = correct_answers(answers, pairs, contains=chat is not None)
             results.append(Result(template, cond, correct, len(pairs), answers, got,
                                   rerendered=cond == "prompt" and rewritten is not None))
     return results
+
+
+def query_ids(tokenizer, instruction: str, pairs: Sequence[Pair], template: str,
+              chat: ChatFormat | None = None) -> tuple[list[int], list[int], list[list[int]]]:
+    """Token ids of (what the prompted model sees before a query, what the model without the prompt
+    sees before it, each query): ``pre + I`` / ``pre`` / the template up to the answer, or for a
+    chat recipe the template's text with / without the system message and each conversation up
+    to where the assistant answers."""
+    if chat is None:
+        pre = special_prefix(tokenizer)
+        return (pre + token_ids(tokenizer, instruction), pre,
+                [token_ids(tokenizer, render(template, p.input)) for p in pairs])
+    queries = chat.texts(pairs, answer=False, where="eval")
+    return (token_ids(tokenizer, chat.system), token_ids(tokenizer, chat.plain),
+            [token_ids(tokenizer, q) for q in queries])
 
 
 @dataclass
@@ -255,6 +299,11 @@ class HeldoutFidelity:
     positions: int
     base_answer_agreement: float  # unpatched, no prompt, against the prompted model
     base_mean_kl: float
+    # share of queries whose first FIRST_TOKENS answer tokens (the whole answer when shorter) are
+    # the prompted model's: the measure for open-ended answers, where whole answers rarely agree
+    first_tokens_agreement: float = float("nan")
+    base_first_tokens_agreement: float = float("nan")
+    first_tokens: int = FIRST_TOKENS
 
 
 def _answer_logits(model: nn.Module, fam: Family, seqs: Sequence[list[int]], starts: Sequence[int],
@@ -295,16 +344,15 @@ class PromptedReference:
 
 
 def prompted_reference(model: nn.Module, tokenizer, instruction: str, pairs: Sequence[Pair], template: str,
-                       prompted: Result, *, family: str | None = None) -> PromptedReference:
+                       prompted: Result, *, family: str | None = None,
+                       chat: ChatFormat | None = None) -> PromptedReference:
     """``prompted`` is ``evaluate``'s prompt-condition result (it carries ``answer_ids``)."""
     fam: Family = family_for(model, family)
-    pre = special_prefix(tokenizer)
-    instr = token_ids(tokenizer, instruction)
-    queries = [token_ids(tokenizer, render(template, p.input)) for p in pairs]
+    instr, pre, queries = query_ids(tokenizer, instruction, pairs, template, chat)
     keep = [i for i, a in enumerate(prompted.answer_ids) if a]
     lengths = [len(prompted.answer_ids[i]) for i in keep]
-    ctx = [pre + instr + queries[i] + prompted.answer_ids[i] for i in keep]
-    logits = _answer_logits(model, fam, ctx, [len(pre + instr + queries[i]) for i in keep], lengths)
+    ctx = [instr + queries[i] + prompted.answer_ids[i] for i in keep]
+    logits = _answer_logits(model, fam, ctx, [len(instr + queries[i]) for i in keep], lengths)
     plain = [pre + queries[i] + prompted.answer_ids[i] for i in keep]
     return PromptedReference(template, prompted, plain, [len(pre + queries[i]) for i in keep], lengths, logits)
 
@@ -329,6 +377,13 @@ def answer_agreement(answers: Sequence[str], ref: PromptedReference) -> float:
     return sum(x == y for x, y in zip(answers, ref.prompted.answers)) / n if n else 0.0
 
 
+def first_tokens_agreement(answer_ids: Sequence[Sequence[int]], reference: Sequence[Sequence[int]],
+                           n: int = FIRST_TOKENS) -> float:
+    """Share of answers whose first ``n`` token ids (all of them when fewer) are the reference's."""
+    pairs = list(zip(answer_ids, reference))
+    return sum(list(a[:n]) == list(r[:n]) for a, r in pairs) / len(pairs) if pairs else 0.0
+
+
 def heldout_fidelity(
     model: nn.Module,
     tokenizer,
@@ -343,14 +398,18 @@ def heldout_fidelity(
     scale: float = 1.0,
     family: str | None = None,
     reference: PromptedReference | None = None,
+    chat: ChatFormat | None = None,
 ) -> HeldoutFidelity:
     """Held-out fidelity from the greedy answers ``evaluate`` already produced; the KL costs one
     teacher-forced forward per model compared (plus one for the reference, unless given)."""
-    ref = reference or prompted_reference(model, tokenizer, instruction, pairs, template, prompted, family=family)
+    ref = reference or prompted_reference(model, tokenizer, instruction, pairs, template, prompted, family=family,
+                                          chat=chat)
     nan = float("nan")
     return HeldoutFidelity(
         template, len(pairs), answer_agreement(patched.answers, ref),
         answer_kl(model, ref, patch, scale=scale, family=family), sum(ref.lengths),
         answer_agreement(base.answers, ref) if base is not None else nan,
         answer_kl(model, ref, None, family=family) if base is not None else nan,
+        first_tokens_agreement(patched.answer_ids, prompted.answer_ids),
+        first_tokens_agreement(base.answer_ids, prompted.answer_ids) if base is not None else nan,
     )

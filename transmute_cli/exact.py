@@ -37,7 +37,7 @@ def exact_token_patch(model, tokenizer, instruction: str, texts: Sequence[str], 
     check_lengths(model, enc)
     pad = pad_id(tokenizer)
     (mb,) = micro_batches(enc, list(range(len(texts))), len(texts), pad, model_device(model))
-    P, p = enc.prefix_len, len(enc.pre)
+    P, p = enc.prefix_len, len(enc.npre)
     tp = TokenPatchHooks(model, fam)
     errors, scales = [], []
     with torch.no_grad():

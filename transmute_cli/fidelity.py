@@ -63,7 +63,7 @@ def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, 
     the original model *with* I, through the model's ordinary forward (hooks, not the loop).
     On the preservation texts: the patched model against the original one, same text."""
     base = base_model(model, fam)
-    p = len(enc.pre)
+    p = len(enc.npre)
     tot = {"kl": 0.0, "agree": 0.0, "bkl": 0.0, "bagree": 0.0, "n": 0, "pkl": 0.0, "pagree": 0.0, "pn": 0}
     rank, world = rank_world(distributed)
     mbs = micro_batches(enc, list(range(len(enc.texts)))[rank::world], micro_batch, pad, model_device(model))

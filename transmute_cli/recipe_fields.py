@@ -77,6 +77,23 @@ def _input(item: object) -> str:
         reject(problem.reason)
 
 
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        reject(f"must be true or false, got {describe(value)}")
+    return value
+
+
+def _answer_format(value: object) -> tuple[str, ...]:
+    from transmute_cli.formats import parse_format
+
+    try:
+        return parse_format(value)
+    except ValueError as error:
+        reason = str(error)
+        at = reason[: reason.index("]") + 1] if reason.startswith("[") and "]" in reason else ""
+        reject(reason[len(at):].lstrip(": ") if at else reason, at)
+
+
 def list_of(what: str) -> BeforeValidator:
     """A list (YAML) or tuple (Python) only: a string or a mapping is not a list of anything."""
 
@@ -204,4 +221,6 @@ InputsFile = Annotated[tuple[str, ...], data_file("inputs")]
 NonNegative = number(float, ge=0)
 Positive = number(float, gt=0)
 Components = Annotated[tuple[str, ...], PlainValidator(_components)]
+Flag = Annotated[bool, PlainValidator(_flag)]
+AnswerFormat = Annotated[tuple[str, ...], PlainValidator(_answer_format)]
 Layers = Annotated[Union[str, tuple[int, ...]], PlainValidator(_layers)]

@@ -98,17 +98,39 @@ def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact ma
               caption_justify="left")
     t.add_column("template")
     conds = [c for c in ("base", "prompt", "patched") if any(r["condition"] == c for r in results)]
-    names = {"base": "no prompt", "prompt": "prompt in context", "patched": "patched (no prompt)"}
     for c in conds:
-        t.add_column(names[c], justify="right")
+        t.add_column(CONDITION_NAMES[c], justify="right")
     templates = list(dict.fromkeys(r["template"] for r in results))
     for tpl in templates:
-        row = [repr(tpl)]
+        row = [tpl if tpl.startswith("(") else repr(tpl)]
         for c in conds:
             r = next((r for r in results if r["template"] == tpl and r["condition"] == c), None)
             mark = " *" if c == "prompt" and tpl in rerendered else ""
             row.append("" if r is None else f"{r['accuracy']:.3f} ({r['correct']}/{r['n']}){mark}")
         t.add_row(*row)
+    return t
+
+
+CONDITION_NAMES = {"base": "no prompt", "prompt": "prompt in context", "patched": "patched (no prompt)"}
+
+
+def accuracy_title(report: dict) -> str:
+    chat = report.get("settings", {}).get("chat")
+    what = "the answer contains the reference" if chat else "exact match, answer cut at newline"
+    return f"Accuracy on the held-out pairs (greedy, {what})"
+
+
+def format_table(fmt: dict) -> Table:
+    """Share of held-out answers passing the recipe's answer_format, per condition."""
+    t = Table(title=f"Answers passing answer_format: {fmt['spec']}", title_justify="left")
+    t.add_column("template")
+    conds = [c for c in ("base", "prompt", "patched") if any(r["condition"] == c for r in fmt["results"])]
+    for c in conds:
+        t.add_column(CONDITION_NAMES[c], justify="right")
+    for tpl in dict.fromkeys(r["template"] for r in fmt["results"]):
+        cells = {r["condition"]: r for r in fmt["results"] if r["template"] == tpl}
+        t.add_row(tpl if tpl.startswith("(") else repr(tpl),
+                  *[f"{cells[c]['rate']:.3f} ({cells[c]['passed']}/{cells[c]['n']})" if c in cells else "" for c in conds])
     return t
 
 
@@ -133,10 +155,15 @@ def show_compute(report: dict) -> None:
     out.print(t)
     h = f.get("heldout")
     if h:
-        ht = _two_columns(f"Fidelity on the {h['queries']} held-out eval queries (vs the prompted model)",
-                          ("same greedy answer", "KL on its answer (nats/token)"))
-        ht.add_row("no prompt, unpatched", _f(h["base_answer_agreement"]), _f(h["base_mean_kl"]))
-        ht.add_row("no prompt, patched", _f(h["answer_agreement"]), _f(h["mean_kl"]))
+        first = f"same first {h.get('first_tokens', 16)} tokens"
+        ht = Table(title=f"Fidelity on the {h['queries']} held-out eval queries (vs the prompted model)",
+                   title_justify="left")
+        for c, justify in (("", "left"), ("same greedy answer", "right"), (first, "right"),
+                           ("KL on its answer (nats/token)", "right")):
+            ht.add_column(c, justify=justify)
+        ht.add_row("no prompt, unpatched", _f(h["base_answer_agreement"]), _f(h.get("base_first_tokens_agreement")),
+                   _f(h["base_mean_kl"]))
+        ht.add_row("no prompt, patched", _f(h["answer_agreement"]), _f(h.get("first_tokens_agreement")), _f(h["mean_kl"]))
         out.print(ht)
     lt = Table(title="Per layer", title_justify="left")
     for c in ("layer", "tokens", "matrix fit residual", "vector/joint residual", "|δ|", "|A|"):
@@ -146,7 +173,10 @@ def show_compute(report: dict) -> None:
                    _f(l["vector_norm"], 2), _f(l["matrix_norm"], 2))
     out.print(lt)
     if report.get("eval"):
-        out.print(accuracy_table(report["eval"]["results"]))
+        if report["eval"]["results"]:
+            out.print(accuracy_table(report["eval"]["results"], title=accuracy_title(report)))
+        if report["eval"].get("format"):
+            out.print(format_table(report["eval"]["format"]))
         m = report["eval"].get("many_shot_prompt")
         if m:
             out.print(f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from the examples):"
@@ -244,11 +274,14 @@ def report_markdown(r: dict) -> str:
     h = f.get("heldout")
     if h:
         lines += ["", f"## Fidelity on the {h['queries']} held-out eval queries (against the prompted model)", "",
-                  "| | greedy answers identical | mean KL on the prompted answer (nats/token) |", "|---|---|---|",
-                  f"| unpatched, no prompt | {_f(h['base_answer_agreement'])} | {_f(h['base_mean_kl'])} |",
-                  f"| patched, no prompt | {_f(h['answer_agreement'])} | {_f(h['mean_kl'])} |"]
-    if r.get("eval"):
-        lines += ["", "## Accuracy on held-out pairs (greedy, answer cut at the first newline, exact match)", "",
+                  f"| | greedy answers identical | first {h.get('first_tokens', 16)} answer tokens identical | "
+                  "mean KL on the prompted answer (nats/token) |", "|---|---|---|---|",
+                  f"| unpatched, no prompt | {_f(h['base_answer_agreement'])} | {_f(h.get('base_first_tokens_agreement'))} "
+                  f"| {_f(h['base_mean_kl'])} |",
+                  f"| patched, no prompt | {_f(h['answer_agreement'])} | {_f(h.get('first_tokens_agreement'))} "
+                  f"| {_f(h['mean_kl'])} |"]
+    if r.get("eval") and r["eval"]["results"]:
+        lines += ["", f"## {accuracy_title(r)}", "",
                   "| template | condition | accuracy | correct / n |", "|---|---|---|---|"]
         for e in r["eval"]["results"]:
             lines.append(f"| `{e['template']!r}` | {e['condition']} | {e['accuracy']:.3f} | {e['correct']}/{e['n']} |")
@@ -256,6 +289,12 @@ def report_markdown(r: dict) -> str:
         if m:
             lines.append(f"| `{r['eval']['results'][0]['template']!r}` | prompt + {m['demonstrations']} demonstrations "
                          f"(what the patch distils) | {m['accuracy']:.3f} | {m['correct']}/{m['n']} |")
+    fmt = (r.get("eval") or {}).get("format")
+    if fmt:
+        lines += ["", f"## Held-out answers passing answer_format: {fmt['spec']}", "",
+                  "| template | condition | passed | n |", "|---|---|---|---|"]
+        for e in fmt["results"]:
+            lines.append(f"| `{e['template']}` | {e['condition']} | {e['rate']:.3f} | {e['passed']}/{e['n']} |")
     if r.get("checkpoint") and "skipped" in r["checkpoint"]:
         lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
     elif r.get("checkpoint"):

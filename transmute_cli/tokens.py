@@ -22,7 +22,10 @@ def token_ids(tokenizer, text: str) -> list[int]:
 @dataclass(frozen=True)
 class Encoded:
     """Token ids: ``pre`` (BOS or nothing), the instruction, each example text x, and each
-    preservation text z (run without the instruction in both passes).
+    preservation text z (run without the instruction in both passes).  ``plain``: what the
+    non-contextual pass (and both passes of a preservation text) starts with in place of ``pre``
+    — chat recipes: the chat template's text without a system message (``chat.ChatFormat``);
+    ``None``: ``pre``.
 
     ``contexts`` (many-shot recipes): the distinct instructions the example texts are patched
     under, and ``context_of[i]`` the one text i sees; empty when every text sees ``instruction``."""
@@ -33,6 +36,12 @@ class Encoded:
     preserve: tuple[tuple[int, ...], ...] = ()
     contexts: tuple[tuple[int, ...], ...] = ()
     context_of: tuple[int, ...] = ()
+    plain: tuple[int, ...] | None = None
+
+    @property
+    def npre(self) -> tuple[int, ...]:
+        """The tokens before x (before z) in the non-contextual pass."""
+        return self.pre if self.plain is None else self.plain
 
     @property
     def prefix_len(self) -> int:  # tokens before x in the contextual sequence (the one instruction)
@@ -57,9 +66,11 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence[str] = (),
-           contexts: Sequence[str] | None = None) -> Encoded:
+           contexts: Sequence[str] | None = None, plain: str | None = None) -> Encoded:
     """Tokenize I and each x separately so the positions of x align in both passes.
-    ``contexts``: one instruction per text (many-shot), in place of ``instruction`` for that text."""
+    ``contexts``: one instruction per text (many-shot), in place of ``instruction`` for that text.
+    ``plain`` (chat): the text before x in the non-contextual pass; then nothing is added before
+    either pass's text (the chat template writes any BOS itself)."""
     ids = lambda s: tuple(token_ids(tokenizer, s))  # noqa: E731
     distinct: tuple[tuple[int, ...], ...] = ()
     context_of: tuple[int, ...] = ()
@@ -68,8 +79,9 @@ def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence
             raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts")
         order = list(dict.fromkeys(contexts))
         distinct, context_of = tuple(ids(c) for c in order), tuple(order.index(c) for c in contexts)
-    return Encoded(tuple(special_prefix(tokenizer)), ids(instruction), tuple(ids(t) for t in texts),
-                   tuple(ids(t) for t in preserve), distinct, context_of)
+    pre = tuple(special_prefix(tokenizer)) if plain is None else ()
+    return Encoded(pre, ids(instruction), tuple(ids(t) for t in texts), tuple(ids(t) for t in preserve), distinct,
+                   context_of, None if plain is None else ids(plain))
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -92,8 +104,8 @@ def check_lengths(model: nn.Module, enc: Encoded) -> None:
     for i, z in enumerate(enc.preserve):
         if not z:
             raise InputError("the text is empty after tokenization", field=f"preserve[{i}]")
-        if limit is not None and len(enc.pre) + len(z) > limit:
-            raise InputError(f"the text is {len(enc.pre) + len(z)} tokens; the model's context is {limit}",
+        if limit is not None and len(enc.npre) + len(z) > limit:
+            raise InputError(f"the text is {len(enc.npre) + len(z)} tokens; the model's context is {limit}",
                              field=f"preserve[{i}]")
 
 
@@ -154,8 +166,8 @@ def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, devic
         groups.setdefault(0 if preserve else enc.context(i), []).append(i)
     out = []
     for context, members in groups.items():
-        ctx_prefix = enc.pre if preserve else enc.pre + enc.instruction_ids(context)
-        out += _chunks(texts, members, size, pad, device, ctx_prefix, enc.pre, preserve, weight, context)
+        ctx_prefix = enc.npre if preserve else enc.pre + enc.instruction_ids(context)
+        out += _chunks(texts, members, size, pad, device, ctx_prefix, enc.npre, preserve, weight, context)
     return out
 
 
