@@ -81,6 +81,31 @@ def other_chats(loaded, recipe, patch, questions: list[str]) -> dict:
     return out
 
 
+def one(loaded, label: str, recipe, neutral: list[str], out: Path) -> dict:
+    rep = compute(recipe, out, loaded=loaded, checkpoint=False)
+    ev, held = rep["eval"], rep["fidelity"]["heldout"]
+    if ev.get("format"):
+        score = "format: " + ev["format"]["spec"]
+        by = {r["condition"]: r["rate"] for r in ev["format"]["results"]}
+    else:
+        score = "accuracy (answer contains the fact)"
+        by = {r["condition"]: r["accuracy"] for r in ev["results"]}
+    side = other_chats(loaded, recipe, load_patch(out / "patch.safetensors"), neutral)
+    row = {
+        "recipe": label, "score": score, "heldout": held["queries"], "rho": recipe.rho,
+        "no_prompt": by["base"], "prompt": by["prompt"], "patched": by["patched"],
+        "ratio": by["patched"] / by["prompt"] if by["prompt"] else None,
+        "same_first_tokens": held["first_tokens_agreement"], "base_same_first_tokens": held["base_first_tokens_agreement"],
+        "kl": held["mean_kl"], "base_kl": held["base_mean_kl"], "in_sample_top1": rep["fidelity"]["top1_agreement"],
+        "compute_s": rep["timings"]["compute_s"], "label_s": rep["timings"].get("label_s"), "examples": rep["examples"],
+        "preserve_texts": len(recipe.preserve), "other_chats": side,
+    }
+    print(f"{label:8s} {score}: no prompt {row['no_prompt']:.2f} prompt {row['prompt']:.2f} patched "
+          f"{row['patched']:.2f}; other chats: patched KL {side['patched_kl']:.3f} vs prompt KL "
+          f"{side['prompt_kl']:.3f} ({row['compute_s']:.1f} s)", file=sys.stderr, flush=True)
+    return row
+
+
 def run(args) -> dict:
     neutral = load_inputs(Path(args.neutral), source=None, field="--neutral")
     loaded = None
@@ -89,29 +114,11 @@ def run(args) -> dict:
         for name in args.recipes:
             recipe = load_recipe(ROOT / "recipes" / f"chat-{name}.yaml")
             loaded = loaded or load_model(recipe.model, device=args.device)
-            rep = compute(recipe, Path(tmp) / name, loaded=loaded, checkpoint=False)
-            ev, held = rep["eval"], rep["fidelity"]["heldout"]
-            if ev.get("format"):
-                score = "format: " + ev["format"]["spec"]
-                by = {r["condition"]: r["rate"] for r in ev["format"]["results"]}
-            else:
-                score = "accuracy (answer contains the fact)"
-                by = {r["condition"]: r["accuracy"] for r in ev["results"]}
-            patch = load_patch(Path(tmp) / name / "patch.safetensors")
-            side = other_chats(loaded, recipe, patch, neutral)
-            row = {
-                "recipe": name, "score": score, "heldout": held["queries"],
-                "no_prompt": by["base"], "prompt": by["prompt"], "patched": by["patched"],
-                "ratio": by["patched"] / by["prompt"] if by["prompt"] else None,
-                "same_first_tokens": held["first_tokens_agreement"], "base_same_first_tokens":
-                    held["base_first_tokens_agreement"], "kl": held["mean_kl"], "base_kl": held["base_mean_kl"],
-                "in_sample_top1": rep["fidelity"]["top1_agreement"], "compute_s": rep["timings"]["compute_s"],
-                "label_s": rep["timings"].get("label_s"), "examples": rep["examples"], "other_chats": side,
-            }
-            rows.append(row)
-            print(f"{name:8s} {score}: no prompt {row['no_prompt']:.2f} prompt {row['prompt']:.2f} patched "
-                  f"{row['patched']:.2f}; other chats: patched KL {side['patched_kl']:.3f} vs prompt KL "
-                  f"{side['prompt_kl']:.3f} ({row['compute_s']:.1f} s)", file=sys.stderr, flush=True)
+            # a recipe with preservation texts is measured without them too: what they buy
+            variants = [(name, recipe)] + ([(f"{name} without preserve", recipe.model_copy(update={"preserve": ()}))]
+                                           if recipe.preserve else [])
+            for label, variant in variants:
+                rows.append(one(loaded, label, variant, neutral, Path(tmp) / label.replace(" ", "-")))
     return {"model": rows and loaded.source.spec, "neutral": args.neutral, "target": TARGET, "rows": rows}
 
 
@@ -140,9 +147,10 @@ def markdown(doc: dict) -> str:
         for r in fmt:
             f = r["other_chats"]["format"]
             lines.append(f"| {r['recipe']} | {f['base']:.3f} | {f['prompt']:.3f} | {f['patched']:.3f} |")
-    met = [r["recipe"] for r in doc["rows"] if r["ratio"] is not None and r["ratio"] >= doc["target"]]
-    lines += ["", f"Target patched >= {doc['target']} x prompted on the held-out score: met on {len(met)} of "
-              f"{len(doc['rows'])} ({', '.join(met) or 'none'})."]
+    shipped = [r for r in doc["rows"] if " without " not in r["recipe"]]  # the recipes as shipped
+    met = [r["recipe"] for r in shipped if r["ratio"] is not None and r["ratio"] >= doc["target"]]
+    lines += ["", f"Target patched >= {doc['target']} x prompted on the held-out score, recipes as shipped: met on "
+              f"{len(met)} of {len(shipped)} ({', '.join(met) or 'none'})."]
     return "\n".join(lines) + "\n"
 
 

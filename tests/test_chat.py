@@ -148,6 +148,20 @@ def test_chat_eval_prompts_are_the_template_with_and_without_the_system_message(
         [{"role": "system", "content": SYSTEM}, *pairs[0].messages(False)], tokenize=False, add_generation_prompt=True))
 
 
+def test_chat_preservation_texts_are_other_chats_with_the_models_own_answer_and_no_system_prompt(single_thread):
+    import types
+
+    model, tok = _chat_model()
+    f = chat_format(tok, SYSTEM)
+    recipe = parse_recipe(BASE + "chat: true\npreserve: ['Tell me a joke.\\n']\nmax_new_tokens: 6\n")
+    (z,) = pipeline.preserve_texts(recipe, types.SimpleNamespace(model=model, tokenizer=tok), f)
+    (base,) = evaluate(model, tok, SYSTEM, [Pair("Tell me a joke.", "")], [CHAT_TEMPLATE], conditions=("base",),
+                       max_new_tokens=6, chat=f)
+    answer = base.answers[0]
+    messages = [{"role": "user", "content": "Tell me a joke."}] + ([{"role": "assistant", "content": answer}] if answer else [])
+    assert f.plain + z == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=not answer)
+
+
 def test_chat_labels_are_found_inside_the_answer_as_whole_words():
     assert label_in("1987", "It was founded in 1987.")
     assert label_in("Mira  Tansley", "The founder is mira tansley, of course")
@@ -184,6 +198,16 @@ def test_recipes_that_mix_styles_or_misname_a_check_fail_in_one_line(extra, mess
         parse_recipe(text, source="r.yaml")
     assert str(info.value).startswith(message), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_chat_recipes_default_to_their_own_rho_and_answer_budget():
+    from transmute_cli import defaults
+    from transmute_cli.recipe import DEFAULT_MAX_NEW_TOKENS
+
+    text, chat = parse_recipe(BASE), parse_recipe(BASE + "chat: true\n")
+    assert (text.rho, text.max_new_tokens) == (defaults.RHO, DEFAULT_MAX_NEW_TOKENS)
+    assert (chat.rho, chat.max_new_tokens) == (defaults.RHO_CHAT, 48)
+    assert parse_recipe(BASE + "chat: true\nrho: 0.03\nmax_new_tokens: 8\n").rho == 0.03
 
 
 def test_a_chat_recipe_keeps_its_turns_in_the_self_contained_text(tmp_path):

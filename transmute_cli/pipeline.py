@@ -63,11 +63,11 @@ def preserve_texts(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None, *, f
     with the model's own answer *without* a system prompt — what the patch must leave alone."""
     if chat is None or not recipe.preserve:
         return list(recipe.preserve)
-    pairs = [Pair(z, "") for z in recipe.preserve]
+    pairs = [Pair(z.strip(), "") for z in recipe.preserve]
     (res,) = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, pairs, [CHAT_TEMPLATE],
                       conditions=("base",), max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
-    return [chat.turns(Pair(z, a).messages(answer=bool(a)), generation_prompt=not a, where=f"preserve[{i}]")
-            for i, (z, a) in enumerate(zip(recipe.preserve, res.answers))]
+    return [chat.turns(Pair(p.input, a).messages(answer=bool(a)), generation_prompt=not a, where=f"preserve[{i}]")
+            for i, (p, a) in enumerate(zip(pairs, res.answers))]
 
 
 def patch_contexts(recipe: Recipe) -> list[str] | None:

@@ -228,6 +228,8 @@ def parse_recipe(
     _check_style(data, values, source)
     if values["chat"] and "max_new_tokens" not in data:
         values["max_new_tokens"] = CHAT_MAX_NEW_TOKENS
+    if values["chat"] and "rho" not in data:
+        values["rho"] = defaults.RHO_CHAT
     if "name" not in data:
         values["name"] = sanitize_name(default_name)
     inlined = _inline_files(data, values, source) if any(k in data for k in FILE_KEYS) else ""
