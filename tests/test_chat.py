@@ -153,7 +153,7 @@ def test_chat_preservation_texts_are_other_chats_with_the_models_own_answer_and_
 
     model, tok = _chat_model()
     f = chat_format(tok, SYSTEM)
-    recipe = parse_recipe(BASE + "chat: true\npreserve: ['Tell me a joke.\\n']\nmax_new_tokens: 6\n")
+    recipe = parse_recipe(BASE + "chat: true\npreserve: ['  Tell me a joke.']\nmax_new_tokens: 6\n")
     (z,) = pipeline.preserve_texts(recipe, types.SimpleNamespace(model=model, tokenizer=tok), f)
     (base,) = evaluate(model, tok, SYSTEM, [Pair("Tell me a joke.", "")], [CHAT_TEMPLATE], conditions=("base",),
                        max_new_tokens=6, chat=f)

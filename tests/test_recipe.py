@@ -167,7 +167,8 @@ def test_defaults():
 
 # keys every recipe states for itself (its content), not settings with a default
 _CONTENT_KEYS = {"name", "model", "instruction", "template", "examples", "examples_file", "eval", "eval_file",
-                 "preserve", "preserve_file"}
+                 "preserve", "preserve_file", "chat", "inputs", "inputs_file", "eval_inputs", "eval_inputs_file",
+                 "answer_format"}
 
 
 @pytest.mark.parametrize("path", sorted((_ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)

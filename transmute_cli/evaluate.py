@@ -13,6 +13,7 @@ label is found in it when the answer contains it (``correct_answers``).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -118,8 +119,6 @@ def correct_answers(answers: Sequence[str], pairs: Sequence[Pair], contains: boo
 
 def label_in(label: str, answer: str) -> bool:
     """``label`` occurs in ``answer`` as whole words, ignoring case and runs of spaces."""
-    import re
-
     words = " ".join(label.split()).lower().strip(" .!?")
     if not words:
         return False
