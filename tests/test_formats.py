@@ -4,16 +4,9 @@ user reads)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from transmute_cli.formats import (  # noqa: E402
+from transmute_cli.formats import (
     ENGLISH_WORDS,
     FRENCH_WORDS,
     NAMES,

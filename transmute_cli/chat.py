@@ -1,14 +1,14 @@
 """Chat recipes: the instruction is a system message, each example a conversation, both rendered
 through the tokenizer's own chat template.
 
-The engine wants ``context + x`` (contextual pass) and ``plain + x`` (non-contextual pass) with
-the same tokens x.  A chat template gives exactly that when it renders the system message as a
-block before the turns: ``system`` is the text up to the first turn *with* the system message,
-``plain`` the text up to it *without* one (the template's default system prompt, or a BOS, or
-nothing) — what a user who sends no system prompt gets, so what the patched model must act on.
-x is the turns (user and assistant, the last answer with its end-of-turn token).  Templates
-that merge the system message into the first user turn (Gemma's) still split this way: the
-turn's header then belongs to the prefix and x starts at the user's words.  A template that
+The engine wants ``system + x`` (contextual pass) and ``plain + x`` (non-contextual pass) with
+the same tokens x.  The chat template renders the conversation with the system message and
+without one (then the template's default system prompt, a BOS, or nothing: what a user who sends
+no system prompt gets, so what the patched model must act on).  x is the longest common tail of
+the two renderings, starting no earlier than the end of the system message's text and no later
+than the first user message: for ChatML templates (SmolLM2, Qwen) the system turn's closing token
+and then every turn, the last answer with its end-of-turn token.  A template that merges the
+system message into the first user turn (Gemma's) aligns on the user's words.  A template that
 renders the turns differently with and without a system message cannot be patched position by
 position, and is refused with the reason.
 """

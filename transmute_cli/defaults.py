@@ -31,8 +31,8 @@ def step(eta: float | None, batches: int) -> float:
 # prompt (1.05x accuracy but held-out KL 0.30 against 0.13); a vector alone fails (0.19x). One
 # batch is the cheapest of the ties (compute 27 s over the 7 tasks; 36 s with two, 58 s with four).
 
-# Why ρ = 0.3 for chat recipes: on SmolLM2-135M-Instruct, tuned on questions that no shipped number
-# is reported on (recipes/chat/questions-tune.txt for the French and pirate system prompts, with
+# Why ρ = 0.3 for chat recipes (``python examples/chat_sweep.py``, results/chat_sweep.md): on
+# SmolLM2-135M-Instruct, tuned on questions that no shipped number is reported on (recipes/chat/questions-tune.txt for the French and pirate system prompts, with
 # the 120 training questions of their recipes; the third training wording of each fact for the
 # fact sheet, trained on the other two), held-out share of answers passing the checker / right:
 #   French  ρ 0.01 / 0.03 / 0.1 / 0.3: 0.48 / 0.53 / 0.55 / 0.60  (prompt 0.58)
