@@ -253,9 +253,12 @@ def compute(
         log(f"labelling {len(recipe.inputs)} inputs with the prompted model's greedy answers")
     chat = chat_of(recipe, loaded)
     recipe, labels = label_inputs(recipe, loaded, family=family, chat=chat)
-    preserve = preserve_texts(recipe, loaded, chat, family=family)
+    try:  # a conversation the chat template cannot align is named in the recipe's file
+        preserve = preserve_texts(recipe, loaded, chat, family=family)
+        texts, contexts = patch_texts(recipe, chat), patch_contexts(recipe)
+    except InputError as e:
+        raise _with_source(e, recipe, labels) from None
     t_label = time.perf_counter() - t_label
-    texts, contexts = patch_texts(recipe, chat), patch_contexts(recipe)
     shots = f", each under the instruction + {recipe.demonstrations} other examples" if contexts else ""
     log(f"computing the patch from {len(texts)} example texts{shots} on {model_device(loaded.model)}")
     t1 = time.perf_counter()
