@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .chat import ChatFormat
 from .errors import InputError
 from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids, query_ids
 from .export import vector_as_bias
@@ -47,7 +48,7 @@ def masked_logits(model, batches) -> list[torch.Tensor]:
 
 def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
                      patched_answers: list[str] | None, *, scale: float = 1.0, provenance: dict | None = None,
-                     save_dtype: str = "auto") -> dict:
+                     save_dtype: str = "auto", chat: ChatFormat | None = None) -> dict:
     """Merge the patch into the loaded model's weights, save a standard HF folder in ``save_dtype``
     (``auto``: the model's own, ``models.native_dtype``), undo the merge, and measure how far the
     checkpoint is from the in-process patch: mean KL and top-1 agreement over the patch texts,
@@ -57,7 +58,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
     check_save_dtype(save_dtype)
     dtype = loaded.native_dtype if save_dtype == "auto" else save_dtype
     in_memory = next(model.parameters()).dtype == DTYPES[dtype]
-    plain = plain_prefix(loaded, recipe)
+    plain = chat.plain if chat else None  # a chat recipe's texts follow the template's own prefix
     batches = token_batches(loaded, texts[:64], plain=plain)
     with ThoughtHooks(model, fam) as hooks:
         hooks.scale = scale
@@ -76,7 +77,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         # a chat model's answers end at its own end-of-turn token: its generation_config stays
         result["generation_stops_at_newline"] = plain is None and _stop_at_newline(model, loaded.tokenizer, out)
         if in_memory:  # the merged weights are the saved ones
-            result.update(_measure(loaded, model, batches, ref, recipe, patched_answers))
+            result.update(_measure(loaded, model, batches, ref, recipe, patched_answers, chat))
     finally:
         info["undo"]()  # the loaded model is the base model again
         spill.cleanup()
@@ -85,7 +86,7 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
 
         saved = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype]).to(model_device(model)).eval()
         try:
-            result.update(_measure(loaded, saved, batches, ref, recipe, patched_answers))
+            result.update(_measure(loaded, saved, batches, ref, recipe, patched_answers, chat))
         finally:
             del saved
     _write_sidecar(out, loaded, patch, recipe, provenance, {"fidelity": {k: v for k, v in result.items() if k != "path"}})
@@ -112,26 +113,18 @@ def vector_fold_stats(loaded: Loaded, patch: ThoughtPatch, texts: Sequence[str],
     return fold_statistics(loaded.model, loaded.fam, patch, token_batches(loaded, texts, plain=plain))
 
 
-def plain_prefix(loaded: Loaded, recipe: Recipe | None) -> str | None:
-    """A chat recipe's text before the turns without a system message (``None``: a text recipe)."""
-    if recipe is None or not recipe.chat:
-        return None
-    from .chat import chat_format
-
-    return chat_format(loaded.tokenizer, recipe.instruction).plain
-
-
 def check_save_dtype(value: str) -> None:
     """Checked before any work, so a typo does not cost a compute."""
     if value != "auto" and value not in DTYPES:
         raise InputError(f"must be auto or one of {', '.join(DTYPES)}, got {value!r}", field="--save-dtype")
 
 
-def _measure(loaded: Loaded, model, batches, ref, recipe: Recipe | None, patched_answers: list[str] | None) -> dict:
+def _measure(loaded: Loaded, model, batches, ref, recipe: Recipe | None, patched_answers: list[str] | None,
+             chat: ChatFormat | None) -> dict:
     got = masked_logits(model, batches)
     result = compare_runs(ref, got, "in_process")
     if patched_answers is not None and recipe is not None and recipe.eval:
-        answers = _eval_answers(loaded, recipe, model)
+        answers = _eval_answers(loaded, recipe, model, chat)
         result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
         result["accuracy"] = correct_answers(answers, recipe.eval, contains=recipe.chat) / len(answers)
     return result
@@ -172,7 +165,8 @@ def _stop_at_newline(model, tokenizer, out: Path) -> bool:
 
 
 def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
-               rank: int | None, base_spec: str, *, provenance: dict | None = None) -> dict:
+               rank: int | None, base_spec: str, *, provenance: dict | None = None,
+               chat: ChatFormat | None = None) -> dict:
     """Export the adapter, reload it with ``PeftModel.from_pretrained`` and measure it against the
     in-process patch (KL/top-1 on the patch texts; eval accuracy of both when there is an eval)."""
     from peft import PeftModel
@@ -180,21 +174,21 @@ def write_peft(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[s
     from .export import export_peft
 
     model, fam = loaded.model, loaded.fam
-    plain = plain_prefix(loaded, recipe)
+    plain = chat.plain if chat else None
     stats = vector_fold_stats(loaded, patch, texts, "peft", plain=plain)
     info = export_peft(model, fam, patch, rank, out, base_spec, stats)
     batches = token_batches(loaded, texts[:64], plain=plain)
     with ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
         ref = masked_logits(model, batches)
-        acc_in_process = _eval_accuracy(loaded, recipe) if recipe is not None and recipe.eval else None
+        acc_in_process = _eval_accuracy(loaded, recipe, chat=chat) if recipe is not None and recipe.eval else None
     peft_model = PeftModel.from_pretrained(model, str(out))
     try:
         got = masked_logits(peft_model, batches)
         info.update(compare_runs(ref, got, "in_process"))
         if acc_in_process is not None:
             info["accuracy_in_process"] = acc_in_process
-            info["accuracy"] = _eval_accuracy(loaded, recipe, peft_model)
+            info["accuracy"] = _eval_accuracy(loaded, recipe, peft_model, chat)
     finally:
         peft_model.unload()
     _write_sidecar(out, loaded, patch, recipe, provenance, {"adapter": info})
@@ -216,18 +210,16 @@ def _write_sidecar(out: Path, loaded: Loaded, patch: ThoughtPatch, recipe: Recip
     }, indent=2, sort_keys=True) + "\n")
 
 
-def _eval_answers(loaded: Loaded, recipe: Recipe, model=None) -> list[str]:
-    """Greedy answers to the recipe's eval queries, no prompt (``model`` defaults to the loaded one)."""
-    from .chat import chat_format
-
-    chat = chat_format(loaded.tokenizer, recipe.instruction) if recipe.chat else None
+def _eval_answers(loaded: Loaded, recipe: Recipe, model=None, chat: ChatFormat | None = None) -> list[str]:
+    """Greedy answers to the recipe's eval queries, no prompt (``model`` defaults to the loaded one;
+    ``chat``: a chat recipe's format)."""
     _, pre, queries = query_ids(loaded.tokenizer, recipe.instruction, recipe.eval, recipe.template, chat)
     return generate_answers(model or loaded.model, loaded.tokenizer, [pre + q for q in queries], recipe.max_new_tokens,
                             newline=chat is None)
 
 
-def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None) -> float:
-    return correct_answers(_eval_answers(loaded, recipe, model), recipe.eval, contains=recipe.chat) / len(recipe.eval)
+def _eval_accuracy(loaded: Loaded, recipe: Recipe, model=None, chat: ChatFormat | None = None) -> float:
+    return correct_answers(_eval_answers(loaded, recipe, model, chat), recipe.eval, contains=recipe.chat) / len(recipe.eval)
 
 
 def compare_runs(ref: list[torch.Tensor], got: list[torch.Tensor], name: str) -> dict:

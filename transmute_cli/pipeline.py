@@ -326,7 +326,7 @@ def compute(
             patched_answers = next((r.answers for r in results if r.condition == "patched"), None)
             report["checkpoint"] = write_checkpoint(
                 loaded, patch, tmp / "checkpoint", texts, recipe, patched_answers,
-                provenance={"patch_sha256_recipe": recipe.sha256, "scale": 1.0}, save_dtype=save_dtype,
+                provenance={"patch_sha256_recipe": recipe.sha256, "scale": 1.0}, save_dtype=save_dtype, chat=chat,
             )
             report["timings"]["checkpoint_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
@@ -417,6 +417,7 @@ def apply(
     fold = needs_fold(loaded, patch, fmt)
     texts: list[str] = []
     recipes = []
+    chat: ChatFormat | None = None
     for (p, _), (path, _) in zip(patches, patch_specs):
         if not p.metadata.get("recipe"):
             continue
@@ -429,7 +430,9 @@ def apply(
                 raise
             continue
         recipes.append(r)
-        texts += patch_texts(r, chat_of(r, loaded))
+        r_chat = chat_of(r, loaded)
+        chat = chat or r_chat  # the text without a system message is the template's, whichever the system message
+        texts += patch_texts(r, r_chat)
     if fold and not texts:
         raise PatchError("the patch carries no recipe to fold its thought vectors with", source=patch_specs[0][0])
     provenance = {"patches": [{"path": p, "scale": s} for p, s in patch_specs]}
@@ -437,14 +440,14 @@ def apply(
     with atomic_dir(out, overwrite) as tmp:
         if fmt == "peft":
             log("exporting a PEFT LoRA adapter " + (f"at rank {rank}" if rank else "at the patch's exact ranks"))
-            info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, spec, provenance=provenance)
+            info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, spec, provenance=provenance, chat=chat)
             (tmp / "README.md").write_text(adapter_card(
                 info, base=spec, base_kind=loaded.source.kind, fingerprint=loaded.fingerprint,
                 instruction=one_recipe and one_recipe.instruction, template=one_recipe and one_recipe.template,
                 version=__version__))
         else:
             info = write_checkpoint(loaded, patch, tmp, texts or [" "], one_recipe, None, provenance=provenance,
-                                    save_dtype=save_dtype)
+                                    save_dtype=save_dtype, chat=chat)
     info["path"] = str(out)
     return {"checkpoint" if fmt == "checkpoint" else "adapter": info, "model": model_json(loaded),
             "patches": provenance["patches"]}

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .engine import Progress as EngineProgress
+from .evaluate import CHAT_TEMPLATE
 
 # Not on a terminal (a pipe, a CI log) there is no width to fit: rich's default of 80 columns would
 # wrap template names and cut numbers ("1113.3…"), so tables get room instead.
@@ -102,13 +103,19 @@ def accuracy_table(results: list[dict], title: str = "Accuracy (greedy, exact ma
         t.add_column(CONDITION_NAMES[c], justify="right")
     templates = list(dict.fromkeys(r["template"] for r in results))
     for tpl in templates:
-        row = [tpl if tpl.startswith("(") else repr(tpl)]
+        row = [template_label(tpl)]
         for c in conds:
             r = next((r for r in results if r["template"] == tpl and r["condition"] == c), None)
             mark = " *" if c == "prompt" and tpl in rerendered else ""
             row.append("" if r is None else f"{r['accuracy']:.3f} ({r['correct']}/{r['n']}){mark}")
         t.add_row(*row)
     return t
+
+
+def template_label(template: str) -> str:
+    """A template as results name it: quoted, so its spaces and newlines show; a chat recipe's
+    ``evaluate.CHAT_TEMPLATE`` as it is."""
+    return template if template == CHAT_TEMPLATE else repr(template)
 
 
 CONDITION_NAMES = {"base": "no prompt", "prompt": "prompt in context", "patched": "patched (no prompt)"}
@@ -129,7 +136,7 @@ def format_table(fmt: dict) -> Table:
         t.add_column(CONDITION_NAMES[c], justify="right")
     for tpl in dict.fromkeys(r["template"] for r in fmt["results"]):
         cells = {r["condition"]: r for r in fmt["results"] if r["template"] == tpl}
-        t.add_row(tpl if tpl.startswith("(") else repr(tpl),
+        t.add_row(template_label(tpl),
                   *[f"{cells[c]['rate']:.3f} ({cells[c]['passed']}/{cells[c]['n']})" if c in cells else "" for c in conds])
     return t
 
@@ -284,7 +291,8 @@ def report_markdown(r: dict) -> str:
         lines += ["", f"## {accuracy_title(r)}", "",
                   "| template | condition | accuracy | correct / n |", "|---|---|---|---|"]
         for e in r["eval"]["results"]:
-            lines.append(f"| `{e['template']!r}` | {e['condition']} | {e['accuracy']:.3f} | {e['correct']}/{e['n']} |")
+            lines.append(f"| `{template_label(e['template'])}` | {e['condition']} | {e['accuracy']:.3f} | "
+                         f"{e['correct']}/{e['n']} |")
         m = r["eval"].get("many_shot_prompt")
         if m:
             lines.append(f"| `{r['eval']['results'][0]['template']!r}` | prompt + {m['demonstrations']} demonstrations "
@@ -294,7 +302,8 @@ def report_markdown(r: dict) -> str:
         lines += ["", f"## Held-out answers passing answer_format: {fmt['spec']}", "",
                   "| template | condition | passed | n |", "|---|---|---|---|"]
         for e in fmt["results"]:
-            lines.append(f"| `{e['template']}` | {e['condition']} | {e['rate']:.3f} | {e['passed']}/{e['n']} |")
+            lines.append(f"| `{template_label(e['template'])}` | {e['condition']} | {e['rate']:.3f} | "
+                         f"{e['passed']}/{e['n']} |")
     if r.get("checkpoint") and "skipped" in r["checkpoint"]:
         lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
     elif r.get("checkpoint"):
