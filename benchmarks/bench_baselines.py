@@ -40,7 +40,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import baselines  # noqa: E402
+import overrides  # noqa: E402  (examples/overrides.py: --set KEY=VALUE on every recipe)
 from bench_engine import ROOT, log, machine_info  # noqa: E402
 
 from transmute_cli import models, pipeline  # noqa: E402
@@ -80,7 +82,8 @@ def task_recipes(args) -> list[recipe_mod.Recipe]:
     missing = [n for n in names if not (TASKS / f"{n}.yaml").is_file()]
     if missing:
         raise SystemExit(f"no such task in {TASKS}: {', '.join(missing)}")
-    return [recipe_mod.load_recipe(TASKS / f"{n}.yaml") for n in names]
+    sets = overrides.parse(args.set)
+    return [recipe_mod.load_recipe(TASKS / f"{n}.yaml").model_copy(update=sets) for n in names]
 
 
 def many_shot(recipe: recipe_mod.Recipe, n: int) -> recipe_mod.Recipe | None:
@@ -242,6 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-refit", action="store_true", help="skip the LoRA retrained on all examples")
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--device", default="auto")
+    overrides.add_argument(ap)
     args = ap.parse_args(argv)
     if args.max_steps is None:
         args.max_steps = 10 if args.tiny else baselines.MAX_STEPS

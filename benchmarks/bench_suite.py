@@ -36,7 +36,6 @@ import bench_engine as be
 from bench_engine import ROOT, log, sync
 
 from transmute_cli import checkpoint, models, pipeline
-from transmute_cli.engine import compute_patch
 from transmute_cli.evaluate import correct_answers, evaluate, generate_answers
 from transmute_cli.families import family_for
 from transmute_cli.patch import merge, vector_fold_kind
@@ -88,10 +87,11 @@ def patch_section(model, tok, recipe) -> tuple[dict, object]:
     (The comparison with fine-tuning and steering is benchmarks/bench_baselines.py: a LoRA tuned
     over learning rates on a validation split, on several tasks.)"""
     out = {}
+    from transmute_cli.models import fingerprint
+
+    loaded = pipeline.Loaded(model, tok, family_for(model), None, fingerprint(model), "float32")
     log(f"compute_patch on {len(pipeline.patch_texts(recipe))} texts")
-    out["transmute_s"], res = timed_once(
-        lambda: compute_patch(model, tok, recipe.instruction, pipeline.patch_texts(recipe), pipeline.engine_config(recipe)),
-        model)
+    out["transmute_s"], res = timed_once(lambda: pipeline.fit(recipe, loaded), model)
     out["transmute_engine_timings"] = res.timings
     log("evaluating patched / prompted / base accuracy")
     accs = {r.condition: r.accuracy for r in evaluate(

@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli import pipeline  # noqa: E402
-from transmute_cli.engine import compute_patch  # noqa: E402
 from transmute_cli.evaluate import answer_agreement, answer_kl, evaluate, prompted_reference  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.datafiles import load_templates, load_texts  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
+
+import overrides  # noqa: E402  (examples/overrides.py)
 
 OUT = ROOT / "results"
 PRESERVE_FILE = ROOT / "examples" / "preserve.txt"  # preservation texts (experiments preserve, compose)
@@ -47,9 +48,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+SETS: dict = {}  # --set KEY=VALUE on every recipe (examples/overrides.py)
+
+
 def recipe(name: str, **over):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
-    return r.model_copy(update=over) if over else r
+    return r.model_copy(update={**SETS, **over})
 
 
 def alt_templates(name: str) -> list[str]:
@@ -60,8 +64,7 @@ def alt_templates(name: str) -> list[str]:
 
 def patch_for(m, r, **over):
     t0 = time.perf_counter()
-    res = compute_patch(m.model, m.tokenizer, r.instruction, pipeline.patch_texts(r), pipeline.engine_config(r, **over),
-                        preserve=r.preserve)
+    res = pipeline.fit(r, m, **over)
     return res, time.perf_counter() - t0
 
 
@@ -385,7 +388,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
     ap.add_argument("--device", default="auto")
+    overrides.add_argument(ap)
     args = ap.parse_args()
+    SETS.update(overrides.parse(args.set))
     torch.manual_seed(0)
     m = pipeline.load_model("gemma-3-270m", device=args.device)
     for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import overrides  # noqa: E402  (examples/overrides.py)
 from transmute_cli.pipeline import compute, load_model  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
 
@@ -41,7 +42,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for path in files:
             for n in shots:
-                recipe = load_recipe(path).model_copy(update={"demonstrations": n})
+                recipe = load_recipe(path).model_copy(update={**overrides.parse(args.set), "demonstrations": n})
                 rep = compute(recipe, Path(tmp) / f"{path.stem}-{n}", loaded=loaded, checkpoint=False)
                 acc = {r["condition"]: r["accuracy"] for r in rep["eval"]["results"]}
                 many = rep["eval"].get("many_shot_prompt")
@@ -141,6 +142,7 @@ def main() -> None:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="many_shot", help="results/<out>.{json,md,png}")
+    overrides.add_argument(ap)
     args = ap.parse_args()
     doc = run(args)
     doc["command"] = ("python examples/many_shot.py " + " ".join(sys.argv[1:])).strip()

@@ -23,10 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmute_cli.engine import compute_patch  # noqa: E402
 from transmute_cli.evaluate import answer_agreement, answer_kl, evaluate, prompted_reference  # noqa: E402
-from transmute_cli.pipeline import engine_config, load_model, patch_texts  # noqa: E402
+from transmute_cli.pipeline import fit, load_model  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
+
+import overrides  # noqa: E402  (examples/overrides.py)
 
 TASKS = ROOT / "examples" / "tasks"
 # the settings compared on the tune split, each spelled out in full (not relative to the defaults,
@@ -72,8 +73,9 @@ def run(args) -> dict:
     loaded = load_model(args.model, device=args.device)
     configs = SWEEP if args.sweep else [{}]
     rows = []
+    sets = overrides.parse(args.set)
     for path in files:
-        recipe = load_recipe(path)
+        recipe = load_recipe(path).model_copy(update=sets)
         t0 = time.perf_counter()
         fixed = {r.condition: r for r in evaluate(loaded.model, loaded.tokenizer, recipe.instruction, recipe.eval,
                                                   [recipe.template], None, conditions=("base", "prompt"),
@@ -85,8 +87,7 @@ def run(args) -> dict:
         for over in configs:
             r = recipe.model_copy(update=over)
             t1 = time.perf_counter()
-            res = compute_patch(loaded.model, loaded.tokenizer, r.instruction, patch_texts(r),
-                                engine_config(r, fidelity=False))
+            res = fit(r, loaded, fidelity=False)
             t_compute = time.perf_counter() - t1
             (patched,) = evaluate(loaded.model, loaded.tokenizer, r.instruction, r.eval, [r.template], res.patch,
                                   conditions=("patched",), max_new_tokens=r.max_new_tokens)
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="results/<out>.json and .md (default: suite, or sweep with --sweep)")
+    overrides.add_argument(ap)
     ap.add_argument("--render", metavar="JSON", help="only rewrite the .md beside a results JSON (no model run)")
     args = ap.parse_args()
     if args.render:

@@ -172,7 +172,13 @@ def test_compute_writes_the_run_folder(llama_run, llama_dir):
 
 def test_compute_json_is_one_document_on_stdout(llama_run, llama_dir):
     res, doc = llama_run["res"], llama_run["doc"]
-    assert {"fidelity", "eval", "checkpoint", "settings", "model", "output"} <= set(doc)
+    assert {"fidelity", "eval", "checkpoint", "settings", "model", "output", "locality"} <= set(doc)
+    # locality on the shipped text: the three conditions' figures, and the defaults that set them
+    loc = doc["locality"]
+    assert loc["text"] == "transmute_cli/data/locality.txt" and loc["tokens"] > 100
+    assert 0 <= loc["top1_agreement"] <= 1 and loc["mean_kl"] >= 0 and loc["base_mean_kl"] > 0
+    assert doc["settings"]["broad"] == "original" and doc["settings"]["augment"] is False
+    assert "Locality" in (llama_run["dir"] / "report.md").read_text()
     assert res.stdout.lstrip().startswith("{") and res.stdout.rstrip().endswith("}")
     assert "transmute:" not in res.stdout and "Loading" not in res.stdout
     assert doc["output"] == str(llama_run["dir"])
@@ -468,6 +474,10 @@ def test_eval_checkpoint_folder(llama_run):
     _check_results(doc, [TEMPLATE])
     # the exact (bias) checkpoint answers like the in-process patch
     assert doc["results"] == llama_run["doc"]["eval"]["results"]
+    # ... and is as local as it on the locality text (same reference, the checkpoint as patched model)
+    loc, own = doc["locality"], llama_run["doc"]["locality"]
+    assert loc["tokens"] == own["tokens"] and loc["base_mean_kl"] == pytest.approx(own["base_mean_kl"], rel=1e-4)
+    assert loc["mean_kl"] == pytest.approx(own["mean_kl"], rel=1e-2, abs=1e-4)
 
 
 def test_eval_checkpoint_progress_names_the_patched_model(llama_run):

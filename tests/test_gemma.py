@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from transmute_cli import pipeline
-from transmute_cli.engine import compute_patch
 from transmute_cli.exact import exact_token_patch
 from transmute_cli.evaluate import evaluate, generate_answers
 from transmute_cli.datafiles import render
@@ -50,8 +49,7 @@ def test_exact_token_patch_on_real_gemma(gemma, enfr):
 
 def test_joint_patch_reaches_prompted_accuracy_on_held_out_words(gemma, enfr):
     assert len(enfr.examples) <= 20
-    texts = pipeline.patch_texts(enfr)
-    res = compute_patch(gemma.model, gemma.tokenizer, enfr.instruction, texts, pipeline.engine_config(enfr))
+    res = pipeline.fit(enfr, gemma)  # the defaults, broad texts' moments included
     assert res.fidelity.mean_kl < 0.1 * res.fidelity.base_mean_kl
     results = evaluate(gemma.model, gemma.tokenizer, enfr.instruction, enfr.eval, [enfr.template], res.patch,
                        max_new_tokens=enfr.max_new_tokens)
@@ -87,6 +85,10 @@ def test_defaults_reach_the_prompt_on_a_recipe_with_no_optional_keys(gemma, tmp_
     # measured (results/suite.json): 0.84 of the answers identical to the prompted ones, KL 0.18 vs 4.7
     # unpatched; patched 0.79 vs prompt 0.82
     assert held["answer_agreement"] >= 0.7 and held["mean_kl"] < 0.1 * held["base_mean_kl"], held
+    # and as local as the prompt on text that is not the task's (the locality report)
+    loc = report["locality"]
+    assert loc["text"] == pipeline.LOCALITY_TEXT and loc["tokens"] > 100
+    assert loc["perplexity_patched"] <= 1.25 * loc["perplexity_prompted"], loc
 
 
 def test_checkpoint_round_trip_with_plain_transformers(gemma, enfr, tmp_path):
@@ -117,31 +119,41 @@ def test_checkpoint_round_trip_with_plain_transformers(gemma, enfr, tmp_path):
     assert models.fingerprint(gemma.model) == gemma.fingerprint
 
 
-def test_preservation_texts_cut_the_side_effect_on_another_prompted_task(gemma, enfr):
-    """The en->fr patch alone turns prompted antonyms into translations; fitted with the
-    preservation texts (recipes/translate-en-fr-preserve.yaml: other prompted tasks and prose,
-    not antonyms) it leaves them nearly alone and still translates."""
+def test_defaults_keep_another_prompted_task_and_prose_as_the_prompt_does(gemma, enfr):
+    """Locality by default: the en->fr patch fitted on its examples alone (broad: off) turns
+    prompted antonyms into translations and multiplies the perplexity of prose; with the defaults
+    (the broad texts' moments) antonyms stay near what the en->fr instruction in context leaves
+    of them and the locality text stays near the prompted model — and the task is kept.  The
+    preservation recipe (examples/preserve.txt on top) still translates."""
     from transmute_cli.hooks import ThoughtHooks
 
+    ant = load_recipe(ROOT / "recipes" / "antonyms.yaml")
     keep = load_recipe(ROOT / "recipes" / "translate-en-fr-preserve.yaml")
     assert keep.examples == enfr.examples and keep.preserve
-    ant = load_recipe(ROOT / "recipes" / "antonyms.yaml")
 
-    def prompted_antonyms(patch):
+    def prompted_antonyms(patch, instruction=ant.instruction):
         with ThoughtHooks(gemma.model, gemma.fam) as hooks:
-            hooks.set_patch(patch)
-            return evaluate(gemma.model, gemma.tokenizer, ant.instruction, ant.eval, [ant.template], None,
+            if patch is not None:
+                hooks.set_patch(patch)
+            else:
+                hooks.enabled = False
+            return evaluate(gemma.model, gemma.tokenizer, instruction, ant.eval, [ant.template], None,
                             conditions=("prompt",), max_new_tokens=8)[0].accuracy
 
-    def patch(r):
-        return compute_patch(gemma.model, gemma.tokenizer, r.instruction, pipeline.patch_texts(r),
-                             pipeline.engine_config(r, fidelity=False), preserve=r.preserve).patch
+    def own(r, patch):
+        return evaluate(gemma.model, gemma.tokenizer, r.instruction, r.eval, [r.template], patch,
+                        conditions=("patched",), max_new_tokens=8)[0].accuracy
 
-    before = evaluate(gemma.model, gemma.tokenizer, ant.instruction, ant.eval, [ant.template], None,
-                      conditions=("prompt",), max_new_tokens=8)[0].accuracy
-    plain, kept = patch(enfr), patch(keep)
-    assert prompted_antonyms(plain) < before - 0.4  # the side effect is real
-    assert prompted_antonyms(kept) >= before - 0.1
-    own = evaluate(gemma.model, gemma.tokenizer, keep.instruction, keep.eval, [keep.template], kept,
-                   conditions=("patched",), max_new_tokens=8)[0].accuracy
-    assert own >= 0.8
+    reference = prompted_antonyms(None, enfr.instruction.rstrip("\n") + "\n\n" + ant.instruction)
+    off = pipeline.fit(enfr.model_copy(update={"broad": "off"}), gemma, fidelity=False).patch
+    default = pipeline.fit(enfr, gemma, fidelity=False).patch
+    assert prompted_antonyms(off) < reference - 0.4  # the side effect is real without the broad texts
+    assert prompted_antonyms(default) >= reference - 0.1
+    ref = pipeline.locality_reference(enfr, gemma)
+    loc_off = pipeline.locality_json(ref, gemma.model, gemma.fam, off)
+    loc = pipeline.locality_json(ref, gemma.model, gemma.fam, default)
+    assert loc_off["perplexity_patched"] > 3 * loc_off["perplexity_prompted"]
+    assert loc["perplexity_patched"] <= 1.15 * loc["perplexity_prompted"]
+    assert loc["mean_kl"] < 0.1 * loc_off["mean_kl"]
+    assert own(enfr, default) >= 0.85
+    assert own(keep, pipeline.fit(keep, gemma, fidelity=False).patch) >= 0.8

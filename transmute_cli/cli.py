@@ -240,6 +240,8 @@ def eval_cmd(
                                                    rerendered=doc["prompt_rerendered"]))
         if doc.get("format"):
             report.out.print(report.format_table(doc["format"]))
+        if doc.get("locality"):
+            report.out.print(report.locality_table(doc["locality"]))
     if gate and not gate["passed"]:
         report.err.print(f"gate failed: patched accuracy {gate['accuracy']:.3f} < --min-accuracy {min_accuracy}", markup=False)
         raise typer.Exit(1)

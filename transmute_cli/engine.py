@@ -42,6 +42,7 @@ from .families import (
 from .fidelity import Fidelity, LayerFidelity, end_to_end
 from .hooks import PrefixCache, ThoughtHooks, capture, record_layer_inputs
 from .lowrank import add, compact
+from .moments import Moments
 from .patch import ThoughtPatch
 from .solve import (
     DownStats, LayerStats, fit_residual, fit_residual_rows, mean_vector, ridge_intercept_solve, rms_scaled,
@@ -65,6 +66,9 @@ class EngineConfig:
     # and a test oracle for the incremental propagation
     propagation: str = "incremental"
     fidelity: bool = True  # end-to-end KL / top-1 on the patch examples
+    # ... on the first this many texts only (None: all): the recipe's own template, not every
+    # augmented copy of it (each costs three forwards with the full-vocabulary head)
+    fidelity_texts: int | None = None
     # per-layer fit residual of the thought matrix: None = only where it is cheap (token rows
     # kept, T·d·f per layer); True = also from the d×d sums (a d²·f + d³ product per layer and
     # batch, more than the solve itself); False = never
@@ -74,6 +78,10 @@ class EngineConfig:
     distributed: bool = False
     # weight of each token of the preservation texts relative to a token of an example
     preserve_weight: float = 1.0
+    # weight of each token of the broad texts: patched under the instruction like the examples
+    # (``broad``), or given by their cached second moments with the original model as the target
+    # (``moments``)
+    broad_weight: float = defaults.BROAD_WEIGHT
     # the contextual pass attends to the instruction's keys and values, computed once (False:
     # rerun the instruction's tokens with every micro-batch at every layer — same maths, the
     # benchmark's baseline)
@@ -96,6 +104,8 @@ class EngineConfig:
             raise InputError(f"must be one of {list(defaults.SOLVERS)}, got {self.solver!r}", field="solver")
         if not (self.preserve_weight > 0 and math.isfinite(self.preserve_weight)):
             raise InputError(f"must be a number > 0, got {self.preserve_weight}", field="preserve_weight")
+        if not (self.broad_weight > 0 and math.isfinite(self.broad_weight)):
+            raise InputError(f"must be a number > 0, got {self.broad_weight}", field="broad_weight")
         if self.propagation not in ("incremental", "naive"):
             raise InputError(f"unknown propagation {self.propagation!r}", field="propagation")
 
@@ -147,7 +157,7 @@ class _Residuals:
 
 class _Loop:
     def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family, preserve=(),
-                 contexts=None, plain=None):
+                 contexts=None, plain=None, broad=(), moments=None):
         cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
         self.fam = family_for(model, family)
@@ -155,7 +165,8 @@ class _Loop:
         self.L = len(self.layers)
         self.patch_layers = resolve_layers(cfg.layers, self.L)
         self.device = model_device(model)
-        self.enc = encode(tokenizer, instruction, texts, preserve, contexts, plain)
+        self.enc = encode(tokenizer, instruction, texts, preserve, contexts, plain, broad)
+        self.moments = moments
         if not self.enc.texts:
             raise InputError("at least one example is required", field="examples")
         if not self.enc.instruction or not all(self.enc.contexts):
@@ -227,6 +238,9 @@ class _Loop:
                 # every batch's solve keeps the preservation texts' anchors (sharded over ranks too)
                 mbs += micro_batches(self.enc, list(range(len(self.enc.preserve)))[rank::world], cfg.micro_batch,
                                       self.pad, self.device, preserve=True, weight=cfg.preserve_weight)
+                # ... and the broad texts' pull toward what the prompt does on them
+                mbs += micro_batches(self.enc, list(range(len(self.enc.broad)))[rank::world], cfg.micro_batch,
+                                      self.pad, self.device, broad=True, weight=cfg.broad_weight)
                 prefixes: dict[int, torch.Tensor] = {}  # without the cache: states entering the layer
                 if cfg.propagation == "incremental":
                     hooks.enabled = False
@@ -245,7 +259,8 @@ class _Loop:
         fid = Fidelity([self._layer_fidelity(l) for l in self.patch_layers])
         if cfg.fidelity:
             self.progress(Progress("fidelity", len(batches) - 1, len(batches), self.L - 1, self.L))
-            end_to_end(self.model, self.fam, patch, self.enc, self.pad, fid, cfg.micro_batch, cfg.distributed)
+            end_to_end(self.model, self.fam, patch, self.enc, self.pad, fid, cfg.micro_batch, cfg.distributed,
+                       texts=cfg.fidelity_texts)
             t0 = self._tick("fidelity", t0)
         return PatchResult(patch, fid, self.timings)
 
@@ -288,7 +303,9 @@ class _Loop:
         cfg, p = self.cfg, self.p
         patched = l in self.patch_layers
         joint = cfg.solver == "joint"
-        stats = LayerStats(self.d, cfg.stats_dtype, self.device, residual=cfg.diagnostics is True) if patched else None
+        # with moments the factored solve is the cheaper one while T < d (a d×d solve either way)
+        stats = LayerStats(self.d, cfg.stats_dtype, self.device, residual=cfg.diagnostics is True,
+                           row_limit=self.d - 1 if self.moments is not None else None) if patched else None
         ctx_out: list[torch.Tensor] = []  # joint: contextual layer output u^C + y^C at x [tokens, d]
         next_prefixes: dict[int, torch.Tensor] = {}
         for mb in mbs:
@@ -310,6 +327,8 @@ class _Loop:
             stats.add(select(c["n"], p, m), nc, select(c["u"], p, m), uc, mb.weight)
         if patched and cfg.distributed:
             stats.all_reduce()
+        if patched and stats.count and self.moments is not None:  # after the all_reduce: added once
+            stats.add_moments(self.moments.nn[l], self.moments.count, cfg.broad_weight)
         if patched and stats.count:
             self._solve(l, stats, mbs, ctx_out, hooks)
         if cfg.propagation == "incremental":
@@ -357,7 +376,8 @@ class _Loop:
         layer = self.layers[l]
         hooks.clear(l)
         hooks.set(l, a.float() if a is not None else None)  # this batch's own A, no vector, no D
-        st = DownStats(self.f, self.d, self.cfg.stats_dtype, self.device)
+        st = DownStats(self.f, self.d, self.cfg.stats_dtype, self.device,
+                       row_limit=self.f - 1 if self.moments is not None else None)
         pn = post_norm(layer, self.fam)
         scale, eps = (pn[0].to(self.device, self.cfg.stats_dtype), pn[1]) if pn else (None, 0.0)
         try:
@@ -374,6 +394,8 @@ class _Loop:
             self._install(hooks, l)
         if self.cfg.distributed:
             st.all_reduce()
+        if self.moments is not None:
+            st.add_moments(self.moments.aa[l], self.moments.a[l], self.moments.count, self.cfg.broad_weight)
         dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept, consume=True, matrix=matrix)
         if dmat is None:
             return None, vec, rel
@@ -394,6 +416,8 @@ def compute_patch(
     preserve: Sequence[str] = (),
     contexts: Sequence[str] | None = None,
     plain: str | None = None,
+    broad: Sequence[str] = (),
+    moments: Moments | None = None,
 ) -> PatchResult:
     """Compute a thought patch that makes ``model`` without ``instruction`` act as if it were there.
 
@@ -401,7 +425,13 @@ def compute_patch(
     ``preserve`` are texts on which the patched model should act like the *original* one (other
     prompted tasks, plain prose): their tokens enter every least-squares fit with the original
     model's states as the target and ``config.preserve_weight`` as the weight, so the patch
-    learns to leave them alone.  ``contexts`` (many-shot): one instruction per text, used in place
+    learns to leave them alone.  ``broad`` are texts patched like the examples — the contextual
+    pass on ``[I ; b]`` is the target, so the patch learns what the prompt does to text that is
+    not the task's (mostly: nothing) — with ``config.broad_weight`` per token; every batch keeps
+    all of them, as it keeps the preservation texts.  ``moments`` (``moments.Moments``): tokens
+    whose target is the original model given by their per-layer second moments (cached once per
+    model), weighted ``config.broad_weight``: the locality term of the default fit.
+    ``contexts`` (many-shot): one instruction per text, used in place
     of ``instruction`` in that text's contextual pass.  ``plain`` (chat recipes): the text the
     non-contextual pass starts with — the chat template without a system message — while the
     contextual one starts with ``instruction``, the template with it (``chat.ChatFormat``); nothing
@@ -409,4 +439,4 @@ def compute_patch(
     patches live in hooks during the computation.
     """
     return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family, preserve,
-                 contexts, plain).run()
+                 contexts, plain, broad, moments).run()

@@ -3,6 +3,7 @@ of the patch examples, through the model's ordinary forward with the patch in ho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,15 +59,17 @@ def compare_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[floa
 
 
 def end_to_end(model, fam: Family, patch: ThoughtPatch, enc: Encoded, pad: int, fid: Fidelity, micro_batch: int,
-               distributed: bool = False) -> None:
+               distributed: bool = False, texts: int | None = None) -> None:
     """Top-1 agreement and mean KL at the positions of x: the patched model *without* I against
-    the original model *with* I, through the model's ordinary forward (hooks, not the loop).
+    the original model *with* I, through the model's ordinary forward (hooks, not the loop);
+    over the first ``texts`` example texts (None: all).
     On the preservation texts: the patched model against the original one, same text."""
     base = base_model(model, fam)
     p = len(enc.npre)
     tot = {"kl": 0.0, "agree": 0.0, "bkl": 0.0, "bagree": 0.0, "n": 0, "pkl": 0.0, "pagree": 0.0, "pn": 0}
     rank, world = rank_world(distributed)
-    mbs = micro_batches(enc, list(range(len(enc.texts)))[rank::world], micro_batch, pad, model_device(model))
+    k = len(enc.texts) if texts is None else min(texts, len(enc.texts))
+    mbs = micro_batches(enc, list(range(k))[rank::world], micro_batch, pad, model_device(model))
     with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
         hooks.set_patch(patch)
         for mb in mbs:
@@ -126,3 +129,54 @@ def last_hidden(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     finally:
         h.remove()
     return store["h"]
+
+
+# --------------------------------------------------------------------------- locality
+
+
+@dataclass
+class Locality:
+    """How the patched model (no prompt) compares with the prompted one on a text that is not the
+    task's (``transmute_cli/data/locality.txt``): at each position of the text, KL(prompted ‖
+    patched) beside KL(prompted ‖ unpatched) — what the prompt itself changes there — and top-1
+    agreement with the prompted model, plus the text's perplexity under each condition.  A patch
+    as local as the prompt has KL near 0 and agreement near 1, whatever the unpatched KL."""
+
+    tokens: int
+    mean_kl: float  # KL(prompted ‖ patched), nats per position
+    top1_agreement: float
+    base_mean_kl: float  # KL(prompted ‖ unpatched): the prompt's own effect on the text
+    base_top1_agreement: float
+    perplexity_prompted: float
+    perplexity_patched: float
+    perplexity_base: float
+
+
+def text_logits(model: nn.Module, fam: Family, prefix: Sequence[int], text: Sequence[int],
+                patch: ThoughtPatch | None = None) -> torch.Tensor:
+    """Float32 logits predicting each token of ``text`` but its first, after ``prefix`` and the
+    text's tokens before it, ``[len(text) - 1, vocab]`` (the same positions whatever the prefix,
+    even an empty one), with ``patch`` in hooks (none: the model as it is)."""
+    ids = torch.tensor([list(prefix) + list(text)], dtype=torch.long, device=model_device(model))
+    with torch.no_grad(), ThoughtHooks(model, fam) as hooks:
+        if patch is not None:
+            hooks.set_patch(patch)
+        else:
+            hooks.enabled = False
+        h = last_hidden(base_model(model, fam), ids)
+        return final_logits(model, fam, h[0, len(prefix) : len(prefix) + len(text) - 1])
+
+
+def locality(prompted: torch.Tensor, patched: torch.Tensor, base: torch.Tensor, text: Sequence[int]) -> Locality:
+    """The locality figures from the three conditions' ``text_logits`` on the same text."""
+    import math
+
+    target = torch.tensor(list(text)[1:], dtype=torch.long, device=prompted.device)
+    n = len(target)
+
+    def ppl(logits: torch.Tensor) -> float:
+        return math.exp(float(torch.nn.functional.cross_entropy(logits, target.to(logits.device))))
+
+    kl, agree = compare_logits(prompted, patched.to(prompted.device))
+    bkl, bagree = compare_logits(prompted, base.to(prompted.device))
+    return Locality(n, kl / n, agree / n, bkl / n, bagree / n, ppl(prompted), ppl(patched), ppl(base))

@@ -10,15 +10,16 @@ import json
 import os
 import re
 import time
+from functools import lru_cache
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .checkpoint import check_save_dtype, needs_fold, write_checkpoint, write_peft
-from .datafiles import Pair, load_templates, render
+from .datafiles import Pair, load_templates, load_texts, render, rerender
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
@@ -26,13 +27,23 @@ from .chat import ChatFormat, chat_format
 from .evaluate import CHAT_TEMPLATE, HeldoutFidelity, Result, correct_answers, evaluate, heldout_fidelity
 from .formats import describe_format, passes
 from .families import model_device
-from .models import Loaded, load_model
+from .fidelity import locality, text_logits
+from .patch import ThoughtPatch
+from .tokens import context_length, special_prefix, token_ids
+from .models import Loaded, cache_dir, load_model
+from .moments import Moments, load_or_compute
 from .outputs import atomic_dir, check_target
 from .patch import check_compatible, combine, load_patch, save_patch
 from .recipe import Recipe, load_recipe, parse_recipe, with_labels
 from .report import adapter_card, report_markdown
 
 Log = Callable[[str], None]
+
+
+@lru_cache(maxsize=None)
+def _shipped_texts(name: str) -> tuple[str, ...]:
+    """A texts file shipped in ``transmute_cli/data`` (``datafiles.load_texts`` format)."""
+    return tuple(load_texts(Path(__file__).parent / "data" / name))
 
 
 def _quiet(_msg: str) -> None:
@@ -45,7 +56,23 @@ def patch_texts(recipe: Recipe, chat: ChatFormat | None = None) -> list[str]:
     (``chat``, its format): each conversation's turns, the answer ending in the end-of-turn token."""
     if chat is not None:
         return chat.texts(recipe.examples, answer=True, where="examples")
-    return [render(t, p.input, p.output) + "\n" for t in recipe.all_templates() for p in recipe.examples]
+    return [render(t, p.input, p.output) + "\n" for t in recipe.patch_formats() for p in recipe.examples]
+
+
+def broad_texts(recipe: Recipe) -> list[str]:
+    """The shipped broad texts (``transmute_cli/data/broad.txt``) the loop runs toward the
+    prompted model (``broad: prompted``), else none."""
+    return list(_shipped_texts("broad.txt")) if recipe.broad == "prompted" and not recipe.chat else []
+
+
+def broad_moments(recipe: Recipe, loaded: Loaded) -> Moments | None:
+    """The shipped broad texts' per-layer second moments (``broad: original``, the default for
+    text recipes), from the cache in ``$TRANSMUTE_CACHE/moments`` or computed once and cached."""
+    if recipe.broad != "original" or recipe.chat:
+        return None
+    mom, _cached = load_or_compute(loaded.model, loaded.fam, loaded.tokenizer, list(_shipped_texts("broad.txt")),
+                                   loaded.fingerprint, cache_dir() / "moments")
+    return mom
 
 
 def chat_of(recipe: Recipe, loaded: Loaded) -> ChatFormat | None:
@@ -70,17 +97,32 @@ def preserve_texts(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None, *, f
             for i, (p, a) in enumerate(zip(pairs, res.answers))]
 
 
+def format_instruction(recipe: Recipe, template: str) -> str:
+    """The instruction as a user prompting in ``template`` would write it: its demonstrations
+    (lines in the recipe's template) rewritten in that template (``datafiles.rerender``); as
+    written when it has none, or for the recipe's own template."""
+    if template == recipe.template:
+        return recipe.instruction
+    return rerender(recipe.instruction, recipe.template, template) or recipe.instruction
+
+
 def patch_contexts(recipe: Recipe) -> list[str] | None:
-    """Many-shot (``demonstrations: N``): the instruction each patch text is patched under — the
-    recipe's instruction followed by N of the *other* examples, written in that text's template,
-    one per line (one per paragraph when the instruction ends with a blank line, as Q/A prompts
-    do).  The examples are shuffled with the recipe's seed and cut into folds of n − N; a fold's
-    demonstrations are the first N examples outside it, so no example demonstrates itself and
-    there are ⌈n / (n − N)⌉ distinct prompts (each prefilled once by the engine).
-    ``None`` without demonstrations: every text sees the instruction as written."""
+    """The instruction each patch text is patched under, one per text of ``patch_texts``.
+
+    A text in another template than the recipe's sees the instruction rewritten in that template
+    (``format_instruction``).  Many-shot (``demonstrations: N``): the recipe's instruction
+    followed by N of the *other* examples, written in that text's template, one per line (one per
+    paragraph when the instruction ends with a blank line, as Q/A prompts do).  The examples are
+    shuffled with the recipe's seed and cut into folds of n − N; a fold's demonstrations are the
+    first N examples outside it, so no example demonstrates itself and there are ⌈n / (n − N)⌉
+    distinct prompts per template (each prefilled once by the engine).  ``None`` when every text
+    sees the instruction as written."""
     k, n = recipe.demonstrations, len(recipe.examples)
-    if not k:
+    if recipe.chat:
         return None
+    if not k:
+        contexts = [format_instruction(recipe, t) for t in recipe.patch_formats() for _ in range(n)]
+        return contexts if any(c != recipe.instruction for c in contexts) else None
     order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     size = n - k
     demos: dict[int, list[int]] = {}
@@ -91,7 +133,7 @@ def patch_contexts(recipe: Recipe) -> list[str] | None:
     head = recipe.instruction if recipe.instruction.endswith("\n") else recipe.instruction + "\n"
     sep = "\n\n" if head.endswith("\n\n") else "\n"
     contexts = []
-    for t in recipe.all_templates():
+    for t in recipe.patch_formats():
         for i in range(n):
             shown = [recipe.examples[j] for j in demos[i]]
             contexts.append(head + "".join(render(t, p.input, p.output) + sep for p in shown))
@@ -101,7 +143,7 @@ def patch_contexts(recipe: Recipe) -> list[str] | None:
 def many_shot_prompt(recipe: Recipe) -> str | None:
     """The instruction and the demonstrations the first fold is patched under: the many-shot
     prompt a user could write instead, for comparison (``None`` without demonstrations)."""
-    contexts = patch_contexts(recipe)
+    contexts = patch_contexts(recipe) if recipe.demonstrations else None
     return contexts[0] if contexts else None  # the main template comes first
 
 
@@ -130,13 +172,78 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
     return with_labels(labelled, [l["output"] for l in kept]), labels
 
 
+LOCALITY_TEXT = "transmute_cli/data/locality.txt"
+
+
+@dataclass
+class LocalityReference:
+    """The shipped locality text's tokens and the original model's logits on it with the prompt
+    in front and without it (``fidelity.text_logits``): all a patched model is compared with."""
+
+    prefix: list[int]  # what the model without the prompt sees before the text
+    text: list[int]
+    prompted: torch.Tensor
+    base: torch.Tensor
+
+
+def locality_reference(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None = None) -> LocalityReference | None:
+    """Text recipes: the text after ``pre + I`` and after ``pre``; chat recipes: the text as a
+    user turn after the chat template's text with and without the system message.  The text is
+    cut to what fits in the model's context after the prompt; ``None`` when fewer than 16 of its
+    tokens would (an instruction that fills the context: no locality figure)."""
+    tok = loaded.tokenizer
+    text = _shipped_texts("locality.txt")[0]
+    if chat is not None:
+        text = chat.turns([{"role": "user", "content": text.strip()}], where="locality")
+        prompted, plain = token_ids(tok, chat.system), token_ids(tok, chat.plain)
+    else:
+        plain = special_prefix(tok)
+        prompted = plain + token_ids(tok, recipe.instruction)
+    ids = token_ids(tok, text)
+    limit = context_length(loaded.model)
+    if limit is not None:
+        ids = ids[: max(0, limit - len(prompted))]
+    if len(ids) < 16:
+        return None
+    return LocalityReference(plain, ids, text_logits(loaded.model, loaded.fam, prompted, ids),
+                             text_logits(loaded.model, loaded.fam, plain, ids))
+
+
+def locality_json(ref: LocalityReference | None, model, fam, patch: ThoughtPatch | None = None) -> dict | None:
+    """``fidelity.locality`` of ``model`` without the prompt (``patch`` in hooks, or a patched
+    checkpoint) against the reference, as report.json's ``locality`` (``None`` without one)."""
+    if ref is None:
+        return None
+    loc = locality(ref.prompted, text_logits(model, fam, ref.prefix, ref.text, patch), ref.base, ref.text)
+    return {"text": LOCALITY_TEXT, **asdict(loc)}
+
+
 def engine_config(recipe: Recipe, **over) -> EngineConfig:
     cfg = dict(
         rho=recipe.rho, eta=recipe.eta, batches=recipe.batches, components=tuple(recipe.components),
         layers=recipe.layers, solver=recipe.solver, seed=recipe.seed, preserve_weight=recipe.preserve_weight,
+        broad_weight=recipe.broad_weight,
+        # in-sample fidelity on the examples in the recipe's own template (patch_texts' first n)
+        fidelity_texts=None if recipe.chat else len(recipe.examples),
     )
     cfg.update(over)
     return EngineConfig(**cfg)
+
+
+def fit(recipe: Recipe, loaded: Loaded, *, progress: ProgressFn | None = None, family: str | None = None,
+        distributed: bool = False, diagnostics: bool | None = None, chat: ChatFormat | None = None,
+        preserve: Sequence[str] | None = None, **over) -> PatchResult:
+    """The patch of a (labelled) recipe: its patch texts under their instructions, its
+    preservation texts and the broad texts, with the recipe's settings (``over`` replaces some:
+    the experiments' variants).  ``preserve``: the texts as ``preserve_texts`` made them (a chat
+    recipe's need the model's answers), else the recipe's own."""
+    return compute_patch(loaded.model, loaded.tokenizer, chat.system if chat else recipe.instruction,
+                         patch_texts(recipe, chat),
+                         engine_config(recipe, distributed=distributed, diagnostics=diagnostics, **over),
+                         progress=progress, family=family,
+                         preserve=list(recipe.preserve) if preserve is None else preserve,
+                         contexts=patch_contexts(recipe), plain=chat.plain if chat else None,
+                         broad=broad_texts(recipe), moments=broad_moments(recipe, loaded))
 
 
 def _with_source(err: InputError, recipe: Recipe, labels: Sequence[dict] = ()) -> InputError:
@@ -153,7 +260,7 @@ def _with_source(err: InputError, recipe: Recipe, labels: Sequence[dict] = ()) -
         if i % n >= given:
             field = f"inputs[{kept[i % n - given]}]"
         if i >= n:
-            reason += f" (under patch_templates[{i // n - 1}])"
+            reason += f" (under the patch template {recipe.patch_formats()[i // n]!r})"
     if err.source is None:
         return type(err)(reason, source=recipe.source, field=field)
     return err
@@ -255,19 +362,21 @@ def compute(
     recipe, labels = label_inputs(recipe, loaded, family=family, chat=chat)
     try:  # a conversation the chat template cannot align is named in the recipe's file
         preserve = preserve_texts(recipe, loaded, chat, family=family)
-        texts, contexts = patch_texts(recipe, chat), patch_contexts(recipe)
+        texts = patch_texts(recipe, chat)
     except InputError as e:
         raise _with_source(e, recipe, labels) from None
     t_label = time.perf_counter() - t_label
-    shots = f", each under the instruction + {recipe.demonstrations} other examples" if contexts else ""
-    log(f"computing the patch from {len(texts)} example texts{shots} on {model_device(loaded.model)}")
+    shots = f", each under the instruction + {recipe.demonstrations} other examples" if recipe.demonstrations else ""
+    formats = len(recipe.patch_formats()) if not chat else 1
+    broad = {"original": " and the broad texts' cached statistics", "prompted": " and the broad texts",
+             "off": ""}[recipe.broad]
+    log(f"computing the patch from {len(texts)} example texts ({formats} query format{'s' * (formats > 1)})"
+        f"{shots}{broad} on {model_device(loaded.model)}")
     t1 = time.perf_counter()
     done = False
     try:
-        res = compute_patch(loaded.model, loaded.tokenizer, chat.system if chat else recipe.instruction, texts,
-                            engine_config(recipe, distributed=distributed, diagnostics=diagnostics or None),
-                            progress=progress, family=family, preserve=preserve, contexts=contexts,
-                            plain=chat.plain if chat else None)
+        res = fit(recipe, loaded, progress=progress, family=family, distributed=distributed,
+                  diagnostics=diagnostics or None, chat=chat, preserve=preserve)
         done = True
     except InputError as e:
         raise _with_source(e, recipe, labels) from None
@@ -291,6 +400,7 @@ def compute(
         "timings": {"load_s": t_load, "compute_s": t_compute, **({"label_s": t_label} if labels else {}),
                     **{f"engine_{k}_s": v for k, v in res.timings.items()}},
         "eval": None,
+        "locality": None,
         "checkpoint": None,
     }
     results: list[Result] = []
@@ -313,6 +423,9 @@ def compute(
                                 by["prompt"], by["patched"], by["base"], family=family, chat=chat)
         report["fidelity"]["heldout"] = heldout_json(held)
         report["timings"]["eval_s"] = time.perf_counter() - t2
+    t2 = time.perf_counter()  # cheap: three forward passes over one text, no generation
+    report["locality"] = locality_json(locality_reference(recipe, loaded, chat), loaded.model, loaded.fam, patch)
+    report["timings"]["locality_s"] = time.perf_counter() - t2
     if checkpoint and any(p.device.type == "meta" for p in loaded.model.parameters()):
         # merging needs every weight in memory; the patch is complete without the checkpoint
         log("no checkpoint: the model has layers offloaded to disk (run `transmute apply` where it fits in memory)")
@@ -355,6 +468,9 @@ def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
         "seed": str(recipe.seed),
         "preserve_texts": str(len(recipe.preserve)),
         "preserve_weight": repr(recipe.preserve_weight),
+        "augment": str(recipe.augment).lower(),
+        "broad": recipe.broad,
+        "broad_weight": repr(recipe.broad_weight),
         "demonstrations": str(recipe.demonstrations),
         "chat": str(recipe.chat).lower(),
     }
@@ -374,9 +490,10 @@ def settings_json(recipe: Recipe) -> dict:
     return {
         "rho": recipe.rho, "eta": recipe.step, "batches": recipe.batches, "components": list(recipe.components),
         "layers": recipe.layers if recipe.layers == "all" else list(recipe.layers), "solver": recipe.solver,
-        "seed": recipe.seed, "templates": [CHAT_TEMPLATE] if recipe.chat else list(recipe.all_templates()),
-        "chat": recipe.chat,
+        "seed": recipe.seed, "templates": [CHAT_TEMPLATE] if recipe.chat else list(recipe.patch_formats()),
+        "chat": recipe.chat, "augment": recipe.augment,
         "preserve_texts": len(recipe.preserve), "preserve_weight": recipe.preserve_weight,
+        "broad": recipe.broad, "broad_weight": recipe.broad_weight,
         "demonstrations": recipe.demonstrations,
     }
 
@@ -515,8 +632,12 @@ def eval_target(
     chat = chat_of(recipe, base)
     t0 = time.perf_counter()
     results: list[Result] = []
+    loc_ref = locality_reference(recipe, base, chat) if "patched" in conditions else None
+    loc = None
     if patch is not None:
         check_compatible(patch, base.model, base.fam, base.fingerprint, force=False, source=str(path))
+        if loc_ref is not None:
+            loc = locality_json(loc_ref, base.model, base.fam, patch.scaled(scale) if scale != 1.0 else patch)
         results = evaluate(base.model, base.tokenizer, recipe.instruction, queries, templates, patch,
                            conditions=conditions, max_new_tokens=recipe.max_new_tokens, scale=scale, family=family,
                            progress=progress, demonstrations=recipe.template, chat=chat)
@@ -527,6 +648,7 @@ def eval_target(
         if "patched" in conditions:
             del base
             ck = load_model(str(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
+            loc = locality_json(loc_ref, ck.model, ck.fam) if loc_ref is not None else None
             # the checkpoint is the patched model: run unprompted, reported (and shown) as patched
             results += evaluate(ck.model, ck.tokenizer, recipe.instruction, queries, templates, None,
                                 conditions=("base",), max_new_tokens=recipe.max_new_tokens, family=family,
@@ -542,6 +664,7 @@ def eval_target(
         "answers": {f"{r.template}|{r.condition}": r.answers for r in results},
         # templates whose prompt condition had the instruction's demonstrations rewritten in them
         "prompt_rerendered": [r.template for r in results if r.rerendered],
+        "locality": loc,
         "eval_s": time.perf_counter() - t0,
     }
 

@@ -33,7 +33,7 @@ from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes
 from transmute_cli.messages import describe, fail, key_label, one_line, shorten
 from transmute_cli.recipe_fields import MAX_NAME_LENGTH, Components, Layers, Model, Name, NonNegative, Pairs
 from transmute_cli.recipe_fields import Inputs, InputsFile, PairsFile, Positive, Template, Templates, Text, Texts
-from transmute_cli.recipe_fields import AnswerFormat, Flag, TextsFile, number
+from transmute_cli.recipe_fields import AnswerFormat, Broad, Flag, TextsFile, number
 
 DEFAULT_TEMPLATE = "{input} -> {output}"
 DEFAULT_MODEL = "gemma-3-270m"
@@ -81,6 +81,13 @@ class Recipe(BaseModel):
     # texts on which the patched model should act like the original one (see engine.compute_patch)
     preserve: Texts = ()
     preserve_weight: Positive = 1.0
+    # text recipes: also patch the examples in the shipped query formats (defaults.AUGMENT_TEMPLATES)
+    augment: Flag = defaults.AUGMENT
+    # text recipes: the shipped broad texts in the fit — "original": the original model as their
+    # target, by their cached second moments (moments.py); "prompted": run through the loop
+    # toward what the prompted model does on them (exact, several times the cost); "off"
+    broad: Broad = defaults.BROAD
+    broad_weight: Positive = defaults.BROAD_WEIGHT
     components: Components = defaults.COMPONENTS
     layers: Layers = "all"
     solver: Literal[defaults.SOLVERS] = defaults.SOLVER
@@ -104,6 +111,12 @@ class Recipe(BaseModel):
     def all_templates(self) -> tuple[str, ...]:
         """The main template then the patch templates, without repeats, order kept."""
         return tuple(dict.fromkeys((self.template, *self.patch_templates)))
+
+    def patch_formats(self) -> tuple[str, ...]:
+        """Every template the examples are patched in: ``all_templates`` then, with ``augment``,
+        the shipped query formats (``defaults.AUGMENT_TEMPLATES``), without repeats."""
+        extra = defaults.AUGMENT_TEMPLATES if self.augment and not self.chat else ()
+        return tuple(dict.fromkeys((*self.all_templates(), *extra)))
 
 
 _META = ("source", "text", "sha256", "inlined")
@@ -245,6 +258,11 @@ def _check_style(data: dict, values: dict, source: str | None) -> None:
                                   "message, examples = user and assistant turns): remove it, or chat: true")
         if values["demonstrations"]:
             fail(source, "demonstrations", "not supported with chat: true (the system message is the instruction)")
+        for key, off in (("augment", False), ("broad", "off")):  # text formats and texts: not a chat's turns
+            if key in data and values[key] != off:
+                fail(source, key, "not supported with chat: true yet (the shipped formats and broad texts are plain "
+                                  "text, not chat turns)")
+            values[key] = off
         return
     for key in ("examples", "eval"):
         for i, pair in enumerate(values[key]):

@@ -83,6 +83,18 @@ def _flag(value: object) -> bool:
     return value
 
 
+BROAD_CHOICES = ("original", "prompted", "off")
+
+
+def _broad(value: object) -> str:
+    """``original`` / ``prompted`` / ``off``; YAML 1.1 reads a bare ``off`` (and ``no``) as false."""
+    if value is False:
+        return "off"
+    if not isinstance(value, str) or value not in BROAD_CHOICES:
+        reject(f"must be one of {', '.join(BROAD_CHOICES)}, got {describe(value)}")
+    return value
+
+
 def _answer_format(value: object) -> tuple[str, ...]:
     from transmute_cli.formats import parse_format
 
@@ -222,5 +234,6 @@ NonNegative = number(float, ge=0)
 Positive = number(float, gt=0)
 Components = Annotated[tuple[str, ...], PlainValidator(_components)]
 Flag = Annotated[bool, PlainValidator(_flag)]
+Broad = Annotated[str, PlainValidator(_broad)]
 AnswerFormat = Annotated[tuple[str, ...], PlainValidator(_answer_format)]
 Layers = Annotated[Union[str, tuple[int, ...]], PlainValidator(_layers)]

@@ -150,6 +150,34 @@ def _two_columns(title: str, columns: tuple[str, str]) -> Table:
     return t
 
 
+LOCALITY_TITLE = ("Locality: a text that is not the task's ({tokens} tokens of {text}), against the prompted model"
+                  " (the instruction in front)")
+
+
+def locality_table(loc: dict) -> Table:
+    """The patched model without the prompt and the model without it, each against the prompted
+    one on the shipped locality text: a patch as local as the prompt has KL near 0."""
+    t = Table(title=LOCALITY_TITLE.format(tokens=loc["tokens"], text=loc["text"]), title_justify="left")
+    for c, justify in (("", "left"), ("top-1 agreement", "right"), ("mean KL (nats)", "right"),
+                       ("perplexity", "right")):
+        t.add_column(c, justify=justify)
+    t.add_row("prompted (reference)", "", "", _f(loc["perplexity_prompted"], 2))
+    t.add_row("no prompt, unpatched", _f(loc["base_top1_agreement"]), _f(loc["base_mean_kl"]),
+              _f(loc["perplexity_base"], 2))
+    t.add_row("no prompt, patched", _f(loc["top1_agreement"]), _f(loc["mean_kl"]), _f(loc["perplexity_patched"], 2))
+    return t
+
+
+def locality_markdown(loc: dict) -> list[str]:
+    return ["", "## " + LOCALITY_TITLE.format(tokens=loc["tokens"], text=f"`{loc['text']}`"), "",
+            "| | top-1 agreement | mean KL (nats) | perplexity |", "|---|---|---|---|",
+            f"| prompted (reference) | | | {_f(loc['perplexity_prompted'], 2)} |",
+            f"| no prompt, unpatched | {_f(loc['base_top1_agreement'])} | {_f(loc['base_mean_kl'])} | "
+            f"{_f(loc['perplexity_base'], 2)} |",
+            f"| no prompt, patched | {_f(loc['top1_agreement'])} | {_f(loc['mean_kl'])} | "
+            f"{_f(loc['perplexity_patched'], 2)} |"]
+
+
 def show_compute(report: dict) -> None:
     f = report["fidelity"]
     t = _two_columns("Fidelity on the patch examples, in-sample (vs the original model with the prompt)",
@@ -172,6 +200,8 @@ def show_compute(report: dict) -> None:
                    _f(h["base_mean_kl"]))
         ht.add_row("no prompt, patched", _f(h["answer_agreement"]), _f(h.get("first_tokens_agreement")), _f(h["mean_kl"]))
         out.print(ht)
+    if report.get("locality"):
+        out.print(locality_table(report["locality"]))
     lt = Table(title="Per layer", title_justify="left")
     for c in ("layer", "tokens", "matrix fit residual", "vector/joint residual", "|δ|", "|A|"):
         lt.add_column(c, justify="right")
@@ -255,7 +285,8 @@ def report_markdown(r: dict) -> str:
         f"fingerprint {r['model']['fingerprint']}, {r['model']['device']}, {r['model']['dtype']})",
         f"- recipe sha256: `{r['recipe']['sha256']}`",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
-        f"- examples: {r['examples']} ({r['patch_texts']} patch texts, {f['tokens']} token positions)",
+        f"- examples: {r['examples']} ({r['patch_texts']} patch texts: every example in every patch template; "
+        f"{f['tokens']} token positions in the recipe's own template)",
         *([f"- {sum(l['kept'] for l in r['labels'])} of the examples are inputs labelled by the prompted model's greedy"
            f" answers ({sum(not l['kept'] for l in r['labels'])} left out: empty answer); the labels are in report.json"]
           if r.get("labels") else []),
@@ -263,7 +294,8 @@ def report_markdown(r: dict) -> str:
         "",
         "## Fidelity on the patch examples (patched, no prompt  vs  original, with prompt)",
         "",
-        "In-sample: the solve was fitted to these tokens; see the held-out section below for queries it never saw.",
+        "In-sample, on the examples in the recipe's own template: the solve was fitted to these tokens; see the "
+        "held-out and locality sections below for text it never saw.",
         "",
         "| | top-1 agreement | mean KL (nats) |",
         "|---|---|---|",
@@ -287,6 +319,8 @@ def report_markdown(r: dict) -> str:
                   f"| {_f(h['base_mean_kl'])} |",
                   f"| patched, no prompt | {_f(h['answer_agreement'])} | {_f(h.get('first_tokens_agreement'))} "
                   f"| {_f(h['mean_kl'])} |"]
+    if r.get("locality"):
+        lines += locality_markdown(r["locality"])
     if r.get("eval") and r["eval"]["results"]:
         lines += ["", f"## {accuracy_title(r)}", "",
                   "| template | condition | accuracy | correct / n |", "|---|---|---|---|"]

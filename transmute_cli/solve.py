@@ -25,8 +25,16 @@ class _RowsThenSums:
     rows: list | None
     count: int
     weight: float
+    row_limit: int | None  # None: the subclass's default (d/2, f/2)
+    task_sq: float  # Σ w |x|² over the tokens given as rows (not moments): the ridge's scale
+    task_sum: torch.Tensor | None  # Σ w x  over them
+    moment_count: int  # tokens given by their moments (add_moments)
+    moment_weight: float
 
     def _keep(self, x: torch.Tensor, y: torch.Tensor, w: float, limit: int) -> None:
+        limit = self.row_limit if self.row_limit is not None else limit
+        self.task_sq += w * float((x * x).sum())
+        self.task_sum = w * x.sum(0) if self.task_sum is None else self.task_sum + w * x.sum(0)
         if self.rows is not None and self.count + x.shape[0] > limit:
             self.fold()
         if self.rows is not None:
@@ -52,6 +60,24 @@ class _RowsThenSums:
             x, y, w = rows.pop(0)
             self._add_sums(x, y, w)
             del x, y
+        self._fold_moment()
+
+    def _fold_moment(self) -> None:
+        """Moments held beside the rows (``add_moments``) join the sums."""
+
+    def task_scale(self, dim: int, centred: bool) -> float | None:
+        """The ridge's scale when moments were added (None: none were, and the solve takes it
+        from its own matrix as always): the mean non-zero eigenvalue of the *row* tokens' second
+        moment alone (centred on their weighted mean for a solve with intercept), so that ρ means
+        what it means without moments and ``broad_weight`` alone sets how much they count."""
+        if not self.moment_count:
+            return None
+        tokens = self.count - self.moment_count
+        sq = self.task_sq
+        if centred and self.task_sum is not None:
+            tw = self.weight - self.moment_weight
+            sq -= float(self.task_sum @ self.task_sum) / tw if tw > 0 else 0.0
+        return max(sq, 0.0) / max(1, min(dim, _centred_rank(tokens, centred)))
 
 
 @dataclass
@@ -80,6 +106,13 @@ class LayerStats(_RowsThenSums):
     dzdz: torch.Tensor | None = field(init=False, default=None)  # Σ dz dzᵀ      [d, d]  (fit residual)
     delta: torch.Tensor = field(init=False)  # Σ delta      [d]
     delta_sq: torch.Tensor = field(init=False)  # Σ |delta|²  []
+    # weighted Σ n nᵀ of tokens with dz = 0 held beside the kept rows (add_moments)  [d, d]
+    moment: torch.Tensor | None = field(init=False, default=None)
+    row_limit: int | None = None
+    task_sq: float = field(init=False, default=0.0)
+    task_sum: torch.Tensor | None = field(init=False, default=None)
+    moment_count: int = field(init=False, default=0)
+    moment_weight: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.delta = torch.zeros(self.d, dtype=self.dtype, device=self.device)
@@ -92,6 +125,11 @@ class LayerStats(_RowsThenSums):
         z = lambda: torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)  # noqa: E731
         self.nn, self.dzn = z(), z()
         self.dzdz = z() if self.residual else None
+
+    def _fold_moment(self) -> None:
+        if self.moment is not None:
+            self.nn.add_(self.moment)
+            self.moment = None
 
     def _add_sums(self, n: torch.Tensor, dz: torch.Tensor, w: float) -> None:
         self.nn.addmm_(n.T, n, alpha=w)  # in place: no d×d temporaries
@@ -113,6 +151,21 @@ class LayerStats(_RowsThenSums):
         self.delta_sq += w * (delta * delta).sum()
         self._keep(n, dz, w, self.d // 2)
 
+    def add_moments(self, nn: torch.Tensor, count: int, weight: float) -> None:
+        """Tokens whose target is the original model (``dz = 0``, ``delta = 0``) given by their
+        second moment ``Σ n nᵀ`` alone (``moments.Moments``), each weighted ``weight``: they add
+        to ``Σ n nᵀ`` and the token count, nothing else.  With the token rows kept the moment is
+        held beside them (the solve stays factored: ``solve_matrix``); else added to the sums."""
+        nn = nn.to(self.device, self.dtype) * weight
+        if self.rows is not None:
+            self.moment = nn if self.moment is None else self.moment + nn
+        else:
+            self.nn.add_(nn)
+        self.count += count
+        self.weight += weight * count
+        self.moment_count += count
+        self.moment_weight += weight * count
+
     def finite(self) -> bool:
         """No NaN or Inf among the tokens taken in (rows or sums)."""
         kept = [t for r in self.rows for t in r[:2]] if self.rows is not None else [self.nn, self.dzn]
@@ -128,12 +181,18 @@ class LayerStats(_RowsThenSums):
         """The input-space thought matrix ``A`` (``ridge_solve``'s): exact factors
         ``A = [dZᵀ (N Nᵀ + ρ'I)⁻¹] · N`` of rank T from the kept rows (push-through identity,
         a T×T system), or dense from the sums."""
+        if self.rows and self.moment is not None:
+            # A = dZᵀ N K⁻¹, K = NᵀN + M + ρ'I: a d×d solve with T right-hand sides, still rank T
+            n, dz = self.scaled_rows()
+            k = self.moment.clone().addmm_(n.T, n)
+            right = ridge_solve(k, n, rho, overwrite=True, scale=self.task_scale(self.d, False))  # N K⁻¹ [T, d]
+            return LowRank(dz.T.contiguous(), right)
         if self.rows:
             n, dz = self.scaled_rows()
             left = ridge_solve(n @ n.T, dz.T, rho, overwrite=True, dim=self.d, rank=self.count)
             return LowRank(left, n)
         self.fold()
-        return ridge_solve(self.nn, self.dzn, rho, rank=self.count)
+        return ridge_solve(self.nn, self.dzn, rho, rank=self.count, scale=self.task_scale(self.d, False))
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.nn, self.dzn, self.dzdz, self.delta, self.delta_sq) if t is not None]
@@ -155,7 +214,7 @@ def _all_reduce(tensors: list[torch.Tensor], owner) -> None:
 
 
 def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool = False, dim: int | None = None,
-                rank: int | None = None) -> torch.Tensor:
+                rank: int | None = None, scale: float | None = None) -> torch.Tensor:
     """``A = dzn (nn + ρ·s·I)⁻¹``: the input-space thought matrix, so that ``Δ(W) = W A``.
 
     ``argmin_M Σ_t |M n_t − W dz_t|² + ρ'|M|²`` is ``W (Σ dz nᵀ)(Σ n nᵀ + ρ' I)⁻¹`` for every
@@ -173,9 +232,13 @@ def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool
     the joint path): ``nn`` is then spent.
     ``dim`` is the dimension the mean eigenvalue and the pseudo-inverse cut-off refer to, when
     ``nn`` is the token-space Gram ``X Xᵀ`` of an f-dimensional problem (same nonzero spectrum).
+    ``scale``: s given instead (``_RowsThenSums.task_scale``: tokens given by moments beside the rows).
     """
     d = nn.shape[0] if dim is None else dim
-    scale = torch.trace(nn) / max(1, min(d, rank if rank is not None else d))
+    if scale is not None:
+        scale = torch.tensor(float(scale), dtype=nn.dtype)
+    else:
+        scale = torch.trace(nn) / max(1, min(d, rank if rank is not None else d))
     if scale <= 0:
         return torch.zeros_like(dzn)
     if rho > 0:
@@ -254,6 +317,13 @@ class DownStats(_RowsThenSums):
     a: torch.Tensor | None = field(init=False, default=None)  # Σ a     [f]
     e: torch.Tensor | None = field(init=False, default=None)  # Σ e     [d]
     ee: torch.Tensor | None = field(init=False, default=None)  # Σ |e|²  []
+    # (weighted Σ a aᵀ [f, f], Σ a [f], their weight) of tokens with e = 0 held beside the rows
+    moment: tuple[torch.Tensor, torch.Tensor, float] | None = field(init=False, default=None)
+    row_limit: int | None = None
+    task_sq: float = field(init=False, default=0.0)
+    task_sum: torch.Tensor | None = field(init=False, default=None)
+    moment_count: int = field(init=False, default=0)
+    moment_weight: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.rows = [] if self.keep_rows else None
@@ -275,6 +345,28 @@ class DownStats(_RowsThenSums):
         a, e = a.to(self.device, self.dtype), e.to(self.device, self.dtype)
         self._keep(a, e, float(weight), self.f // 2)
 
+    def add_moments(self, aa: torch.Tensor, a: torch.Tensor, count: int, weight: float) -> None:
+        """Tokens whose gap is 0 (the original model is their target) given by ``Σ a aᵀ`` and
+        ``Σ a`` (``moments.Moments``), each weighted ``weight``; held beside the kept rows (the
+        solve stays factored) or added to the sums."""
+        aa, a = aa.to(self.device, self.dtype) * weight, a.to(self.device, self.dtype) * weight
+        if self.rows is not None:
+            held = self.moment
+            self.moment = (aa, a, weight * count) if held is None else (held[0] + aa, held[1] + a, held[2] + weight * count)
+        else:
+            self.aa.add_(aa)
+            self.a.add_(a)
+        self.count += count
+        self.weight += weight * count
+        self.moment_count += count
+        self.moment_weight += weight * count
+
+    def _fold_moment(self) -> None:
+        if self.moment is not None:
+            self.aa.add_(self.moment[0])
+            self.a.add_(self.moment[1])
+            self.moment = None
+
     def all_reduce(self) -> None:
         self.fold()
         _all_reduce([self.aa, self.ea, self.a, self.e, self.ee], self)
@@ -294,6 +386,8 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, con
     """
     if not matrix:
         return (None, *_intercept_only(st))
+    if st.rows is not None and st.rows and st.moment is not None:
+        return _ridge_intercept_rows_moment(st, rho, intercept)
     if st.rows is not None and st.rows:
         return _ridge_intercept_rows(st, rho, intercept)
     st.fold()
@@ -309,8 +403,10 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, con
     # and the solve's own equation D (C_aa + λI) = C_ea turns tr(D C_aa Dᵀ) into ⟨D, C_ea⟩ − λ|D|²: no
     # product with C_aa, which the solve overwrites with its Cholesky factor
     rank = _centred_rank(st.count, intercept)
-    lam = rho * float(torch.trace(caa)) / max(1, min(caa.shape[0], rank)) if rho > 0 else 0.0
-    dmat = ridge_solve(caa, cea, rho, overwrite=True, rank=rank)
+    given = st.task_scale(st.f, intercept)
+    s = given if given is not None else float(torch.trace(caa)) / max(1, min(caa.shape[0], rank))
+    lam = rho * s if rho > 0 else 0.0
+    dmat = ridge_solve(caa, cea, rho, overwrite=True, rank=rank, scale=s)
     res = cee - torch.sum(dmat * cea) - lam * torch.sum(dmat * dmat)
     c = me - dmat @ ma
     rel = math.sqrt(max(float(res), 0.0) / float(st.ee)) if st.ee > 0 else 0.0
@@ -355,6 +451,41 @@ def _ridge_intercept_rows(st: DownStats, rho: float, intercept: bool) -> tuple[L
     c = me - dmat.left @ (dmat.right @ ma)
     r = apply(dmat, a) + c - e
     res = float(w @ (r * r).sum(1))
+    tot = float(w @ (e * e).sum(1))
+    rel = math.sqrt(max(res, 0.0) / tot) if tot > 0 else 0.0
+    return dmat, c, rel
+
+
+def _ridge_intercept_rows_moment(st: DownStats, rho: float, intercept: bool) -> tuple[LowRank, torch.Tensor, float]:
+    """The ridge with intercept over the kept rows *and* tokens given by their moments
+    (``add_moments``: gap 0), kept factored.  With the weighted means ``ā``, ``ē`` over all of
+    them: ``C_aa = Σ w a aᵀ + M − W ā āᵀ`` (f×f), and ``C_ea = Σ w e aᵀ − W ē āᵀ = L R`` with
+    ``L = [Yᵀ, −W ē]`` [d, T+1] and ``R = [X; āᵀ]`` [T+1, f] (√w-scaled rows): the moments hold
+    no gap, so D = L (R (C_aa + ρ'I)⁻¹) has rank T + 1 — one f×f solve with T + 1 right-hand
+    sides instead of d."""
+    a, e, w = st.stacked()
+    mom_aa, mom_a, mom_w = st.moment
+    total = float(w.sum()) + mom_w
+    n = total if total > 0 else 1.0
+    if intercept:
+        ma, me = (w @ a + mom_a) / n, (w @ e) / n
+    else:
+        ma, me = torch.zeros(st.f, dtype=a.dtype, device=a.device), torch.zeros(st.d, dtype=a.dtype, device=a.device)
+    sw = w.sqrt()[:, None]
+    x, y = sw * a, sw * e
+    caa = mom_aa.clone().addmm_(x.T, x)
+    if intercept:
+        caa.addr_(ma, ma, alpha=-n)
+    left = torch.cat([y.T, -n * me[:, None]], 1)  # [d, T+1]
+    right = torch.cat([x, ma[None, :]], 0)  # [T+1, f]
+    solved = ridge_solve(caa, right, rho, overwrite=True, scale=st.task_scale(st.f, intercept))  # R K⁻¹
+    dmat = LowRank(left, solved)
+    c = me - dmat.left @ (dmat.right @ ma)
+    r = apply(dmat, a) + c - e  # the rows' residual; the moments' tokens' (target 0) from their sums
+    res = float(w @ (r * r).sum(1))
+    da = (mom_a @ dmat.right.T) @ dmat.left.T  # D Σa  [d]
+    g = dmat.right @ mom_aa @ dmat.right.T  # [T+1, T+1]: tr(D M Dᵀ) = tr(L G Lᵀ)
+    res += float(((dmat.left @ g) * dmat.left).sum()) + 2 * float(c @ da) + mom_w * float(c @ c)
     tot = float(w @ (e * e).sum(1))
     rel = math.sqrt(max(res, 0.0) / tot) if tot > 0 else 0.0
     return dmat, c, rel

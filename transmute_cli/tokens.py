@@ -22,7 +22,9 @@ def token_ids(tokenizer, text: str) -> list[int]:
 @dataclass(frozen=True)
 class Encoded:
     """Token ids: ``pre`` (BOS or nothing), the instruction, each example text x, and each
-    preservation text z (run without the instruction in both passes).  ``plain``: what the
+    preservation text z (run without the instruction in both passes), and each broad text b
+    (patched like an example, under the first instruction, with its own weight: the prompt's
+    effect on text that is not the task's).  ``plain``: what the
     non-contextual pass (and both passes of a preservation text) starts with in place of ``pre``
     — chat recipes: the chat template's text without a system message (``chat.ChatFormat``);
     ``None``: ``pre``.
@@ -37,6 +39,7 @@ class Encoded:
     contexts: tuple[tuple[int, ...], ...] = ()
     context_of: tuple[int, ...] = ()
     plain: tuple[int, ...] | None = None
+    broad: tuple[tuple[int, ...], ...] = ()
 
     @property
     def npre(self) -> tuple[int, ...]:
@@ -66,7 +69,7 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence[str] = (),
-           contexts: Sequence[str] | None = None, plain: str | None = None) -> Encoded:
+           contexts: Sequence[str] | None = None, plain: str | None = None, broad: Sequence[str] = ()) -> Encoded:
     """Tokenize I and each x separately so the positions of x align in both passes.
     ``contexts``: one instruction per text (many-shot), in place of ``instruction`` for that text.
     ``plain`` (chat): the text before x in the non-contextual pass; then nothing is added before
@@ -81,7 +84,7 @@ def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence
         distinct, context_of = tuple(ids(c) for c in order), tuple(order.index(c) for c in contexts)
     pre = tuple(special_prefix(tokenizer)) if plain is None else ()
     return Encoded(pre, ids(instruction), tuple(ids(t) for t in texts), tuple(ids(t) for t in preserve), distinct,
-                   context_of, None if plain is None else ids(plain))
+                   context_of, None if plain is None else ids(plain), tuple(ids(t) for t in broad))
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -107,6 +110,13 @@ def check_lengths(model: nn.Module, enc: Encoded) -> None:
         if limit is not None and len(enc.npre) + len(z) > limit:
             raise InputError(f"the text is {len(enc.npre) + len(z)} tokens; the model's context is {limit}",
                              field=f"preserve[{i}]")
+    for i, b in enumerate(enc.broad):
+        if not b:
+            raise InputError("the text is empty after tokenization", field=f"broad[{i}]")
+        prefix = len(enc.pre) + len(enc.instruction_ids(0))
+        if limit is not None and prefix + len(b) > limit:
+            raise InputError(f"instruction + text is {prefix + len(b)} tokens; the model's context is {limit}",
+                             field=f"broad[{i}]")
 
 
 # --------------------------------------------------------------------------- batches of sequences
@@ -157,13 +167,15 @@ class MicroBatch:
 
 
 def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, device, *, preserve: bool = False,
-                   weight: float = 1.0) -> list[MicroBatch]:
+                   weight: float = 1.0, broad: bool = False) -> list[MicroBatch]:
     """Micro-batches of at most ``size`` texts; the texts of one micro-batch share their
-    instruction (grouped by ``Encoded.context``, order kept within a group)."""
-    texts = enc.preserve if preserve else enc.texts
+    instruction (grouped by ``Encoded.context``, order kept within a group).  ``index`` counts
+    the example texts, or the preservation texts (``preserve``), or the broad texts (``broad``:
+    patched like examples, all under the first instruction)."""
+    texts = enc.preserve if preserve else enc.broad if broad else enc.texts
     groups: dict[int, list[int]] = {}
     for i in index:
-        groups.setdefault(0 if preserve else enc.context(i), []).append(i)
+        groups.setdefault(0 if preserve or broad else enc.context(i), []).append(i)
     out = []
     for context, members in groups.items():
         ctx_prefix = enc.npre if preserve else enc.pre + enc.instruction_ids(context)
