@@ -27,5 +27,9 @@ def parse(sets: list[str]) -> dict:
         if not sep:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
         data[key.strip()] = yaml.safe_load(value)
-    probe = parse_recipe(yaml.safe_dump({"instruction": "x", "examples": [["a", "b"]], **data}), source="--set")
+    if any(k.endswith("_file") for k in data):
+        raise SystemExit("--set: a *_file key cannot be set here; set the key it fills (examples, eval, ...)")
+    # enough examples that batches / demonstrations up to 63 are not refused by the probe itself
+    probe = parse_recipe(yaml.safe_dump({"instruction": "x", "examples": [[f"a{i}", "b"] for i in range(64)], **data}),
+                         source="--set")
     return {k: getattr(probe, k) for k in data}

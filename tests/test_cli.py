@@ -539,7 +539,7 @@ BAD_RECIPES = {
                  "but got '<stream end>')"),
     "root-list": ("- a\n- b\n", "the top level must be a mapping of keys, got a list"),
     "unknown-key": (dict(bogus=1),
-                    "bogus: unknown key (allowed: answer_format, batches, chat, components, demonstrations, eta, eval, eval_file, "
+                    "bogus: unknown key (allowed: answer_format, augment, batches, broad, broad_weight, chat, components, demonstrations, eta, eval, eval_file, "
                     "eval_inputs, eval_inputs_file, examples, "
                     "examples_file, inputs, inputs_file, instruction, layers, max_new_tokens, model, name, patch_templates, preserve, preserve_file, preserve_weight, "
                     "rho, seed, solver, template)"),
@@ -595,7 +595,10 @@ def test_too_long_example_under_a_patch_template_names_the_example(tmp_path, lla
     recipe = write_recipe(tmp_path / "long.yaml", llama_dir, examples=examples,
                           patch_templates=["x" * 80 + " {input} -> {output}"])
     line = error_line(invoke("compute", recipe, "-o", tmp_path / "out", *CPU, "--quiet"))
-    assert "examples[3]" in line
+    # under the patch template the instruction's demonstrations are rewritten in it too (80 more
+    # characters each), so the first example already overflows there; the line names it and the template
+    assert "examples[0]" in line and "(under patch_templates[0])" in line
+    assert "instruction + example is" in line
 
 
 def _model_error(tmp_path, model) -> str:

@@ -240,8 +240,9 @@ def test_moments_cache_round_trip(tmp_path):
     # other texts, another model: another file; a damaged file is recomputed, not trusted
     load_or_compute(model, fam, tok, BROAD[:1], "f" * 64, tmp_path)
     assert len(list(tmp_path.iterdir())) == 2
-    f = next(p for p in tmp_path.iterdir() if p.stat().st_size == max(q.stat().st_size for q in tmp_path.iterdir()))
-    f.write_bytes(b"garbage")
+    from transmute_cli.moments import cache_file
+
+    cache_file(tmp_path, "f" * 64, BROAD, torch.float32).write_bytes(b"garbage")
     _, cached = load_or_compute(model, fam, tok, BROAD, "f" * 64, tmp_path)
     assert not cached
 

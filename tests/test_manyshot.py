@@ -15,7 +15,7 @@ from transmute_cli.evaluate import evaluate
 from transmute_cli.families import decoder_layers, family_for, get_module
 from transmute_cli.lowrank import dense
 from transmute_cli.models import Loaded
-from transmute_cli.pipeline import label_inputs, many_shot_prompt, patch_contexts, patch_texts
+from transmute_cli.pipeline import format_instruction, label_inputs, many_shot_prompt, patch_contexts, patch_texts
 from transmute_cli.recipe import parse_recipe
 from transmute_cli.tokens import encode, micro_batches
 
@@ -159,8 +159,9 @@ def test_many_shot_contexts_never_show_an_example_its_own_answer(k):
     for t, template in enumerate(recipe.all_templates()):
         for i, p in enumerate(recipe.examples):
             ctx = contexts[t * n + i]
-            assert ctx.startswith(recipe.instruction)
-            shown = ctx[len(recipe.instruction):].splitlines(keepends=True)
+            head = format_instruction(recipe, template)  # its own demonstrations in the text's template too
+            assert ctx.startswith(head) and (t > 0) == (head != recipe.instruction)
+            shown = ctx[len(head):].splitlines(keepends=True)
             assert len(shown) == k
             assert render(template, p.input, p.output) + "\n" not in shown  # never its own answer
             assert all(s in [render(template, q.input, q.output) + "\n" for q in recipe.examples] for s in shown)
@@ -168,7 +169,10 @@ def test_many_shot_contexts_never_show_an_example_its_own_answer(k):
     other = parse_recipe(MANY + f"demonstrations: {k}\nseed: 3\n")
     assert k == n - 1 or patch_contexts(other) != contexts
     assert many_shot_prompt(recipe) == contexts[0]
-    assert patch_contexts(parse_recipe(MANY)) is None and many_shot_prompt(parse_recipe(MANY)) is None
+    # without demonstrations: the instruction as written, and rewritten for the patch template
+    plain = parse_recipe(MANY)
+    assert many_shot_prompt(plain) is None
+    assert patch_contexts(plain) == [plain.instruction] * n + ["Reverse each word.\nabc = cba\n"] * n
 
 
 def test_many_shot_qa_prompts_keep_their_blank_lines():

@@ -161,7 +161,10 @@ def test_defaults():
     from transmute_cli.engine import EngineConfig
     from transmute_cli.pipeline import engine_config
 
-    assert engine_config(recipe) == EngineConfig()
+    # (in-sample fidelity on the examples in the recipe's own template: the first n patch texts)
+    assert engine_config(recipe) == EngineConfig(fidelity_texts=len(recipe.examples))
+    # locality by default: the broad texts' moments at weight 3, no format augmentation
+    assert (recipe.broad, recipe.broad_weight, recipe.augment) == ("original", 3.0, False)
     assert DEFAULT_TEMPLATE == "{input} -> {output}"
 
 
@@ -776,6 +779,9 @@ _PLAUSIBLE = {
     "preserve": [[], ["Some text.\n"], [""], "x"],
     "preserve_file": ["keep.txt", "missing.txt", "x.tsv"],
     "preserve_weight": [1, 0.1, 0, -1, float("nan")],
+    "augment": [True, False, "yes", 1],
+    "broad": ["original", "prompted", "off", False, True, "on", 3],
+    "broad_weight": [3, 0.3, 0, -1, float("nan")],
 }
 _overrides = st.fixed_dictionaries(
     {},

@@ -360,7 +360,7 @@ class _Loop:
             vec = mean_vector(stats)
             self.fid[l].vector_num += max(stats.delta_sq.item() - stats.weight * float(vec @ vec), 0.0)
             self.fid[l].vector_den += stats.delta_sq.item()
-        self.tokens[l] += stats.count
+        self.tokens[l] += stats.count - stats.moment_count  # the examples' tokens, not the moments'
         eta = cfg.step
         for store, t in ((self.matrices, a), (self.vectors, vec), (self.downs, down)):
             if t is not None:

@@ -9,7 +9,11 @@ scaled by the post-norm's per-token rms on Gemma, as the joint solve scales it).
 depend on the instruction, so they are computed once per model (MEMIT's cached C₀) instead of
 running the texts through both passes of every compute.  What they leave out: the drift that
 the patches of earlier layers cause on these texts (the states are the unpatched model's);
+Nor the effect of the same layer's input-side
+matrix A on these tokens (the down-projection solve sees them with A's change unaccounted).
 ``broad: prompted`` runs the texts through the loop instead (exact, several times the cost).
+Every batch's solves get the whole moments, as they get the preservation texts: with several
+batches the term counts once per batch (``broad_weight`` was chosen at one batch, the default).
 
 No printing; the cache is a safetensors file whose name holds the model's fingerprint and the
 texts' hash, written whole or not at all.
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import Family, decoder_layers, model_device, post_norm, select
+from .families import Family, base_model, decoder_layers, get_module, model_device, post_norm, select
 from .hooks import capture
 from .solve import rms_scaled
 from .tokens import context_length, encode, micro_batches, pad_id
@@ -69,7 +73,7 @@ def compute_moments(model: nn.Module, fam: Family, tokenizer, texts: list[str], 
         for mb in mbs:
             with ExitStack() as stack:
                 caps = [stack.enter_context(capture(layer, fam)) for layer in layers]
-                model(input_ids=mb.nctx_ids, use_cache=False)
+                base_model(model, fam)(input_ids=mb.nctx_ids, use_cache=False)  # the states only, no head
             m = mb.xmask
             count += int(m.sum())
             for l, c in enumerate(caps):
@@ -85,7 +89,8 @@ def compute_moments(model: nn.Module, fam: Family, tokenizer, texts: list[str], 
 
 
 def cache_file(folder: Path, fingerprint: str, texts: list[str], dtype: torch.dtype) -> Path:
-    name = f"moments-v{VERSION}-{fingerprint[:16]}-{texts_key(texts)}-{str(dtype).removeprefix('torch.')}.safetensors"
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]  # the model (and family: the caller's key)
+    name = f"moments-v{VERSION}-{key}-{texts_key(texts)}-{str(dtype).removeprefix('torch.')}.safetensors"
     return folder / name
 
 
@@ -103,6 +108,10 @@ def load_or_compute(model: nn.Module, fam: Family, tokenizer, texts: list[str], 
         try:
             t = load_file(str(path))
             L = len([k for k in t if k.startswith("nn.")])
+            layers = decoder_layers(model, fam)
+            if L != len(layers) or any(t[f"aa.{l}"].shape[0] != get_module(layer, fam.mlp_down).weight.shape[1]
+                                       for l, layer in enumerate(layers)):
+                raise ValueError("the cached moments do not fit this model")
             return Moments(int(t["count"][0]), [t[f"nn.{l}"] for l in range(L)], [t[f"aa.{l}"] for l in range(L)],
                            [t[f"a.{l}"] for l in range(L)]), True
         except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
@@ -127,6 +136,6 @@ def load_or_compute(model: nn.Module, fam: Family, tokenizer, texts: list[str], 
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        except OSError:
-            pass  # a read-only cache only costs the recomputation next time
+        except Exception:  # noqa: BLE001 - a full disk or a read-only cache costs only the recomputation next time
+            pass
     return mom, False

@@ -40,6 +40,10 @@ from .report import adapter_card, report_markdown
 Log = Callable[[str], None]
 
 
+def _shipped_path(name: str) -> str:
+    return f"transmute_cli/data/{name}"
+
+
 @lru_cache(maxsize=None)
 def _shipped_texts(name: str) -> tuple[str, ...]:
     """A texts file shipped in ``transmute_cli/data`` (``datafiles.load_texts`` format)."""
@@ -71,7 +75,7 @@ def broad_moments(recipe: Recipe, loaded: Loaded) -> Moments | None:
     if recipe.broad != "original" or recipe.chat:
         return None
     mom, _cached = load_or_compute(loaded.model, loaded.fam, loaded.tokenizer, list(_shipped_texts("broad.txt")),
-                                   loaded.fingerprint, cache_dir() / "moments")
+                                   f"{loaded.fingerprint}-{loaded.fam.name}", cache_dir() / "moments")
     return mom
 
 
@@ -130,10 +134,12 @@ def patch_contexts(recipe: Recipe) -> list[str] | None:
         fold = order[start : start + size]
         outside = [i for i in order if i not in fold][:k]
         demos.update({i: outside for i in fold})
-    head = recipe.instruction if recipe.instruction.endswith("\n") else recipe.instruction + "\n"
-    sep = "\n\n" if head.endswith("\n\n") else "\n"
     contexts = []
     for t in recipe.patch_formats():
+        # the instruction's own demonstrations in the text's template too (format_instruction)
+        head = format_instruction(recipe, t)
+        head = head if head.endswith("\n") else head + "\n"
+        sep = "\n\n" if head.endswith("\n\n") else "\n"
         for i in range(n):
             shown = [recipe.examples[j] for j in demos[i]]
             contexts.append(head + "".join(render(t, p.input, p.output) + sep for p in shown))
@@ -173,6 +179,9 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
 
 
 LOCALITY_TEXT = "transmute_cli/data/locality.txt"
+# tokens of it scored: each costs three full-vocabulary heads (262k rows on Gemma 3); 128 keep the
+# report to a few seconds on a CPU and take in its prose and the start of its list
+LOCALITY_TOKENS = 128
 
 
 @dataclass
@@ -188,9 +197,9 @@ class LocalityReference:
 
 def locality_reference(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None = None) -> LocalityReference | None:
     """Text recipes: the text after ``pre + I`` and after ``pre``; chat recipes: the text as a
-    user turn after the chat template's text with and without the system message.  The text is
-    cut to what fits in the model's context after the prompt; ``None`` when fewer than 16 of its
-    tokens would (an instruction that fills the context: no locality figure)."""
+    user turn after the chat template's text with and without the system message.  The text's
+    first ``LOCALITY_TOKENS`` tokens, cut to what fits in the model's context after the prompt;
+    ``None`` when fewer than 16 would (an instruction that fills the context: no figure)."""
     tok = loaded.tokenizer
     text = _shipped_texts("locality.txt")[0]
     if chat is not None:
@@ -199,7 +208,7 @@ def locality_reference(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None =
     else:
         plain = special_prefix(tok)
         prompted = plain + token_ids(tok, recipe.instruction)
-    ids = token_ids(tok, text)
+    ids = token_ids(tok, text)[:LOCALITY_TOKENS]
     limit = context_length(loaded.model)
     if limit is not None:
         ids = ids[: max(0, limit - len(prompted))]
@@ -251,6 +260,9 @@ def _with_source(err: InputError, recipe: Recipe, labels: Sequence[dict] = ()) -
     template are named here (patch texts are every example under every patch template; the
     examples that ``labels`` added came from the recipe's ``inputs``)."""
     field, reason = err.field, err.reason
+    if (field or "").startswith("broad["):  # a shipped broad text (broad: prompted), not the recipe's
+        return type(err)(f"{reason} (a text of the shipped {_shipped_path('broad.txt')})", source=recipe.source,
+                         field="broad")
     m = re.fullmatch(r"examples\[(\d+)\]", field or "")
     if m:
         i, n = int(m.group(1)), len(recipe.examples)
@@ -260,7 +272,9 @@ def _with_source(err: InputError, recipe: Recipe, labels: Sequence[dict] = ()) -
         if i % n >= given:
             field = f"inputs[{kept[i % n - given]}]"
         if i >= n:
-            reason += f" (under the patch template {recipe.patch_formats()[i // n]!r})"
+            t = recipe.patch_formats()[i // n]
+            reason += (f" (under patch_templates[{recipe.patch_templates.index(t)}])" if t in recipe.patch_templates
+                       else f" (under the augmented query format {t!r})")
     if err.source is None:
         return type(err)(reason, source=recipe.source, field=field)
     return err

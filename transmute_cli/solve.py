@@ -208,9 +208,14 @@ def _all_reduce(tensors: list[torch.Tensor], owner) -> None:
 
     for t in tensors:
         dist.all_reduce(t)
-    c = torch.tensor([float(owner.count), float(owner.weight)], dtype=torch.float64, device=tensors[0].device)
+    # the row tokens' Σ w|x|² and Σ w x too: the ridge's scale when moments are added (task_scale)
+    c = torch.tensor([float(owner.count), float(owner.weight), float(owner.task_sq)], dtype=torch.float64,
+                     device=tensors[0].device)
     dist.all_reduce(c)
-    owner.count, owner.weight = int(c[0].item()), float(c[1].item())
+    owner.count, owner.weight, owner.task_sq = int(c[0].item()), float(c[1].item()), float(c[2].item())
+    if owner.task_sum is None:  # a rank without rows of its own
+        owner.task_sum = torch.zeros(tensors[0].shape[-1], dtype=tensors[0].dtype, device=tensors[0].device)
+    dist.all_reduce(owner.task_sum)
 
 
 def ridge_solve(nn: torch.Tensor, dzn: torch.Tensor, rho: float, overwrite: bool = False, dim: int | None = None,
