@@ -69,7 +69,7 @@ for _w in (0.1, 0.3, 1.0, 3.0, 10.0):
         VARIANTS[f"aug-orig-w{_w:g}-rho{_rho:g}"] = {"broad": "original", "broad_weight": _w, "rho": _rho}
 # recipes under recipes/ or examples/tasks/ or examples/trials/, by name
 WHERE = [ROOT / "recipes", ROOT / "examples" / "tasks", ROOT / "examples" / "trials"]
-DEFAULT_RECIPES = ("translate-en-fr", "en-es", "element-symbol", "nationality")
+DEFAULT_RECIPES = ("translate-en-fr", "en-es", "element-symbol", "nationality", "dictionary-k8", "roman")
 
 
 def log(msg: str) -> None:
