@@ -175,6 +175,27 @@ def summary_markdown(data: dict) -> str:
     return "\n".join(md) + "\n\nHeld-out templates: mean over the templates where the rewritten prompt scores >= 0.3.\n"
 
 
+def aggregate_markdown(data: dict) -> str:
+    """Per variant, over every recipe of the run: how many meet each target, and the spread."""
+    import statistics
+
+    variants = list(dict.fromkeys(v for d in data.values() for v in d["variants"]))
+    md = ["| variant | recipes | own ≥ 0.9× prompt (prompt ≥ 0.3) | other tasks all within 5 points | worst other-task "
+          "drop, median (max) | neutral ppl ≤ 1.1× | ppl ÷ reference, median (max) | held-out templates: mean "
+          "patched / rewritten prompt |", "|---|---|---|---|---|---|---|---|"]
+    for v in variants:
+        rows = [(d["reference"], d["variants"][v]) for d in data.values() if v in d["variants"]]
+        own = [r["summary"]["own_ok"] for ref, r in rows if ref["own"]["prompt"] >= 0.3]
+        worst = [min(r["summary"]["others_points"].values()) for _, r in rows]
+        ppl = [r["summary"]["ppl_ratio"] for _, r in rows]
+        temps = [(r["templates"][t], p) for ref, r in rows for t, p in ref["templates"].items() if p >= 0.3]
+        tm = f"{statistics.mean(a for a, _ in temps):.2f} / {statistics.mean(p for _, p in temps):.2f}" if temps else "–"
+        md.append(f"| {v} | {len(rows)} | {sum(own)}/{len(own)} | {sum(r['summary']['others_ok'] for _, r in rows)}/{len(rows)} | "
+                  f"{statistics.median(worst):+.0f} ({min(worst):+.0f}) | {sum(x <= 1.1 for x in ppl)}/{len(rows)} | "
+                  f"{statistics.median(ppl):.2f} ({max(ppl):.2f}) | {tm} |")
+    return "\n".join(md) + "\n"
+
+
 def markdown(data: dict) -> str:
     md = ["| recipe | variant | compute s | own (prompt) | held-out templates: patched / rewritten prompt | "
           "other tasks: patched / with I in front (alone) | neutral ppl: patched / with I (alone) | KL(prompted‖patched) (‖unpatched) | targets met |",
@@ -206,7 +227,7 @@ def main() -> None:
     if args.render:
         path = Path(args.render)
         data = json.loads(path.read_text())
-        path.with_suffix(".md").write_text(markdown(data) + "\n" + summary_markdown(data))
+        path.with_suffix(".md").write_text(markdown(data) + "\n" + summary_markdown(data) + "\n" + aggregate_markdown(data))
         return
     torch.manual_seed(0)
     m = pipeline.load_model("gemma-3-270m", device=args.device)
@@ -225,8 +246,8 @@ def main() -> None:
             log(f"{name} {v}: {json.dumps(row['summary'])} own {row['own']:.2f} compute {row['compute_s']:.1f}s")
         OUT.mkdir(exist_ok=True)
         (OUT / f"{args.out}.json").write_text(json.dumps(data, indent=2) + "\n")
-        (OUT / f"{args.out}.md").write_text(markdown(data) + "\n" + summary_markdown(data))
-    print(markdown(data) + "\n" + summary_markdown(data))
+        (OUT / f"{args.out}.md").write_text(markdown(data) + "\n" + summary_markdown(data) + "\n" + aggregate_markdown(data))
+    print(markdown(data) + "\n" + summary_markdown(data) + "\n" + aggregate_markdown(data))
 
 
 if __name__ == "__main__":
