@@ -42,10 +42,8 @@ sys.path.insert(0, str(ROOT))
 from transmute_cli import pipeline  # noqa: E402
 from transmute_cli.datafiles import load_templates, load_texts  # noqa: E402
 from transmute_cli.evaluate import evaluate  # noqa: E402
-from transmute_cli.fidelity import locality, text_logits  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
-from transmute_cli.tokens import special_prefix, token_ids  # noqa: E402
 
 OUT = ROOT / "results"
 OTHERS = ("antonyms", "country-capital", "plural")
@@ -113,11 +111,7 @@ def references(m, r, neutral: str) -> dict:
         front = acc(m, joined(r.instruction, o.instruction), o.eval, [o.template], None,
                     ("prompt",))[(o.template, "prompt")]
         ref["others"][name] = {"base": alone, "reference": front}
-    pre = special_prefix(m.tokenizer)
-    text = token_ids(m.tokenizer, neutral)
-    ref["_logits"] = (text_logits(m.model, m.fam, pre + token_ids(m.tokenizer, r.instruction), text),
-                      text_logits(m.model, m.fam, pre, text))
-    ref["_text"] = text
+    ref["_neutral"] = pipeline.locality_reference(r, m, text=("examples/neutral.txt", neutral), max_tokens=None)
     return ref
 
 
@@ -135,10 +129,7 @@ def measure(m, r, ref: dict, over: dict) -> dict:
         with ThoughtHooks(m.model, m.fam) as hooks:  # the patch on; the other task prompted
             hooks.set_patch(res.patch)
             row["others"][name] = acc(m, o.instruction, o.eval, [o.template], None, ("prompt",))[(o.template, "prompt")]
-    prompted, base = ref["_logits"]
-    pre = special_prefix(m.tokenizer)
-    loc = locality(prompted, text_logits(m.model, m.fam, pre, ref["_text"], res.patch), base, ref["_text"])
-    row["neutral"] = loc.__dict__
+    row["neutral"] = pipeline.locality_json(ref["_neutral"], m.model, m.fam, res.patch)
     return row
 
 

@@ -69,14 +69,21 @@ def broad_texts(recipe: Recipe) -> list[str]:
     return list(_shipped_texts("broad.txt")) if recipe.broad == "prompted" and not recipe.chat else []
 
 
+_LAST_MOMENTS: dict[str, Moments] = {}  # the last model's: a process fitting many recipes reads the file once
+
+
 def broad_moments(recipe: Recipe, loaded: Loaded) -> Moments | None:
     """The shipped broad texts' per-layer second moments (``broad: original``, the default for
-    text recipes), from the cache in ``$TRANSMUTE_CACHE/moments`` or computed once and cached."""
+    text recipes), from the cache in ``$TRANSMUTE_CACHE/moments`` or computed once and cached;
+    kept in memory for the last model asked for."""
     if recipe.broad != "original" or recipe.chat:
         return None
-    mom, _cached = load_or_compute(loaded.model, loaded.fam, loaded.tokenizer, list(_shipped_texts("broad.txt")),
-                                   f"{loaded.fingerprint}-{loaded.fam.name}", cache_dir() / "moments")
-    return mom
+    key = f"{loaded.fingerprint}-{loaded.fam.name}"
+    if key not in _LAST_MOMENTS:
+        _LAST_MOMENTS.clear()
+        _LAST_MOMENTS[key] = load_or_compute(loaded.model, loaded.fam, loaded.tokenizer,
+                                             list(_shipped_texts("broad.txt")), key, cache_dir() / "moments")[0]
+    return _LAST_MOMENTS[key]
 
 
 def chat_of(recipe: Recipe, loaded: Loaded) -> ChatFormat | None:
@@ -178,7 +185,7 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
     return with_labels(labelled, [l["output"] for l in kept]), labels
 
 
-LOCALITY_TEXT = "transmute_cli/data/locality.txt"
+LOCALITY_TEXT = _shipped_path("locality.txt")
 # tokens of it scored: each costs three full-vocabulary heads (262k rows on Gemma 3); 128 keep the
 # report to a few seconds on a CPU and take in its prose and the start of its list
 LOCALITY_TOKENS = 128
@@ -189,32 +196,36 @@ class LocalityReference:
     """The shipped locality text's tokens and the original model's logits on it with the prompt
     in front and without it (``fidelity.text_logits``): all a patched model is compared with."""
 
+    name: str  # the text's file, for the report
     prefix: list[int]  # what the model without the prompt sees before the text
     text: list[int]
     prompted: torch.Tensor
     base: torch.Tensor
 
 
-def locality_reference(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None = None) -> LocalityReference | None:
+def locality_reference(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None = None, *,
+                       text: tuple[str, str] | None = None,
+                       max_tokens: int | None = LOCALITY_TOKENS) -> LocalityReference | None:
     """Text recipes: the text after ``pre + I`` and after ``pre``; chat recipes: the text as a
     user turn after the chat template's text with and without the system message.  The text's
-    first ``LOCALITY_TOKENS`` tokens, cut to what fits in the model's context after the prompt;
-    ``None`` when fewer than 16 would (an instruction that fills the context: no figure)."""
+    first ``max_tokens`` tokens (None: all), cut to what fits in the model's context after the
+    prompt; ``None`` when fewer than 16 would (an instruction that fills the context: no figure).
+    ``text``: (name, text) in place of the shipped locality text (examples/locality.py)."""
     tok = loaded.tokenizer
-    text = _shipped_texts("locality.txt")[0]
+    name, text = text or (LOCALITY_TEXT, _shipped_texts("locality.txt")[0])
     if chat is not None:
         text = chat.turns([{"role": "user", "content": text.strip()}], where="locality")
         prompted, plain = token_ids(tok, chat.system), token_ids(tok, chat.plain)
     else:
         plain = special_prefix(tok)
         prompted = plain + token_ids(tok, recipe.instruction)
-    ids = token_ids(tok, text)[:LOCALITY_TOKENS]
+    ids = token_ids(tok, text)[:max_tokens]
     limit = context_length(loaded.model)
     if limit is not None:
         ids = ids[: max(0, limit - len(prompted))]
     if len(ids) < 16:
         return None
-    return LocalityReference(plain, ids, text_logits(loaded.model, loaded.fam, prompted, ids),
+    return LocalityReference(name, plain, ids, text_logits(loaded.model, loaded.fam, prompted, ids),
                              text_logits(loaded.model, loaded.fam, plain, ids))
 
 
@@ -224,7 +235,7 @@ def locality_json(ref: LocalityReference | None, model, fam, patch: ThoughtPatch
     if ref is None:
         return None
     loc = locality(ref.prompted, text_logits(model, fam, ref.prefix, ref.text, patch), ref.base, ref.text)
-    return {"text": LOCALITY_TEXT, **asdict(loc)}
+    return {"text": ref.name, **asdict(loc)}
 
 
 def engine_config(recipe: Recipe, **over) -> EngineConfig:

@@ -17,19 +17,19 @@ import torch
 from .lowrank import LowRank, apply
 
 
+@dataclass
 class _RowsThenSums:
     """Token rows kept while there are at most ``limit`` of them (the solve then runs in token
     space), folded into sums past that or before an all_reduce (rows freed as they go, so rows
-    and sums are never both whole).  Subclasses define ``_zero_sums`` and ``_add_sums``."""
+    and sums are never both whole).  Subclasses define ``rows``, ``count``, ``weight``,
+    ``_zero_sums``, ``_add_sums`` and ``_fold_moment``; tokens given by their moments
+    (``add_moments``) are counted here (``_count_moments``)."""
 
-    rows: list | None
-    count: int
-    weight: float
-    row_limit: int | None  # None: the subclass's default (d/2, f/2)
-    task_sq: float  # Σ w |x|² over the tokens given as rows (not moments): the ridge's scale
-    task_sum: torch.Tensor | None  # Σ w x  over them
-    moment_count: int  # tokens given by their moments (add_moments)
-    moment_weight: float
+    row_limit: int | None = field(default=None, kw_only=True)  # None: the subclass's default (d/2, f/2)
+    task_sq: float = field(init=False, default=0.0)  # Σ w |x|² over the row tokens: the ridge's scale
+    task_sum: torch.Tensor | None = field(init=False, default=None)  # Σ w x  over them
+    moment_count: int = field(init=False, default=0)  # tokens given by their moments
+    moment_weight: float = field(init=False, default=0.0)
 
     def _keep(self, x: torch.Tensor, y: torch.Tensor, w: float, limit: int) -> None:
         limit = self.row_limit if self.row_limit is not None else limit
@@ -64,6 +64,13 @@ class _RowsThenSums:
 
     def _fold_moment(self) -> None:
         """Moments held beside the rows (``add_moments``) join the sums."""
+
+    def _count_moments(self, count: int, weight: float) -> None:
+        """``count`` tokens of weight ``weight`` given by their moments join the totals."""
+        self.count += count
+        self.weight += weight * count
+        self.moment_count += count
+        self.moment_weight += weight * count
 
     def task_scale(self, dim: int, centred: bool) -> float | None:
         """The ridge's scale when moments were added (None: none were, and the solve takes it
@@ -108,11 +115,6 @@ class LayerStats(_RowsThenSums):
     delta_sq: torch.Tensor = field(init=False)  # Σ |delta|²  []
     # weighted Σ n nᵀ of tokens with dz = 0 held beside the kept rows (add_moments)  [d, d]
     moment: torch.Tensor | None = field(init=False, default=None)
-    row_limit: int | None = None
-    task_sq: float = field(init=False, default=0.0)
-    task_sum: torch.Tensor | None = field(init=False, default=None)
-    moment_count: int = field(init=False, default=0)
-    moment_weight: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.delta = torch.zeros(self.d, dtype=self.dtype, device=self.device)
@@ -161,10 +163,7 @@ class LayerStats(_RowsThenSums):
             self.moment = nn if self.moment is None else self.moment + nn
         else:
             self.nn.add_(nn)
-        self.count += count
-        self.weight += weight * count
-        self.moment_count += count
-        self.moment_weight += weight * count
+        self._count_moments(count, weight)
 
     def finite(self) -> bool:
         """No NaN or Inf among the tokens taken in (rows or sums)."""
@@ -324,11 +323,6 @@ class DownStats(_RowsThenSums):
     ee: torch.Tensor | None = field(init=False, default=None)  # Σ |e|²  []
     # (weighted Σ a aᵀ [f, f], Σ a [f], their weight) of tokens with e = 0 held beside the rows
     moment: tuple[torch.Tensor, torch.Tensor, float] | None = field(init=False, default=None)
-    row_limit: int | None = None
-    task_sq: float = field(init=False, default=0.0)
-    task_sum: torch.Tensor | None = field(init=False, default=None)
-    moment_count: int = field(init=False, default=0)
-    moment_weight: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.rows = [] if self.keep_rows else None
@@ -361,10 +355,7 @@ class DownStats(_RowsThenSums):
         else:
             self.aa.add_(aa)
             self.a.add_(a)
-        self.count += count
-        self.weight += weight * count
-        self.moment_count += count
-        self.moment_weight += weight * count
+        self._count_moments(count, weight)
 
     def _fold_moment(self) -> None:
         if self.moment is not None:
@@ -411,7 +402,7 @@ def ridge_intercept_solve(st: DownStats, rho: float, intercept: bool = True, con
     given = st.task_scale(st.f, intercept)
     s = given if given is not None else float(torch.trace(caa)) / max(1, min(caa.shape[0], rank))
     lam = rho * s if rho > 0 else 0.0
-    dmat = ridge_solve(caa, cea, rho, overwrite=True, rank=rank, scale=s)
+    dmat = ridge_solve(caa, cea, rho, overwrite=True, scale=s)
     res = cee - torch.sum(dmat * cea) - lam * torch.sum(dmat * dmat)
     c = me - dmat @ ma
     rel = math.sqrt(max(float(res), 0.0) / float(st.ee)) if st.ee > 0 else 0.0
