@@ -41,7 +41,7 @@ from .families import (
 )
 from .fidelity import Fidelity, LayerFidelity, end_to_end
 from .hooks import PrefixCache, ThoughtHooks, capture, record_layer_inputs
-from .lowrank import add, compact
+from .lowrank import add, stored
 from .moments import Moments
 from .patch import ThoughtPatch
 from .solve import (
@@ -364,8 +364,9 @@ class _Loop:
         eta = cfg.step
         for store, t in ((self.matrices, a), (self.vectors, vec), (self.downs, down)):
             if t is not None:
-                t32 = compact((eta * t).float())  # factored (rank T) while that is the smaller form
-                store[l] = add(store[l], t32) if l in store else t32
+                # summed over batches in float64, kept factored (rank T) with orthonormal right rows
+                t = eta * t
+                store[l] = stored(add(store[l], t) if l in store else t)
         self._install(hooks, l)
 
     def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool, matrix: bool = True):

@@ -10,8 +10,9 @@ File layout (``patch.safetensors``), all float32, ``l`` a layer index:
 A matrix of rank r stored as its exact factors (``lowrank.LowRank``: whenever that is smaller,
 i.e. a recipe of fewer tokens than half the matrix's side) is two tensors instead of one:
 ``layers.{l}.matrix.left`` [d, r] and ``.right`` [r, d] (``A = left @ right``), likewise
-``layers.{l}.down.left`` [d, r] / ``.right`` [r, f].  The factors are what the engine computed
-and what every reader applies, so a patch loaded from the file acts bit for bit like the one in
+``layers.{l}.down.left`` [d, r] / ``.right`` [r, f].  ``right`` has orthonormal rows (the engine
+stores ``lowrank.stored``: float32 keeps the product as precise as a dense float32 matrix); the
+factors are what the engine computed and what every reader applies, so a patch loaded from the file acts bit for bit like the one in
 the process that wrote it.
 
 Metadata (strings): format, tool version, base model spec and fingerprint, architecture sizes,
