@@ -55,3 +55,53 @@ def test_stored_down_factors_keep_float32_precision():
     dmat, _vec, _rel_res = ridge_intercept_solve(st, 0.0, intercept=True, consume=False)
     assert isinstance(dmat, LowRank)
     assert _rel(stored(dmat), dmat, a) <= 2 * _rel(dmat.dense().float(), dmat, a) + 1e-6
+
+
+# --------------------------------------------------------------------------- 3: composite configs
+
+
+def _composite(model):
+    """``model`` behind a config like ``Gemma3ForConditionalGeneration``'s: no top-level
+    ``sliding_window`` nor context length, both in ``text_config``."""
+    from torch import nn
+    from transformers import Gemma3Config
+
+    class Composite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+            self.config = Gemma3Config(text_config=model.config.to_dict())
+            self.generation_config = model.generation_config
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                    logits_to_keep=0):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+    return Composite()
+
+
+def test_a_composite_config_gives_its_text_models_window_and_context():
+    from tiny import tiny_model, tiny_tokenizer
+
+    from transmute_cli.evaluate import greedy_rows
+    from transmute_cli.families import text_config
+    from transmute_cli.tokens import context_length
+
+    model, tok = tiny_model("gemma3").eval(), tiny_tokenizer()
+    wrapped = _composite(model)
+    assert getattr(wrapped.config, "sliding_window", None) is None  # what the code used to read
+    assert text_config(wrapped).sliding_window == 16 and context_length(wrapped) == 256
+    # the shared-prefix guard: prefix + row + answer past the window (16) runs whole rows, so the
+    # prompt condition gives what generate gives on the whole text
+    prefix = tok("ab cd ef\n")["input_ids"]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in ["x ->", "yz ->", "q"]]
+    shapes: list[tuple] = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        got = greedy_rows(wrapped, tok, rows, 8, prefix=prefix)
+    finally:
+        handle.remove()
+    assert shapes[0] != (1, len(prefix))  # no shared prefix past the window
+    assert got == greedy_rows(model, tok, [prefix + r for r in rows], 8)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .chat import ChatFormat
 from .datafiles import Pair, render, rerender
-from .families import Family, base_model, family_for, model_device, select
+from .families import Family, base_model, family_for, model_device, select, text_config
 from .fidelity import compare_logits, final_logits, last_hidden
 from .hooks import ThoughtHooks, cache_kwargs, forward_parameters
 from .patch import ThoughtPatch
@@ -178,7 +178,7 @@ def greedy_rows(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_n
                 newline and "\n" in tokenizer.decode([token], skip_special_tokens=False))
         return holds_newline[token]
 
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    window = getattr(text_config(model), "sliding_window", None)
     if prefix and window is not None and len(prefix) + max(map(len, prompts)) + max_new_tokens > window:
         prompts, prefix = [list(prefix) + list(p) for p in prompts], ()
     ids, mask = left_pad(tokenizer, prompts)

@@ -144,6 +144,16 @@ def resolve_layers(spec: str | tuple[int, ...] | list[int], n_layers: int) -> li
     return sorted(set(int(i) for i in spec))
 
 
+def text_config(model: nn.Module):
+    """The language model's own config: ``config.get_text_config()`` where the model is a
+    composite (Gemma 3 of 4B and up loads as ``Gemma3ForConditionalGeneration``, whose config
+    holds ``sliding_window``, the context length and the sizes in ``text_config``), else the
+    config itself; ``None`` for a module without one."""
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get(decoder=True) if callable(get) else cfg
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where inputs go: the embeddings' device (the first layer of a device map), not meta."""
     for p in model.parameters():

@@ -26,7 +26,7 @@ from .errors import InputError, PatchError, RecipeError
 from .chat import ChatFormat, chat_format
 from .evaluate import CHAT_TEMPLATE, HeldoutFidelity, Result, correct_answers, evaluate, heldout_fidelity
 from .formats import describe_format, passes
-from .families import model_device
+from .families import model_device, text_config
 from .fidelity import locality, text_logits
 from .patch import ThoughtPatch
 from .tokens import context_length, special_prefix, token_ids
@@ -502,10 +502,10 @@ def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
 
 
 def model_json(loaded: Loaded) -> dict:
-    cfg = loaded.model.config
+    cfg = text_config(loaded.model)
     return {
         "spec": loaded.source.spec, "kind": loaded.source.kind, "fingerprint": loaded.fingerprint,
-        "model_type": getattr(cfg, "model_type", None), "family": loaded.fam.name,
+        "model_type": getattr(loaded.model.config, "model_type", None), "family": loaded.fam.name,
         "n_layers": getattr(cfg, "num_hidden_layers", None), "d_model": getattr(cfg, "hidden_size", None),
         "device": str(model_device(loaded.model)), "dtype": loaded.dtype,
     }

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .families import text_config
 from .hooks import LayerCall
 
 
@@ -88,8 +89,7 @@ def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence
 
 
 def context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def check_lengths(model: nn.Module, enc: Encoded) -> None:
