@@ -105,3 +105,93 @@ def test_a_composite_config_gives_its_text_models_window_and_context():
         handle.remove()
     assert shapes[0] != (1, len(prefix))  # no shared prefix past the window
     assert got == greedy_rows(model, tok, [prefix + r for r in rows], 8)
+
+
+# --------------------------------------------------------------------------- 7: atomic_dir
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "f.txt").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("swap", [True, False])
+def test_replacing_an_output_keeps_one_or_the_other(tmp_path, monkeypatch, swap):
+    from transmute_cli import outputs
+
+    out = _folder(tmp_path / "run", "old")
+    if not swap:  # a system without renameat2: two renames
+        monkeypatch.setattr(outputs, "exchange", lambda a, b: False)
+    with outputs.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "f.txt").write_text("new")
+    assert (out / "f.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_previous_output_left_aside_by_a_killed_run_is_put_back(tmp_path):
+    """The state a process killed between the two renames leaves: no output, the previous one in
+    ``.run.old-*/x``.  The next run that checks or writes the output puts it back first."""
+    from transmute_cli.outputs import atomic_dir, check_target
+    from transmute_cli.errors import InputError
+
+    aside = tmp_path / ".run.old-abc123"
+    aside.mkdir()
+    _folder(aside / "x", "old")
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="already exists"):
+        check_target(out, overwrite=False)  # the old output is back, and protected
+    assert (out / "f.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    aside.mkdir()
+    _folder(aside / "x", "older")  # a stale copy beside an output that is there: removed, output kept
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "f.txt").write_text("new")
+    assert (out / "f.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_exchange_swaps_two_folders(tmp_path):
+    from transmute_cli.outputs import exchange
+
+    a, b = _folder(tmp_path / "a", "A"), _folder(tmp_path / "b", "B")
+    if not exchange(a, b):
+        pytest.skip("no renameat2 here")
+    assert (a / "f.txt").read_text() == "B" and (b / "f.txt").read_text() == "A"
+
+
+# --------------------------------------------------------------------------- 8: cache layers
+
+
+def test_an_unknown_cache_layer_class_is_refused_at_the_first_fill(monkeypatch):
+    from tiny import tiny_model, tiny_tokenizer
+
+    from transmute_cli.errors import EngineError
+    from transmute_cli.families import family_for
+    from transmute_cli.hooks import PrefixCache, check_cache_layers
+
+    model, tok = tiny_model("llama").eval(), tiny_tokenizer()
+    ids = torch.tensor([tok("ab cd")["input_ids"]])
+    cache = PrefixCache(model).fill(model, family_for(model), ids)  # the classes of this transformers: known
+    assert cache.frozen
+
+    class InPlaceLayer:  # a future layer that writes into preallocated buffers
+        def __init__(self):
+            self.buffer = torch.zeros(1)
+
+    cache.layers[0] = InPlaceLayer()
+    with pytest.raises(EngineError, match="InPlaceLayer"):
+        check_cache_layers(cache)
+
+
+def test_transformers_is_bounded_to_the_tested_release():
+    import tomllib
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == "transformers"]
+    assert any(s.operator == "<" for s in req.specifier)  # an upper bound
+    assert transformers.__version__ in req.specifier

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from .errors import EngineError
 from .families import Family, base_model, decoder_layers, get_module
 from .lowrank import apply
 
@@ -227,6 +228,26 @@ def cache_kwargs(model: nn.Module, cache: DynamicCache) -> dict[str, Any]:
     return {"cache" if "cache" in forward_parameters(model) else "past_key_values": cache, "use_cache": True}
 
 
+# The cache layer classes whose internals ``PrefixCache.update`` saves and restores (``vars``):
+# they keep ``keys``/``values`` and counters as plain attributes and return the concatenation
+# from ``update`` (transformers 5.25).  Another class may write in place, which the restore would
+# not undo: refused at the first fill instead of a silently wrong patch.
+KNOWN_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def check_cache_layers(cache: DynamicCache) -> None:
+    """Fail loudly when a cache layer is of a class ``PrefixCache`` was not written for."""
+    for layer in cache.layers:
+        name = type(layer).__name__
+        if name not in KNOWN_CACHE_LAYERS or not all(torch.is_tensor(vars(layer).get(k)) for k in ("keys", "values")):
+            import transformers
+
+            raise EngineError(f"transformers {transformers.__version__} gives the model a cache layer of class {name}, "
+                              f"whose internals transmute's prefix cache does not know (it knows "
+                              f"{', '.join(KNOWN_CACHE_LAYERS)}); install the transformers version pyproject.toml "
+                              "names")
+
+
 class PrefixCache(DynamicCache):
     """The keys and values of one shared prefix (``pre + I``), computed once by :meth:`fill`
     with the model as it is (the engine fills it unpatched).  Afterwards it is read-only: every
@@ -243,6 +264,7 @@ class PrefixCache(DynamicCache):
         with torch.no_grad():
             base = base_model(model, fam)
             base(input_ids=prefix_ids, **cache_kwargs(base, self))
+        check_cache_layers(self)
         self.frozen = True
         return self
 
