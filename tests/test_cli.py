@@ -457,6 +457,7 @@ def test_eval_run_folder_with_templates(llama_run, templates_file):
     res = ok(invoke("eval", llama_run["dir"], "--templates", templates_file, "--json", *CPU, "--quiet"))
     doc = json.loads(res.stdout)
     assert doc["kind"] == "run" and doc["n"] == len(EVAL) and "answers" not in doc
+    assert doc["recipe"] == "reverse"  # no name key: the recipe file's stem, as compute called it
     _check_results(doc, [TEMPLATE, "Q: {input}\nA: {output}", "{input} => {output}"])
     # the recipe's own template gives what compute reported
     assert doc["results"][:3] == llama_run["doc"]["eval"]["results"]
@@ -470,7 +471,7 @@ def test_eval_patch_file_human_table(llama_run):
 def test_eval_checkpoint_folder(llama_run):
     res = ok(invoke("eval", llama_run["dir"] / "checkpoint", "--json", *CPU, "--quiet"))
     doc = json.loads(res.stdout)
-    assert doc["kind"] == "checkpoint"
+    assert doc["kind"] == "checkpoint" and doc["recipe"] == "reverse"
     _check_results(doc, [TEMPLATE])
     # the exact (bias) checkpoint answers like the in-process patch
     assert doc["results"] == llama_run["doc"]["eval"]["results"]

@@ -519,14 +519,14 @@ def test_message_without_source():
         ("instruction: x\nexamples: [[a, b], [c, d], 7]\n", f"r.yaml: examples[2]: must be {ITEM_FORM}, got 7"),
         ("instruction: x\nexamples: [[dog, '  ']]\n", "r.yaml: examples[0].output: must not be empty"),
         ("instruction: x\nexamples: [['', b]]\n", "r.yaml: examples[0].input: must not be empty"),
-        ("instruction: x\nexamples: [[yes, b]]\n", "r.yaml: examples[0].input: must be a string, got a boolean (true)"),
+        ("instruction: x\nexamples: [[yes, b]]\n", "r.yaml: examples[0].input: must be a string, got a boolean (true): YAML reads unquoted yes, no, on, off, true and false as booleans; put the text in quotes"),
         ("instruction: x\nexamples: [[a, null]]\n", "r.yaml: examples[0].output: must be a string, got null"),
         ("instruction: x\nexamples: [[a, [b]]]\n", "r.yaml: examples[0].output: must be a string, got a list"),
         # inputs (labelled by the prompted model) and many-shot demonstrations
         ("instruction: x\ninputs: dog\n", "r.yaml: inputs: must be a list of inputs, got a string ('dog')"),
         ("instruction: x\ninputs: [dog, '  ']\n", "r.yaml: inputs[1]: must not be empty"),
         ("instruction: x\ninputs: [dog, [a, b]]\n", "r.yaml: inputs[1]: must be a string, got a list"),
-        ("instruction: x\ninputs: [yes]\n", "r.yaml: inputs[0]: must be a string, got a boolean (true)"),
+        ("instruction: x\ninputs: [yes]\n", "r.yaml: inputs[0]: must be a string, got a boolean (true): YAML reads unquoted yes, no, on, off, true and false as booleans; put the text in quotes"),
         ("instruction: x\ninputs: []\n",
          "r.yaml: examples: at least one example is required (examples, examples_file, inputs or inputs_file)"),
         (BASE + "demonstrations: -1\n", "r.yaml: demonstrations: must be an integer >= 0, got -1"),
@@ -569,6 +569,28 @@ def test_message_without_source():
 )
 def test_bad_recipe_messages(text, message):
     assert recipe_error(text) == message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("instruction: x\nexamples: [[a, b], [c, d], [' a', e]]\n",
+     "r.yaml: examples[2]: the same input as examples[0] ('a'): an input is an example once (repeated, it is fitted "
+     "twice, and a many-shot context would show it its own answer); remove one"),
+    ("instruction: x\nexamples: [[a, b]]\ninputs: [c, a]\n", "r.yaml: inputs[1]: the same input as examples[0] ('a')"),
+    ("instruction: x\ninputs: [c, c]\n", "r.yaml: inputs[1]: the same input as inputs[0] ('c')"),
+])
+def test_an_input_is_an_example_once(text, message):
+    assert recipe_error(text).startswith(message)
+
+
+def test_repeats_in_an_examples_file_are_named_by_entry(in_tmp):
+    _write(Path("d.tsv"), "# header\na\tb\n\nc\td\na\te\n")
+    assert load_error(_recipe_with_file("examples_file", "d.tsv")).startswith(
+        "r.yaml: examples_file (entry 3): the same input as examples_file (entry 1) ('a')")
+
+
+def test_an_eval_query_may_be_an_example():
+    """The new-knowledge protocol (dictionary recipes, staff-city) queries the facts themselves."""
+    assert parse_recipe("instruction: x\nexamples: [[a, b]]\neval: [[a, b]]\n").eval[0].input == "a"
 
 
 def test_long_strings_are_cut_in_messages():
@@ -624,7 +646,7 @@ def _recipe_with_file(key: str, value: str) -> Path:
         ({"d.jsonl": '"a\\tb"\n'}, "examples_file", "d.jsonl",
          "d.jsonl: line 1: must be {\"input\": ..., \"output\": ...} or [input, output], got a string ('a\\tb')"),
         ({"d.jsonl": '["a", true]\n'}, "examples_file", "d.jsonl",
-         "d.jsonl: line 1: output: must be a string, got a boolean (true)"),
+         "d.jsonl: line 1: output: must be a string, got a boolean (true): YAML reads unquoted yes, no, on, off, true and false as booleans; put the text in quotes"),
         ({"d.jsonl": "[" * 100000 + "\n"}, "examples_file", "d.jsonl", "d.jsonl: line 1: not valid JSON (nested too deeply)"),
         ({}, "inputs_file", "in.txt", "r.yaml: inputs_file: file not found (in.txt)"),
         ({"in.txt": "# only a comment\n\n"}, "inputs_file", "in.txt", "r.yaml: inputs_file: the file has no inputs (in.txt)"),

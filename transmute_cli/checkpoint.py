@@ -205,6 +205,7 @@ def _write_sidecar(out: Path, loaded: Loaded, patch: ThoughtPatch, recipe: Recip
         "base_fingerprint": loaded.fingerprint,
         "patch_metadata": {k: v for k, v in patch.metadata.items() if k != "recipe"},
         "recipe": recipe.self_contained_text if recipe is not None else patch.metadata.get("recipe"),
+        "recipe_name": recipe.name if recipe is not None else patch.metadata.get("recipe_name"),
         **(provenance or {}),
         **figures,
     }, indent=2, sort_keys=True) + "\n")

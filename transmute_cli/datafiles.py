@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .messages import SHOW_LIMIT, Problem, describe, fail, key_label, shorten
+from .messages import SHOW_LIMIT, Problem, describe, fail, key_label, not_text, shorten
 
 INPUT_FIELD = "{input}"
 OUTPUT_FIELD = "{output}"
@@ -44,7 +44,7 @@ class Pair:
 def validate_template(template: object, *, source: str | None, field: str) -> str:
     """Check a template and return it; a problem is a RecipeError at ``source``/``field``."""
     if not isinstance(template, str):
-        fail(source, field, f"must be a string, got {describe(template)}")
+        fail(source, field, not_text(template))
     try:
         return check_template(template)
     except Problem as problem:
@@ -207,14 +207,14 @@ def load_inputs(path: str | os.PathLike, *, source: str | None = None, field: st
 def pair_text(value: object, key: str) -> str:
     """One side of a pair: text, or a number written without quotes (``7``)."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise Problem(f"must be a string, got {describe(value)}", key)
+        raise Problem(not_text(value), key)
     if isinstance(value, str):
         text = value
     else:
         try:
             text = str(value)
         except ValueError:  # int too large to print
-            raise Problem(f"must be a string, got {describe(value)}", key) from None
+            raise Problem(not_text(value), key) from None
     if not text.strip():
         raise Problem("must not be empty", key)
     return text

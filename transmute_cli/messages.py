@@ -85,6 +85,15 @@ def describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+def not_text(value: object) -> str:
+    """The reason for a value that must be a string; YAML's booleans get the way out (``NO`` in a
+    country-code task, ``yes`` as an answer)."""
+    reason = f"must be a string, got {describe(value)}"
+    if isinstance(value, bool):
+        reason += ": YAML reads unquoted yes, no, on, off, true and false as booleans; put the text in quotes"
+    return reason
+
+
 def key_label(key: object) -> str:
     """A mapping key as a field name; odd keys are quoted so the message stays readable."""
     if isinstance(key, str):

@@ -631,6 +631,7 @@ def eval_target(
     if kind in ("run", "patch"):
         patch = load_patch(path)
         recipe_text, base_spec = patch.metadata.get("recipe"), patch.metadata.get("base_model")
+        name = patch.metadata.get("recipe_name")
     else:
         side = path / "transmute.json"
         if not side.is_file():
@@ -640,8 +641,11 @@ def eval_target(
         except (OSError, ValueError):
             raise InputError("transmute.json is not valid JSON", source=str(side)) from None
         recipe_text, base_spec, patch = info.get("recipe"), info.get("base_model"), None
+        name = info.get("recipe_name")
+    # a recorded recipe without a name key is called what compute called it: its file's stem
+    name = name or Path(target.rstrip("/")).stem
     recipe = load_recipe(recipe_path) if recipe_path else (
-        parse_recipe(recipe_text, source=f"{target} (recipe)") if recipe_text else None)
+        parse_recipe(recipe_text, source=f"{target} (recipe)", default_name=name) if recipe_text else None)
     if recipe is None:
         raise InputError("no recipe recorded; pass --recipe", source=target)
     queries = eval_queries(recipe)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from transmute_cli import defaults
 from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes
-from transmute_cli.messages import describe, fail, key_label, one_line, shorten
+from transmute_cli.messages import describe, fail, key_label, not_text, one_line, shorten
 from transmute_cli.recipe_fields import MAX_NAME_LENGTH, Components, Layers, Model, Name, NonNegative, Pairs
 from transmute_cli.recipe_fields import Inputs, InputsFile, PairsFile, Positive, Template, Templates, Text, Texts
 from transmute_cli.recipe_fields import AnswerFormat, Broad, Flag, TextsFile, number
@@ -155,7 +155,7 @@ def _first_problem(exc: ValidationError, source: str | None) -> NoReturn:
     reasons = {
         "recipe": ctx.get("reason"),
         "missing": "is required",
-        "string_type": f"must be a string, got {describe(value)}",
+        "string_type": not_text(value),
         "literal_error": f"must be {ctx.get('expected')}, got {describe(value)}",
     }
     fail(source, path.lstrip(".") + ctx.get("at", ""), reasons.get(kind) or error["msg"])
@@ -239,6 +239,7 @@ def parse_recipe(
         fail(source, "demonstrations", f"must be at most the number of examples - 1 ({n - 1}: an example is"
                                        f" never its own demonstration), got {values['demonstrations']}")
     _check_style(data, values, source)
+    _check_repeats(data, values, source)
     if values["chat"] and "max_new_tokens" not in data:
         values["max_new_tokens"] = CHAT_MAX_NEW_TOKENS
     if values["chat"] and "rho" not in data:
@@ -268,6 +269,26 @@ def _check_style(data: dict, values: dict, source: str | None) -> None:
         for i, pair in enumerate(values[key]):
             if pair.history:
                 fail(source, f"{key}[{i}].history", "earlier turns of a conversation need chat: true")
+
+
+def _check_repeats(data: dict, values: dict, source: str | None) -> None:
+    """An input (with its earlier turns) is an example once: repeated, it is fitted twice and a
+    many-shot context could show it its own answer.  The first repeat is named with the entry it
+    repeats.  (An eval query may be an example: the new-knowledge protocol queries the facts.)"""
+    def where(key: str, i: int) -> str:
+        # entries of a *_file come after the ones written in the recipe
+        inline = len(data.get(key) or []) if isinstance(data.get(key), list) else 0
+        return f"{key}[{i}]" if i < inline or f"{key}_file" not in data else f"{key}_file (entry {i - inline + 1})"
+
+    seen: dict[tuple, str] = {}
+    for key, items in (("examples", values["examples"]), ("inputs", [Pair(x, "") for x in values["inputs"]])):
+        for i, p in enumerate(items):
+            k = (p.history, p.input.strip())
+            if k in seen:
+                fail(source, where(key, i), f"the same input as {seen[k]} ({shorten(p.input.strip())!r}): an input is an "
+                                            "example once (repeated, it is fitted twice, and a many-shot context would "
+                                            "show it its own answer); remove one")
+            seen[k] = where(key, i)
 
 
 def _pair_item(p: Pair) -> list | dict:
