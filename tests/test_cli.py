@@ -300,19 +300,40 @@ def test_llama_checkpoint_is_exact(which, request, llama_dir):
     assert info["answer_agreement_vs_in_process"] == 1.0
 
 
-def test_checkpoint_generate_stops_where_the_answer_ends(llama_run):
-    """Plain `generate` on the checkpoint (its saved generation_config) ends at the first token
-    holding a newline, as the evaluator does, instead of running on into the next example."""
+def _generate_with_newlines_likely(ck, tok, max_new: int = 12) -> list[list[int]]:
+    """Plain ``generate`` with the checkpoint's own generation_config, its newline token made
+    likely (a tiny random model otherwise never writes one, and a stop rule is never tested)."""
+    nl = tok("\n", add_special_tokens=False)["input_ids"][-1]
+    with torch.no_grad():
+        ck.lm_head.weight[nl] *= 4.0
+        return [ck.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False)[0, len(p):].tolist()
+                for p in _eval_prompts(tok) + [list(ids[0]) for ids in _token_seqs(tok)]]
+
+
+def test_checkpoint_generate_runs_past_a_newline_by_default(llama_run, llama_dir):
+    """The task's stop rule is not the model's: by default the checkpoint's generation_config is
+    the base model's, so plain generate continues a list or a paragraph past its first line."""
     d = llama_run["dir"] / "checkpoint"
-    assert llama_run["doc"]["checkpoint"]["generation_stops_at_newline"] is True
+    assert llama_run["doc"]["checkpoint"]["generation_stops_at_newline"] is False
     ck, tok = _load_plain(d), AutoTokenizer.from_pretrained(str(d))
+    assert ck.generation_config.eos_token_id == _load_plain(llama_dir).generation_config.eos_token_id
+    rows = _generate_with_newlines_likely(ck, tok)
+    assert any(stop_cut(tok, r) != r for r in rows)  # some row went on after a newline
+
+
+def test_checkpoint_stop_at_newline_is_opt_in(llama_run, work):
+    """``--stop-at-newline``: plain generate on the checkpoint ends at the first token holding a
+    newline, as the evaluator does."""
+    out = work / "ck-stop"
+    doc = json.loads(ok(invoke("apply", llama_run["dir"], "-o", out, "--stop-at-newline", *CPU, "--json",
+                               "--quiet")).stdout)
+    assert doc["checkpoint"]["generation_stops_at_newline"] is True
+    ck, tok = _load_plain(out), AutoTokenizer.from_pretrained(str(out))
     ends = ck.generation_config.eos_token_id
-    assert tok.eos_token_id in ends and tok("\n", add_special_tokens=False)["input_ids"][-1] in ends
     assert set(ends) == {tok.eos_token_id} | {i for i in range(len(tok)) if "\n" in tok.decode([i])}
-    for prompt in _eval_prompts(tok):
-        with torch.no_grad():
-            new = ck.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
-        assert stop_cut(tok, new) == new
+    rows = _generate_with_newlines_likely(ck, tok)
+    assert all(stop_cut(tok, r) == r for r in rows)
+    assert any(len(r) < 12 and "\n" in tok.decode(r[-1:]) for r in rows)  # a row really ended at a newline
 
 
 def test_gemma_checkpoint_vector_is_folded_by_least_squares(gemma_run, gemma_dir):

@@ -48,12 +48,15 @@ def masked_logits(model, batches) -> list[torch.Tensor]:
 
 def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequence[str], recipe: Recipe | None,
                      patched_answers: list[str] | None, *, scale: float = 1.0, provenance: dict | None = None,
-                     save_dtype: str = "auto", chat: ChatFormat | None = None) -> dict:
+                     save_dtype: str = "auto", chat: ChatFormat | None = None,
+                     stop_at_newline: bool = False) -> dict:
     """Merge the patch into the loaded model's weights, save a standard HF folder in ``save_dtype``
     (``auto``: the model's own, ``models.native_dtype``), undo the merge, and measure how far the
     checkpoint is from the in-process patch: mean KL and top-1 agreement over the patch texts,
     and greedy-answer agreement on the eval.  Saved in another dtype than the one in memory, the
-    checkpoint is measured as a user gets it: reloaded from the folder with plain transformers."""
+    checkpoint is measured as a user gets it: reloaded from the folder with plain transformers.
+    Its ``generation_config`` is the base model's; ``stop_at_newline`` (a text recipe's task
+    stop rule, opt-in) lists every newline token as an end token too."""
     model, fam = loaded.model, loaded.fam
     check_save_dtype(save_dtype)
     dtype = loaded.native_dtype if save_dtype == "auto" else save_dtype
@@ -74,8 +77,10 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
         out.mkdir(parents=True, exist_ok=True)
         save_in(model, out, DTYPES[dtype])
         loaded.tokenizer.save_pretrained(out)
-        # a chat model's answers end at its own end-of-turn token: its generation_config stays
-        result["generation_stops_at_newline"] = plain is None and _stop_at_newline(model, loaded.tokenizer, out)
+        # the stop rule is the task's, not the model's: plain generate continues a list or a
+        # paragraph past a line unless asked (a chat model's answers end at its end-of-turn token)
+        result["generation_stops_at_newline"] = (stop_at_newline and plain is None
+                                                 and _stop_at_newline(model, loaded.tokenizer, out))
         if in_memory:  # the merged weights are the saved ones
             result.update(_measure(loaded, model, batches, ref, recipe, patched_answers, chat))
     finally:
@@ -155,7 +160,8 @@ def save_in(model, out: Path, dtype: torch.dtype) -> None:
 def _stop_at_newline(model, tokenizer, out: Path) -> bool:
     """Save a ``generation_config`` whose end tokens are EOS and every token holding a newline, so
     plain ``generate`` on the checkpoint stops where the patch's answers end (one line) instead of
-    running on into the next example.  Returns whether one was written (a model may have none)."""
+    running on into the next example -- and stops every other use at its first line too, hence
+    opt-in (``--stop-at-newline``).  Returns whether one was written (a model may have none)."""
     if getattr(model, "generation_config", None) is None:
         return False
     config = copy.deepcopy(model.generation_config)

@@ -34,6 +34,9 @@ JsonOpt = typer.Option(False, "--json", help="print the result as one JSON docum
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress on stderr")
 FamilyOpt = typer.Option(None, "--family", help="treat an unlisted architecture like this family (llama, gemma3, ...)")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="allow a model's own Python code (off by default)")
+StopOpt = typer.Option(False, "--stop-at-newline", help="the checkpoint's generation_config ends generation at any "
+                       "newline token, as the task's answers end (off: the base model's, so plain generate writes "
+                       "paragraphs and lists)")
 
 
 def _print_version(value: bool) -> None:
@@ -116,6 +119,7 @@ def compute(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto|balanced|sequential, or a JSON file of module -> device ('cpu', 'disk', GPU index): spread a large model (accelerate)"),
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
+    stop_at_newline: bool = StopOpt,
 ) -> None:
     """Compute a thought patch from a recipe; write patch, checkpoint and report."""
     from . import pipeline, report
@@ -127,7 +131,7 @@ def compute(
             r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
             evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
             trust_remote_code=trust_remote_code, device_map=device_map, save_dtype=save_dtype,
-            diagnostics=diagnostics,
+            diagnostics=diagnostics, stop_at_newline=stop_at_newline,
         )
     if doc.get("rank"):  # a non-zero torchrun rank: rank 0 reports and writes
         return
@@ -167,6 +171,7 @@ def apply(
     quiet: bool = QuietOpt,
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
+    stop_at_newline: bool = StopOpt,
 ) -> None:
     """Write a patched checkpoint (plain transformers folder) from one or more patches."""
     from . import pipeline, report
@@ -178,7 +183,7 @@ def apply(
     with report.ProgressView(quiet=quiet) as view:
         doc = pipeline.apply(specs, output, model=model, force=force, overwrite=overwrite, device=device, dtype=dtype,
                              log=view.log, family=family, trust_remote_code=trust_remote_code, fmt=fmt, rank=rank,
-                             save_dtype=save_dtype)
+                             save_dtype=save_dtype, stop_at_newline=stop_at_newline)
     if as_json:
         _emit_json(doc)
     elif "adapter" in doc:

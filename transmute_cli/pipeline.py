@@ -364,6 +364,7 @@ def compute(
     device_map: str | None = None,
     save_dtype: str = "auto",
     diagnostics: bool = False,
+    stop_at_newline: bool = False,
 ) -> dict:
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md.
     ``diagnostics``: the per-layer matrix fit residual also where it costs more than the solve
@@ -465,6 +466,7 @@ def compute(
             report["checkpoint"] = write_checkpoint(
                 loaded, patch, tmp / "checkpoint", texts, recipe, patched_answers,
                 provenance={"patch_sha256_recipe": recipe.sha256, "scale": 1.0}, save_dtype=save_dtype, chat=chat,
+                stop_at_newline=stop_at_newline,
             )
             report["timings"]["checkpoint_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
@@ -538,6 +540,7 @@ def apply(
     fmt: str = "checkpoint",
     rank: int | None = None,
     save_dtype: str = "auto",
+    stop_at_newline: bool = False,
 ) -> dict:
     """One or several patches (with scales) -> a patched standard checkpoint folder, or a PEFT
     LoRA adapter (``fmt="peft"``: exact at each module's rank, or truncated to ``rank``)."""
@@ -589,7 +592,7 @@ def apply(
                 version=__version__))
         else:
             info = write_checkpoint(loaded, patch, tmp, texts or [" "], one_recipe, None, provenance=provenance,
-                                    save_dtype=save_dtype, chat=chat)
+                                    save_dtype=save_dtype, chat=chat, stop_at_newline=stop_at_newline)
     info["path"] = str(out)
     return {"checkpoint" if fmt == "checkpoint" else "adapter": info, "model": model_json(loaded),
             "patches": provenance["patches"]}
