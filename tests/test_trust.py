@@ -195,3 +195,33 @@ def test_transformers_is_bounded_to_the_tested_release():
     (req,) = [Requirement(d) for d in deps if Requirement(d).name == "transformers"]
     assert any(s.operator == "<" for s in req.specifier)  # an upper bound
     assert transformers.__version__ in req.specifier
+
+
+# --------------------------------------------------------------------------- 12: exit codes
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    ("engine", 3, "error: non-finite activations at layer 2"),
+    ("internal", 3, "error: internal error: RuntimeError: boom (set TRANSMUTE_DEBUG=1 for a traceback)"),
+    ("input", 2, "error: r.yaml: rho: bad"),
+    ("interrupt", 130, "error: interrupted; no partial output was left behind"),
+])
+def test_each_failure_has_its_own_exit_code(tmp_path, monkeypatch, raised, code, line):
+    """1 is the gate's alone (test_cli.test_eval_min_accuracy_gate), so CI tells a regression
+    from a crash: a runtime or internal error exits 3, bad input 2, an interrupt 130."""
+    from typer.testing import CliRunner
+
+    from transmute_cli import pipeline
+    from transmute_cli.cli import app
+    from transmute_cli.errors import EngineError, InputError
+
+    def fail(*_a, **_k):
+        raise {"engine": EngineError("non-finite activations at layer 2"), "internal": RuntimeError("boom"),
+               "input": InputError("bad", source="r.yaml", field="rho"), "interrupt": KeyboardInterrupt()}[raised]
+
+    monkeypatch.setattr(pipeline, "compute", fail)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("instruction: x\nexamples: [[a, b]]\n")
+    res = CliRunner().invoke(app, ["compute", str(recipe), "-o", str(tmp_path / "out"), "--quiet"])
+    assert res.exit_code == code
+    assert [l for l in res.stderr.split("\n") if l] == [line]

@@ -1,7 +1,7 @@
 """The ``transmute`` command line: a thin Typer layer over ``pipeline``.
 
-Exit codes: 0 ok, 1 gate failed or runtime error, 2 bad usage or bad input.  Errors are one
-line on stderr (``error: FILE: FIELD: what is wrong``), never a traceback; set
+Exit codes: 0 ok, 1 gate failed (``eval --min-accuracy``), 2 bad usage or bad input, 3 runtime
+or internal error, 130 interrupted (``errors``).  Errors are one line on stderr (``error: FILE: FIELD: what is wrong``), never a traceback; set
 TRANSMUTE_DEBUG=1 to see one for internal errors.
 """
 
@@ -16,14 +16,15 @@ from typing import Optional
 
 import typer
 
-from .errors import InputError, TransmuteError
+from .errors import GATE_EXIT, INTERRUPT_EXIT, RUNTIME_EXIT, InputError, TransmuteError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    help="Turn a prompt into weights: compute, apply, evaluate and compare thought patches.",
+    help="Turn a prompt into weights: compute, apply, evaluate and compare thought patches.  Exit codes: 0 ok, "
+         "1 gate failed (eval --min-accuracy), 2 bad usage or input, 3 runtime error, 130 interrupted.",
 )
 
 DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="where the model runs")
@@ -72,7 +73,7 @@ def _errors(fn):
             raise typer.Exit(0) from None
         except KeyboardInterrupt:
             sys.stderr.write("error: interrupted; no partial output was left behind\n")
-            raise typer.Exit(130) from None
+            raise typer.Exit(INTERRUPT_EXIT) from None
         except (typer.Exit, SystemExit):
             raise
         except Exception as e:
@@ -80,7 +81,7 @@ def _errors(fn):
                 raise
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             sys.stderr.write(f"error: internal error: {msg} (set TRANSMUTE_DEBUG=1 for a traceback)\n")
-            raise typer.Exit(1) from None
+            raise typer.Exit(RUNTIME_EXIT) from None
 
     return wrapper
 
@@ -207,7 +208,7 @@ def eval_cmd(
     target: str = typer.Argument(..., help="run folder, patch file or patched checkpoint"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe with eval pairs (default: the one recorded)"),
     templates: Optional[Path] = typer.Option(None, "--templates", help="file of alternative query templates"),
-    min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="exit 1 if patched accuracy on the recipe's template is below"),
+    min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="exit 1 if patched accuracy on the recipe's template is below (3: an error)"),
     scale: float = typer.Option(1.0, "--scale", help="scale the patch (patches and run folders)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -249,7 +250,7 @@ def eval_cmd(
             report.out.print(report.locality_table(doc["locality"]))
     if gate and not gate["passed"]:
         report.err.print(f"gate failed: patched accuracy {gate['accuracy']:.3f} < --min-accuracy {min_accuracy}", markup=False)
-        raise typer.Exit(1)
+        raise typer.Exit(GATE_EXIT)
 
 
 @app.command()
