@@ -153,10 +153,25 @@ def test_chat_preservation_texts_are_other_chats_with_the_models_own_answer_and_
 
     model, tok = _chat_model()
     f = chat_format(tok, SYSTEM)
-    recipe = parse_recipe(BASE + "chat: true\npreserve: ['  Tell me a joke.']\nmax_new_tokens: 6\n")
-    (z,) = pipeline.preserve_texts(recipe, types.SimpleNamespace(model=model, tokenizer=tok), f)
+    recipe = parse_recipe(BASE + "chat: true\npreserve: ['  Tell me a joke.', 'Hi?']\nmax_new_tokens: 6\n")
+    loaded = types.SimpleNamespace(model=model, tokenizer=tok)
+    # a tiny random model never ends its turn: both answers are cut, at 6 tokens and at 24
+    assert pipeline.preserve_texts(recipe, loaded, f) == ([], 2)
+    # make it end its turn after the answer's third token (108, as this seeded model writes it)
+    first = pipeline.evaluate(model, tok, SYSTEM, [Pair("Tell me a joke.", "")], [CHAT_TEMPLATE], conditions=("base",),
+                              max_new_tokens=6, chat=f)[0].answer_ids[0]
+
+    def end_turn(_m, _a, kwargs, out):
+        out.logits[..., tok.eos_token_id] += 50.0 * (kwargs["input_ids"][:, -out.logits.shape[1]:] == first[2])
+        return out
+
+    model.register_forward_hook(end_turn, with_kwargs=True)
+    one = parse_recipe(BASE + "chat: true\npreserve: ['  Tell me a joke.']\nmax_new_tokens: 6\n")
+    (z,), left_out = pipeline.preserve_texts(one, loaded, f)
+    assert left_out == 0
     (base,) = evaluate(model, tok, SYSTEM, [Pair("Tell me a joke.", "")], [CHAT_TEMPLATE], conditions=("base",),
                        max_new_tokens=6, chat=f)
+    assert not base.cut[0]
     answer = base.answers[0]
     messages = [{"role": "user", "content": "Tell me a joke."}] + ([{"role": "assistant", "content": answer}] if answer else [])
     assert f.plain + z == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=not answer)

@@ -198,11 +198,14 @@ def test_inputs_are_labelled_with_the_prompted_models_greedy_answers():
     recipe = parse_recipe(f"instruction: {INSTRUCTION!r}\nexamples: [[dog, god]]\ninputs: [cat, sun, hello]\n"
                           "max_new_tokens: 4\n".replace("'", '"'))
     labelled, labels = label_inputs(recipe, _loaded(model, tok))
-    (want,) = evaluate(model, tok, INSTRUCTION, [Pair(i, "") for i in recipe.inputs], [recipe.template],
-                       conditions=("prompt",), max_new_tokens=4)
-    assert [l["output"] for l in labels] == want.answers
+    pairs = [Pair(i, "") for i in recipe.inputs]
+    (want,) = evaluate(model, tok, INSTRUCTION, pairs, [recipe.template], conditions=("prompt",), max_new_tokens=4)
+    (longer,) = evaluate(model, tok, INSTRUCTION, pairs, [recipe.template], conditions=("prompt",), max_new_tokens=16)
+    # an answer cut at 4 tokens is the one generated at 16
+    assert [l["output"] for l in labels] == [b if c else a for a, b, c in zip(want.answers, longer.answers, want.cut)]
+    assert [l["cut"] for l in labels] == [c and lc for c, lc in zip(want.cut, longer.cut)]
     kept = [Pair(l["input"], l["output"]) for l in labels if l["kept"]]
-    assert all(l["kept"] == bool(l["output"]) for l in labels)
+    assert all(l["kept"] == (bool(l["output"]) and not l["cut"]) for l in labels)
     assert labelled.examples == (Pair("dog", "god"), *kept) and labelled.inputs == ()
     assert parse_recipe(labelled.self_contained_text).examples == labelled.examples
 
@@ -212,7 +215,8 @@ def test_inputs_whose_answer_is_empty_are_left_out_or_refused(monkeypatch):
     from transmute_cli.evaluate import Result
 
     def fake(model, tok, instruction, pairs, templates, **kw):
-        return [Result(templates[0], "prompt", 0, len(pairs), ["", "B"][: len(pairs)], [[], [5]][: len(pairs)])]
+        return [Result(templates[0], "prompt", 0, len(pairs), ["", "B"][: len(pairs)], [[], [5]][: len(pairs)],
+                       cut=[False] * len(pairs))]
 
     monkeypatch.setattr(pipeline, "evaluate", fake)
     model, tok = tiny_model("llama"), tiny_tokenizer()
@@ -222,8 +226,43 @@ def test_inputs_whose_answer_is_empty_are_left_out_or_refused(monkeypatch):
     assert [l["kept"] for l in labels] == [False, True]
     with pytest.raises(InputError, match="inputs: the prompted model answered none of the 1 inputs"):
         label_inputs(parse_recipe("instruction: x\ninputs: [a]\n", source="r.yaml"), _loaded(model, tok))
-    with pytest.raises(InputError, match="batches: must be at most 1: 1 of the inputs got an empty answer"):
+    with pytest.raises(InputError, match="batches: must be at most 1: 1 of the inputs got an empty or cut answer"):
         label_inputs(parse_recipe("instruction: x\ninputs: [a, b]\nbatches: 2\n", source="r.yaml"), _loaded(model, tok))
+
+
+@pytest.mark.parametrize("still_cut", [False, True])
+def test_a_label_cut_at_max_new_tokens_is_continued_or_left_out(monkeypatch, still_cut):
+    """An answer that reaches max_new_tokens before its stop token is no label: it is generated
+    again at 4× the cap, and left out (and counted) if it is still cut there."""
+    import transmute_cli.pipeline as pipeline
+    from transmute_cli.evaluate import Result
+
+    calls = []
+
+    def fake(model, tok, instruction, pairs, templates, *, max_new_tokens, **kw):
+        calls.append((tuple(p.input for p in pairs), max_new_tokens))
+        if max_new_tokens == 4:
+            return [Result(templates[0], "prompt", 0, 2, ["a b c d", "B"], [[5] * 4, [6]], cut=[True, False])]
+        return [Result(templates[0], "prompt", 0, 1, ["a b c d e f"], [[5] * 6], cut=[still_cut])]
+
+    monkeypatch.setattr(pipeline, "evaluate", fake)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    recipe = parse_recipe("instruction: x\ninputs: [a, b]\nmax_new_tokens: 4\n")
+    labelled, labels = label_inputs(recipe, _loaded(model, tok))
+    assert calls == [(("a", "b"), 4), (("a",), 16)]
+    assert [(l["kept"], l["cut"]) for l in labels] == [(not still_cut, still_cut), (True, False)]
+    want = () if still_cut else (Pair("a", "a b c d e f"),)
+    assert labelled.examples == (*want, Pair("b", "B"))
+
+
+def test_evaluate_flags_answers_cut_at_max_new_tokens():
+    model, tok = tiny_model("llama").eval(), tiny_tokenizer()
+    pairs = [Pair(w, "") for w in ("cat", "sun", "hello")]
+    (short,) = evaluate(model, tok, INSTRUCTION, pairs, ["{input} -> {output}"], conditions=("base",), max_new_tokens=3)
+    (long,) = evaluate(model, tok, INSTRUCTION, pairs, ["{input} -> {output}"], conditions=("base",), max_new_tokens=40)
+    for ids, long_ids, cut in zip(short.answer_ids, long.answer_ids, short.cut):
+        assert cut == (len(long_ids) > 3)  # cut exactly where the whole answer is longer than the cap
+    assert not any(long.cut) or all(len(i) == 40 for i, c in zip(long.answer_ids, long.cut) if c)
 
 
 def test_an_engine_error_on_a_labelled_input_names_the_input():

@@ -44,6 +44,8 @@ class Result:
     answer_ids: list[list[int]] = field(default_factory=list)
     # prompt condition only: the instruction's demonstrations were rewritten in this template
     rerendered: bool = False
+    # per answer: it reached max_new_tokens before its stop token (an incomplete answer)
+    cut: list[bool] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -265,8 +267,11 @@ def evaluate(
                 answers = generate_answers(model, tokenizer, prompts, max_new_tokens, ids_out=(got := []), prefix=prefix,
                                            newline=chat is None)
             correct = correct_answers(answers, pairs, contains=chat is not None)
+            ends = set(end_token_ids(model, tokenizer))
+            cut = [len(r) >= max_new_tokens and not (r[-1] in ends or (
+                chat is None and "\n" in tokenizer.decode(r[-1:], skip_special_tokens=False))) for r in got]
             results.append(Result(template, cond, correct, len(pairs), answers, got,
-                                  rerendered=cond == "prompt" and rewritten is not None))
+                                  rerendered=cond == "prompt" and rewritten is not None, cut=cut))
     return results
 
 

@@ -34,7 +34,7 @@ from .models import Loaded, cache_dir, load_model
 from .moments import Moments, load_or_compute
 from .outputs import atomic_dir, check_target
 from .patch import check_compatible, combine, load_patch, save_patch
-from .recipe import Recipe, load_recipe, parse_recipe, with_labels
+from .recipe import MAX_NEW_TOKENS_LIMIT, Recipe, load_recipe, parse_recipe, with_labels
 from .report import adapter_card, report_markdown
 
 Log = Callable[[str], None]
@@ -96,16 +96,46 @@ def chat_of(recipe: Recipe, loaded: Loaded) -> ChatFormat | None:
         raise _with_source(e, recipe) from None
 
 
-def preserve_texts(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None, *, family: str | None = None) -> list[str]:
-    """The preservation texts z.  A chat recipe's are user messages: each becomes the conversation
-    with the model's own answer *without* a system prompt — what the patch must leave alone."""
+# an answer cut at max_new_tokens is generated again once with this many times the cap (at most
+# recipe.MAX_NEW_TOKENS_LIMIT) before it is left out
+CONTINUE_FACTOR = 4
+
+
+def whole_answers(recipe: Recipe, loaded: Loaded, pairs: Sequence[Pair], condition: str, *,
+                  chat: ChatFormat | None = None, family: str | None = None) -> tuple[list[str], list[bool]]:
+    """Greedy answers of the ``prompt`` or ``base`` model to ``pairs`` in the recipe's template
+    (a chat recipe's: the chat template), and which are still cut: an answer that reaches
+    ``max_new_tokens`` before its stop token is generated again with ``CONTINUE_FACTOR`` times
+    the cap; one still cut there is flagged (the caller leaves it out)."""
+    template = CHAT_TEMPLATE if chat else recipe.template
+
+    def run(items: Sequence[Pair], cap: int) -> Result:
+        return evaluate(loaded.model, loaded.tokenizer, recipe.instruction, items, [template], conditions=(condition,),
+                        max_new_tokens=cap, family=family, chat=chat)[0]
+
+    res = run(pairs, recipe.max_new_tokens)
+    answers, cut = list(res.answers), list(res.cut)
+    again = [i for i, c in enumerate(cut) if c]
+    cap = min(CONTINUE_FACTOR * recipe.max_new_tokens, MAX_NEW_TOKENS_LIMIT)
+    if again and cap > recipe.max_new_tokens:
+        more = run([pairs[i] for i in again], cap)
+        for i, a, c in zip(again, more.answers, more.cut):
+            answers[i], cut[i] = a, c
+    return answers, cut
+
+
+def preserve_texts(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None, *,
+                   family: str | None = None) -> tuple[list[str], int]:
+    """The preservation texts z, and how many were left out.  A chat recipe's are user messages:
+    each becomes the conversation with the model's own answer *without* a system prompt — what
+    the patch must leave alone; one whose answer is still cut at the larger cap
+    (``whole_answers``) is left out (its end-of-turn would teach the patch to stop early)."""
     if chat is None or not recipe.preserve:
-        return list(recipe.preserve)
+        return list(recipe.preserve), 0
     pairs = [Pair(z.strip(), "") for z in recipe.preserve]
-    (res,) = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, pairs, [CHAT_TEMPLATE],
-                      conditions=("base",), max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
+    answers, cut = whole_answers(recipe, loaded, pairs, "base", chat=chat, family=family)
     return [chat.turns(Pair(p.input, a).messages(answer=bool(a)), generation_prompt=not a, where=f"preserve[{i}]")
-            for i, (p, a) in enumerate(zip(pairs, res.answers))]
+            for i, (p, a, c) in enumerate(zip(pairs, answers, cut)) if not c], sum(cut)
 
 
 def format_instruction(recipe: Recipe, template: str) -> str:
@@ -164,23 +194,25 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
                  chat: ChatFormat | None = None) -> tuple[Recipe, list[dict]]:
     """A recipe's ``inputs`` labelled with the prompted model's greedy answers (the prompt's
     behaviour, not a gold label): the recipe with them as examples, and the labels.  Inputs whose
-    answer is empty (the model ends the line at once) are left out; the labels say which."""
+    answer is empty (the model ends the line at once) or still cut at the larger cap
+    (``whole_answers``: an incomplete answer is no label) are left out; the labels say which."""
     if not recipe.inputs:
         return recipe, []
     pairs = [Pair(i, "") for i in recipe.inputs]
-    (res,) = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, pairs,
-                      [CHAT_TEMPLATE if chat else recipe.template], conditions=("prompt",),
-                      max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
-    labels = [{"input": i, "output": a, "kept": bool(a)} for i, a in zip(recipe.inputs, res.answers)]
+    answers, cut = whole_answers(recipe, loaded, pairs, "prompt", chat=chat, family=family)
+    labels = [{"input": i, "output": a, "kept": bool(a) and not c, "cut": c}
+              for i, a, c in zip(recipe.inputs, answers, cut)]
     kept = [l for l in labels if l["kept"]]
     if not kept and not recipe.examples:
-        raise InputError(f"the prompted model answered none of the {len(labels)} inputs (every answer is empty)",
-                         source=recipe.source, field="inputs")
+        raise InputError(f"the prompted model answered none of the {len(labels)} inputs with a whole answer (every "
+                         f"answer is empty or cut at {CONTINUE_FACTOR} × max_new_tokens)", source=recipe.source,
+                         field="inputs")
     n = len(recipe.examples) + len(kept)
     for key, value, most in (("batches", recipe.batches, n), ("demonstrations", recipe.demonstrations, n - 1)):
         if value > most:
-            raise InputError(f"must be at most {most}: {len(labels) - len(kept)} of the inputs got an empty answer from"
-                             f" the prompted model and were left out, got {value}", source=recipe.source, field=key)
+            raise InputError(f"must be at most {most}: {len(labels) - len(kept)} of the inputs got an empty or cut "
+                             f"answer from the prompted model and were left out, got {value}", source=recipe.source,
+                             field=key)
     labelled = recipe.model_copy(update={"inputs": tuple(l["input"] for l in kept)})
     return with_labels(labelled, [l["output"] for l in kept]), labels
 
@@ -387,7 +419,7 @@ def compute(
     chat = chat_of(recipe, loaded)
     recipe, labels = label_inputs(recipe, loaded, family=family, chat=chat)
     try:  # a conversation the chat template cannot align is named in the recipe's file
-        preserve = preserve_texts(recipe, loaded, chat, family=family)
+        preserve, preserve_cut = preserve_texts(recipe, loaded, chat, family=family)
         texts = patch_texts(recipe, chat)
     except InputError as e:
         raise _with_source(e, recipe, labels) from None
@@ -422,6 +454,11 @@ def compute(
         "examples": len(recipe.examples),
         "patch_texts": len(texts),
         "labels": labels or None,  # inputs labelled by the prompted model (label_inputs)
+        # inputs left out: the prompted model's answer was empty / still cut at the larger cap
+        "labels_left_out": {"empty": sum(not l["output"] for l in labels),
+                            "cut": sum(l["cut"] for l in labels)} if labels else None,
+        # chat preservation messages left out: the model's own answer still cut at the larger cap
+        "preserve_left_out": preserve_cut,
         "fidelity": fidelity_json(res),
         "timings": {"load_s": t_load, "compute_s": t_compute, **({"label_s": t_label} if labels else {}),
                     **{f"engine_{k}_s": v for k, v in res.timings.items()}},

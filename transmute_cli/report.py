@@ -178,6 +178,22 @@ def locality_markdown(loc: dict) -> list[str]:
             f"{_f(loc['perplexity_patched'], 2)} |"]
 
 
+def left_out_lines(report: dict) -> list[str]:
+    """What labelling and the chat preservation answers kept and left out, in words."""
+    lines = []
+    if report.get("labels"):
+        kept = sum(l["kept"] for l in report["labels"])
+        gone = report.get("labels_left_out") or {}
+        why = [f"{n} {what}" for what, n in (("empty", gone.get("empty", 0)),
+                                               ("cut at the larger cap", gone.get("cut", 0))) if n]
+        lines.append(f"{kept} inputs labelled by the prompted model's greedy answers"
+                     + (f" ({len(report['labels']) - kept} left out: {', '.join(why)})" if why else ""))
+    if report.get("preserve_left_out"):
+        lines.append(f"{report['preserve_left_out']} preservation messages left out: the model's own answer was "
+                     "cut at the larger cap")
+    return lines
+
+
 def show_compute(report: dict) -> None:
     f = report["fidelity"]
     t = _two_columns("Fidelity on the patch examples, in-sample (vs the original model with the prompt)",
@@ -218,10 +234,8 @@ def show_compute(report: dict) -> None:
         if m:
             out.print(f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from the examples):"
                       f" {m['accuracy']:.3f} ({m['correct']}/{m['n']})")
-    if report.get("labels"):
-        kept = sum(l["kept"] for l in report["labels"])
-        out.print(f"{kept} inputs labelled by the prompted model's greedy answers"
-                  f" ({len(report['labels']) - kept} left out: empty answer); see report.json")
+    for line in left_out_lines(report):
+        out.print(line + "; see report.json")
     c = report.get("checkpoint")
     if c and "skipped" in c:
         out.print(f"checkpoint: not written ({c['skipped']})")
@@ -287,9 +301,7 @@ def report_markdown(r: dict) -> str:
         "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
         f"- examples: {r['examples']} ({r['patch_texts']} patch texts: every example in every patch template; "
         f"{f['tokens']} token positions in the recipe's own template)",
-        *([f"- {sum(l['kept'] for l in r['labels'])} of the examples are inputs labelled by the prompted model's greedy"
-           f" answers ({sum(not l['kept'] for l in r['labels'])} left out: empty answer); the labels are in report.json"]
-          if r.get("labels") else []),
+        *[f"- {line}; the labels are in report.json" for line in left_out_lines(r)],
         f"- compute: {r['timings']['compute_s']:.1f} s",
         "",
         "## Fidelity on the patch examples (patched, no prompt  vs  original, with prompt)",
