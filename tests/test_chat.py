@@ -196,7 +196,8 @@ BASE = "model: m\ninstruction: Be brief.\nexamples:\n  - [a, b]\n"
 @pytest.mark.parametrize("extra, message", [
     ("chat: true\ntemplate: '{input} = {output}'\n", "r.yaml: template: a chat recipe is written by the model's chat"),
     ("chat: true\npatch_templates: ['{input} = {output}']\n", "r.yaml: patch_templates: a chat recipe is written"),
-    ("chat: true\ndemonstrations: 1\nexamples_file: x.tsv\n", None),
+    # demonstrations need two examples (one is never its own demonstration): BASE's list goes on
+    ("  - [c, d]\nchat: true\ndemonstrations: 1\n", "r.yaml: demonstrations: not supported with chat: true"),
     ("chat: yes please\n", "r.yaml: chat: must be true or false, got a string"),
     ("eval:\n  - {history: [hi, yo], input: a, output: b}\n", "r.yaml: eval[0].history: earlier turns of a conversation need chat: true"),
     ("chat: true\neval:\n  - {history: [hi], input: a, output: b}\n", "r.yaml: eval[0].history: must hold user and assistant turns in pairs"),
@@ -204,13 +205,8 @@ BASE = "model: m\ninstruction: Be brief.\nexamples:\n  - [a, b]\n"
     ("answer_format: [uppercase, 'regex:[']\n", "r.yaml: answer_format[1]: "),
 ])
 def test_recipes_that_mix_styles_or_misname_a_check_fail_in_one_line(extra, message, tmp_path):
-    if message is None:  # demonstrations need more examples than BASE has: test it with two
-        text = BASE + "  - [c, d]\nchat: true\ndemonstrations: 1\n"
-        message = "r.yaml: demonstrations: not supported with chat: true"
-    else:
-        text = BASE + extra
     with pytest.raises(RecipeError) as info:
-        parse_recipe(text, source="r.yaml")
+        parse_recipe(BASE + extra, source="r.yaml")
     assert str(info.value).startswith(message), str(info.value)
     assert "\n" not in str(info.value)
 

@@ -213,8 +213,22 @@ def test_report_json_has_heldout_fidelity(gemma_folder, tmp_path):
     invoke("compute", recipe, "-o", tmp_path / "run", "--device", "cpu", "--quiet", "--no-checkpoint")
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     h = rep["fidelity"]["heldout"]
-    assert h["queries"] == 2 and h["positions"] > 0 and h["mean_kl"] >= 0
-    assert 0 <= h["answer_agreement"] <= 1 and 0 <= h["base_answer_agreement"] <= 1
+    # what the report says is what heldout_fidelity gives on the saved patch, recomputed here
+    from transmute_cli.models import load_model
+    from transmute_cli.patch import load_patch
+
+    loaded = load_model(str(gemma_folder), device="cpu")
+    patch = load_patch(tmp_path / "run" / "patch.safetensors")
+    pairs = [Pair("top", "pot"), Pair("bag", "gab")]
+    res = {r.condition: r for r in evaluate(loaded.model, loaded.tokenizer, INSTRUCTION, pairs, ["{input} -> {output}"],
+                                            patch, max_new_tokens=4)}
+    want = heldout_fidelity(loaded.model, loaded.tokenizer, INSTRUCTION, pairs, "{input} -> {output}", patch,
+                            res["prompt"], res["patched"], res["base"])
+    assert h["queries"] == 2 and h["positions"] == want.positions == sum(len(a) for a in res["prompt"].answer_ids)
+    assert h["answer_agreement"] == want.answer_agreement and h["base_answer_agreement"] == want.base_answer_agreement
+    assert h["mean_kl"] == pytest.approx(want.mean_kl, rel=1e-4) and h["base_mean_kl"] == pytest.approx(
+        want.base_mean_kl, rel=1e-4)
+    assert h["base_mean_kl"] > 0
     assert "held-out eval queries" in (tmp_path / "run" / "report.md").read_text()
     # no eval pairs: no held-out figure (and no error)
     recipe.write_text(yaml.safe_dump({"model": str(gemma_folder), "instruction": INSTRUCTION,

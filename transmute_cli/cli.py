@@ -115,6 +115,8 @@ def compute(
     no_checkpoint: bool = typer.Option(False, "--no-checkpoint", help="write the patch and report only"),
     save_dtype: str = SaveDtypeOpt,
     no_eval: bool = typer.Option(False, "--no-eval", help="skip the accuracy report"),
+    no_fidelity: bool = typer.Option(False, "--no-fidelity", help="skip the in-sample fidelity pass (KL on the "
+                                     "patch examples themselves); held-out fidelity and locality stay"),
     diagnostics: bool = typer.Option(False, "--diagnostics", help="per-layer matrix fit residual even past d/2 "
                                      "tokens, where it costs more than the solve (d²·f + d³ per layer)"),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto|balanced|sequential, or a JSON file of module -> device ('cpu', 'disk', GPU index): spread a large model (accelerate)"),
@@ -132,12 +134,13 @@ def compute(
             r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
             evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
             trust_remote_code=trust_remote_code, device_map=device_map, save_dtype=save_dtype,
-            diagnostics=diagnostics, stop_at_newline=stop_at_newline,
+            diagnostics=diagnostics, stop_at_newline=stop_at_newline, fidelity=not no_fidelity,
         )
     if doc.get("rank"):  # a non-zero torchrun rank: rank 0 reports and writes
         return
     if as_json:
         _emit_json(doc)
+        report.show_warnings(doc)  # on stderr: the JSON on stdout stays one document
     else:
         report.show_compute(doc)
 
@@ -208,6 +211,8 @@ def eval_cmd(
     target: str = typer.Argument(..., help="run folder, patch file or patched checkpoint"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe with eval pairs (default: the one recorded)"),
     templates: Optional[Path] = typer.Option(None, "--templates", help="file of alternative query templates"),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="write every query's answers per template and "
+                                           "condition to this JSON Lines file (input, reference, answers, correct)"),
     min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="exit 1 if patched accuracy on the recipe's template is below (3: an error)"),
     scale: float = typer.Option(1.0, "--scale", help="scale the patch (patches and run folders)"),
     device: str = DeviceOpt,
@@ -222,6 +227,8 @@ def eval_cmd(
 
     if min_accuracy is not None and not (0.0 <= min_accuracy <= 1.0):
         raise InputError(f"must be between 0 and 1, got {min_accuracy}", field="--min-accuracy")
+    if samples is not None and samples.is_dir():  # checked before the work
+        raise InputError("is a folder; give a file to write the samples to", source=str(samples), field="--samples")
     with report.ProgressView(quiet=quiet) as view:
         doc = pipeline.eval_target(
             target, recipe_path=str(recipe) if recipe else None, templates_path=str(templates) if templates else None,
@@ -237,8 +244,12 @@ def eval_cmd(
         patched = next(r for r in doc["results"] if r["template"] == own and r["condition"] == "patched")
         gate = {"min_accuracy": min_accuracy, "accuracy": patched["accuracy"], "passed": patched["accuracy"] >= min_accuracy}
         doc["gate"] = gate
+    if samples is not None:
+        from .outputs import write_text_atomic
+
+        write_text_atomic(samples, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in doc["samples"]))
     if as_json:
-        _emit_json({k: v for k, v in doc.items() if k != "answers"})
+        _emit_json({k: v for k, v in doc.items() if k not in ("answers", "samples")})
     else:
         if doc["results"]:
             report.out.print(report.accuracy_table(doc["results"], title=f"{doc['recipe']}: accuracy on {doc['n']} held-out "
@@ -248,6 +259,7 @@ def eval_cmd(
             report.out.print(report.format_table(doc["format"]))
         if doc.get("locality"):
             report.out.print(report.locality_table(doc["locality"]))
+    report.show_warnings(doc)
     if gate and not gate["passed"]:
         report.err.print(f"gate failed: patched accuracy {gate['accuracy']:.3f} < --min-accuracy {min_accuracy}", markup=False)
         raise typer.Exit(GATE_EXIT)

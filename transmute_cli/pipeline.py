@@ -184,8 +184,9 @@ def patch_contexts(recipe: Recipe) -> list[str] | None:
 
 
 def many_shot_prompt(recipe: Recipe) -> str | None:
-    """The instruction and the demonstrations the first fold is patched under: the many-shot
-    prompt a user could write instead, for comparison (``None`` without demonstrations)."""
+    """The instruction and the N demonstrations the recipe's first example is patched under (in
+    the recipe's template; those of the fold that holds it): the many-shot prompt a user could
+    write instead, for comparison (``None`` without demonstrations)."""
     contexts = patch_contexts(recipe) if recipe.demonstrations else None
     return contexts[0] if contexts else None  # the main template comes first
 
@@ -342,14 +343,18 @@ def eval_queries(recipe: Recipe) -> list[Pair]:
     return list(recipe.eval) + [Pair(q, "") for q in recipe.eval_inputs]
 
 
+def labelled_results(recipe: Recipe, results: Sequence[Result]) -> list[Result]:
+    """The results scored on the eval pairs alone (the queries with a reference answer)."""
+    k = len(recipe.eval)
+    return [Result(r.template, r.condition, correct_answers(r.answers[:k], recipe.eval, contains=recipe.chat), k)
+            for r in results] if k else []
+
+
 def eval_json(recipe: Recipe, results: Sequence[Result]) -> dict:
     """Per template and condition: accuracy on the eval pairs (the queries with a reference
     answer) and, when the recipe names an ``answer_format``, the share of all held-out answers
     that pass it."""
-    k = len(recipe.eval)
-    labelled = [Result(r.template, r.condition, correct_answers(r.answers[:k], recipe.eval, contains=recipe.chat), k)
-                for r in results] if k else []
-    out: dict = {"results": results_json(labelled)}
+    out: dict = {"results": results_json(labelled_results(recipe, results))}
     if recipe.answer_format:
         out["format"] = {
             "spec": describe_format(recipe.answer_format),
@@ -357,6 +362,49 @@ def eval_json(recipe: Recipe, results: Sequence[Result]) -> dict:
                          "passed": (ok := sum(passes(recipe.answer_format, a) for a in r.answers)),
                          "rate": ok / len(r.answers) if r.answers else 0.0} for r in results],
         }
+    return out
+
+
+def prompt_warnings(results: Sequence[dict]) -> list[str]:
+    """What a user must know before trusting a patch, from the accuracy on the recipe's own
+    template (``results_json`` rows, the first template the recipe's): a prompt that gets nothing
+    right leaves the patch nothing to imitate; one that does no better than no prompt, little."""
+    if not results:
+        return []
+    own = results[0]["template"]
+    acc = {r["condition"]: r for r in results if r["template"] == own}
+    prompt, base = acc.get("prompt"), acc.get("base")
+    if prompt is None or not prompt["n"]:
+        return []
+    if prompt["correct"] == 0:
+        return [f"the prompt itself scores 0.00 (0/{prompt['n']}) on the eval: the patch imitates the prompt, so there "
+                "is nothing to transmute; its answers are in report.json (samples) -- fix the instruction first"]
+    if base is not None and prompt["accuracy"] <= base["accuracy"]:
+        return [f"the prompt scores {prompt['accuracy']:.2f} on the eval, no better than no prompt "
+                f"({base['accuracy']:.2f}): the patch imitates the prompt, so expect no gain from it"]
+    return []
+
+
+def samples_json(recipe: Recipe, queries: Sequence[Pair], results: Sequence[Result],
+                 extra: dict[str, list[str]] | None = None) -> list[dict]:
+    """Every held-out query's answers per condition, one entry per (template, query), as
+    lm-evaluation-harness's ``--log_samples``: the input, the reference (``None`` for an eval
+    input), each condition's greedy answer and whether it is right (exact match; a chat recipe's:
+    the answer contains the reference).  ``extra``: more answers per condition name (the
+    many-shot prompt's), on the recipe's own template."""
+    k = len(recipe.eval)
+    out = []
+    for template in dict.fromkeys(r.template for r in results):
+        by = {r.condition: r.answers for r in results if r.template == template}
+        if template == results[0].template:
+            by.update(extra or {})
+        for i, q in enumerate(queries):
+            ref = q.output if i < k else None
+            entry = {"template": template, "input": q.input, "reference": ref}
+            entry.update({c: a[i] for c, a in by.items()})
+            if ref is not None:
+                entry["correct"] = {c: bool(correct_answers([a[i]], [q], contains=recipe.chat)) for c, a in by.items()}
+            out.append(entry)
     return out
 
 
@@ -397,10 +445,13 @@ def compute(
     save_dtype: str = "auto",
     diagnostics: bool = False,
     stop_at_newline: bool = False,
+    fidelity: bool = True,
 ) -> dict:
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md.
     ``diagnostics``: the per-layer matrix fit residual also where it costs more than the solve
-    (d×d sums, past d/2 tokens); where the token rows are kept it is always there."""
+    (d×d sums, past d/2 tokens); where the token rows are kept it is always there.
+    ``fidelity=False`` skips the in-sample fidelity pass (end-to-end KL on the patch examples;
+    on a chat recipe with long answers the largest part of compute); the held-out figures stay."""
     out = Path(out) if out is not None else Path("runs") / recipe.name
     check_target(out, overwrite)
     check_save_dtype(save_dtype)
@@ -434,7 +485,7 @@ def compute(
     done = False
     try:
         res = fit(recipe, loaded, progress=progress, family=family, distributed=distributed,
-                  diagnostics=diagnostics or None, chat=chat, preserve=preserve)
+                  diagnostics=diagnostics or None, chat=chat, preserve=preserve, fidelity=fidelity)
         done = True
     except InputError as e:
         raise _with_source(e, recipe, labels) from None
@@ -463,6 +514,8 @@ def compute(
         "timings": {"load_s": t_load, "compute_s": t_compute, **({"label_s": t_label} if labels else {}),
                     **{f"engine_{k}_s": v for k, v in res.timings.items()}},
         "eval": None,
+        "samples": None,  # every held-out query's answers per condition (samples_json)
+        "warnings": [],  # prompt_warnings: the exit code stays 0, the user is told
         "locality": None,
         "checkpoint": None,
     }
@@ -475,16 +528,26 @@ def compute(
         results = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, queries, [template], patch,
                            max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
         report["eval"] = eval_json(recipe, results)
-        if recipe.demonstrations:  # the prompt the patch distils, as a user could write it instead
-            (shot,) = evaluate(loaded.model, loaded.tokenizer, many_shot_prompt(recipe), recipe.eval,
-                               [recipe.template], conditions=("prompt",), max_new_tokens=recipe.max_new_tokens,
-                               family=family)
-            report["eval"]["many_shot_prompt"] = {"demonstrations": recipe.demonstrations, "accuracy": shot.accuracy,
-                                                  "correct": shot.correct, "n": shot.n}
+        shot_answers = None
         by = {r.condition: r for r in results}
         held = heldout_fidelity(loaded.model, loaded.tokenizer, recipe.instruction, queries, template, patch,
                                 by["prompt"], by["patched"], by["base"], family=family, chat=chat)
         report["fidelity"]["heldout"] = heldout_json(held)
+        if recipe.demonstrations:  # the prompt the patch distils, as a user could write it instead
+            shots = many_shot_prompt(recipe)
+            (shot,) = evaluate(loaded.model, loaded.tokenizer, shots, queries, [recipe.template], conditions=("prompt",),
+                               max_new_tokens=recipe.max_new_tokens, family=family)
+            k = len(recipe.eval)
+            correct = correct_answers(shot.answers[:k], recipe.eval)
+            # the patch measured against the prompt it distils, beside the instruction as written
+            held_shot = heldout_fidelity(loaded.model, loaded.tokenizer, shots, queries, template, patch, shot,
+                                         by["patched"], by["base"], family=family)
+            report["eval"]["many_shot_prompt"] = {"demonstrations": recipe.demonstrations,
+                                                  "accuracy": correct / k if k else None, "correct": correct, "n": k,
+                                                  "heldout": heldout_json(held_shot)}
+            shot_answers = {"many_shot_prompt": shot.answers}
+        report["samples"] = samples_json(recipe, queries, results, shot_answers)
+        report["warnings"] = prompt_warnings(report["eval"]["results"])
         report["timings"]["eval_s"] = time.perf_counter() - t2
     t2 = time.perf_counter()  # cheap: three forward passes over one text, no generation
     report["locality"] = locality_json(locality_reference(recipe, loaded, chat), loaded.model, loaded.fam, patch)
@@ -507,6 +570,7 @@ def compute(
             )
             report["timings"]["checkpoint_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
+        report["timings"]["total_s"] = time.perf_counter() - t0  # from the model load to the files written
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(report_markdown(report))
     report["output"] = str(out)
@@ -727,10 +791,13 @@ def eval_target(
                 r.condition = "patched"
     order = {t: i for i, t in enumerate(templates)}
     results.sort(key=lambda r: (order[r.template], conditions.index(r.condition)))
+    scored = eval_json(recipe, results)
     return {
         "target": target, "kind": kind, "recipe": recipe.name, "n": len(recipe.eval), "queries": len(queries),
-        "scale": scale, "chat": recipe.chat, **eval_json(recipe, results),
+        "scale": scale, "chat": recipe.chat, **scored,
         "answers": {f"{r.template}|{r.condition}": r.answers for r in results},
+        "samples": samples_json(recipe, queries, results),
+        "warnings": prompt_warnings(scored["results"]),
         # templates whose prompt condition had the instruction's demonstrations rewritten in them
         "prompt_rerendered": [r.template for r in results if r.rerendered],
         "locality": loc,

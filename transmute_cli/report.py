@@ -178,6 +178,31 @@ def locality_markdown(loc: dict) -> list[str]:
             f"{_f(loc['perplexity_patched'], 2)} |"]
 
 
+_STEPS = (("load_s", "load"), ("label_s", "labels"), ("compute_s", "compute"), ("eval_s", "eval"),
+          ("locality_s", "locality"), ("checkpoint_s", "checkpoint"))
+
+
+def timings_line(t: dict) -> str:
+    """'in 27.7 s: load 5.3, compute 4.7 (in-sample fidelity 0.9), eval 11.7, ...': where the
+    command's time went (``report.json`` timings), the in-sample fidelity pass named because
+    ``--no-fidelity`` skips it."""
+    parts = []
+    for key, name in _STEPS:
+        if t.get(key) is not None:
+            part = f"{name} {t[key]:.1f}"
+            if key == "compute_s" and t.get("engine_fidelity_s"):
+                part += f" (in-sample fidelity {t['engine_fidelity_s']:.1f})"
+            parts.append(part)
+    total = f"in {t['total_s']:.1f} s" if t.get("total_s") is not None else "(s)"
+    return f"{total}: {', '.join(parts)}"
+
+
+def show_warnings(doc: dict) -> None:
+    """``warnings`` (``pipeline.prompt_warnings``) on stderr, where a script's log keeps them."""
+    for w in doc.get("warnings") or []:
+        err.print(f"warning: {w}", markup=False, highlight=False)
+
+
 def left_out_lines(report: dict) -> list[str]:
     """What labelling and the chat preservation answers kept and left out, in words."""
     lines = []
@@ -196,14 +221,17 @@ def left_out_lines(report: dict) -> list[str]:
 
 def show_compute(report: dict) -> None:
     f = report["fidelity"]
-    t = _two_columns("Fidelity on the patch examples, in-sample (vs the original model with the prompt)",
-                     ("top-1 agreement", "mean KL (nats)"))
-    t.add_row("no prompt, unpatched", _f(f["base_top1_agreement"]), _f(f["base_mean_kl"]))
-    t.add_row("no prompt, patched", _f(f["top1_agreement"]), _f(f["mean_kl"]))
-    if f.get("preserve_tokens"):
-        t.add_row(f"preservation texts, patched vs original ({f['preserve_tokens']} tokens)",
-                  _f(f["preserve_top1_agreement"]), _f(f["preserve_mean_kl"]))
-    out.print(t)
+    if f["top1_agreement"] is None:
+        out.print("fidelity on the patch examples, in-sample: skipped (--no-fidelity)")
+    else:
+        t = _two_columns("Fidelity on the patch examples, in-sample (vs the original model with the prompt)",
+                         ("top-1 agreement", "mean KL (nats)"))
+        t.add_row("no prompt, unpatched", _f(f["base_top1_agreement"]), _f(f["base_mean_kl"]))
+        t.add_row("no prompt, patched", _f(f["top1_agreement"]), _f(f["mean_kl"]))
+        if f.get("preserve_tokens"):
+            t.add_row(f"preservation texts, patched vs original ({f['preserve_tokens']} tokens)",
+                      _f(f["preserve_top1_agreement"]), _f(f["preserve_mean_kl"]))
+        out.print(t)
     h = f.get("heldout")
     if h:
         first = f"same first {h.get('first_tokens', 16)} tokens"
@@ -232,10 +260,17 @@ def show_compute(report: dict) -> None:
             out.print(format_table(report["eval"]["format"]))
         m = report["eval"].get("many_shot_prompt")
         if m:
-            out.print(f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from the examples):"
-                      f" {m['accuracy']:.3f} ({m['correct']}/{m['n']})")
+            line = f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from the examples):"
+            if m.get("n"):
+                line += f" {m['accuracy']:.3f} ({m['correct']}/{m['n']})"
+            h = m.get("heldout")
+            if h:
+                line += (f"; patched vs it on the held-out queries: same answer {_f(h['answer_agreement'])}, KL "
+                         f"{_f(h['mean_kl'])} (unpatched {_f(h['base_answer_agreement'])}, {_f(h['base_mean_kl'])})")
+            out.print(line)
     for line in left_out_lines(report):
         out.print(line + "; see report.json")
+    show_warnings(report)
     c = report.get("checkpoint")
     if c and "skipped" in c:
         out.print(f"checkpoint: not written ({c['skipped']})")
@@ -245,7 +280,7 @@ def show_compute(report: dict) -> None:
         if "answer_agreement_vs_in_process" in c:
             line += f", same answers {_f(c['answer_agreement_vs_in_process'])}, accuracy {_f(c['accuracy'])}"
         out.print(line)
-    out.print(f"wrote {report['output']} (compute {report['timings']['compute_s']:.1f} s)")
+    out.print(f"wrote {report['output']} {timings_line(report['timings'])}")
 
 
 def show_diff(d: dict) -> None:
@@ -290,11 +325,35 @@ def show_adapter(a: dict) -> None:
 # --------------------------------------------------------------------------- report.md
 
 
+SAMPLE_ROWS = 40  # report.md shows this many queries' answers; report.json holds them all
+
+
+def _cell(text) -> str:
+    return "—" if text is None else "`" + str(text).replace("|", "\\|").replace("`", "'").replace("\n", " ⏎ ") + "`"
+
+
+def samples_markdown(samples: list[dict] | None) -> list[str]:
+    if not samples:
+        return []
+    own = samples[0]["template"]
+    rows = [e for e in samples if e["template"] == own]
+    conds = [c for c in ("base", "prompt", "patched", "many_shot_prompt") if c in rows[0]]
+    lines = ["", f"## Answers on the held-out queries ({min(len(rows), SAMPLE_ROWS)} of {len(rows)}; all in "
+             "report.json `samples`)", "", "| input | reference | " + " | ".join(conds) + " |",
+             "|---" * (2 + len(conds)) + "|"]
+    for e in rows[:SAMPLE_ROWS]:
+        ok = e.get("correct") or {}
+        lines.append(f"| {_cell(e['input'])} | {_cell(e['reference'])} | "
+                     + " | ".join(_cell(e[c]) + (" ✓" if ok.get(c) else "") for c in conds) + " |")
+    return lines
+
+
 def report_markdown(r: dict) -> str:
     f = r["fidelity"]
     lines = [
         f"# transmute report: {r['recipe']['name']}",
         "",
+        *[f"**Warning:** {w}" + "\n" for w in r.get("warnings") or []],
         f"- model: `{r['model']['spec']}` ({r['model']['model_type']}, {r['model']['n_layers']} layers, "
         f"fingerprint {r['model']['fingerprint']}, {r['model']['device']}, {r['model']['dtype']})",
         f"- recipe sha256: `{r['recipe']['sha256']}`",
@@ -302,7 +361,7 @@ def report_markdown(r: dict) -> str:
         f"- examples: {r['examples']} ({r['patch_texts']} patch texts: every example in every patch template; "
         f"{f['tokens']} token positions in the recipe's own template)",
         *[f"- {line}; the labels are in report.json" for line in left_out_lines(r)],
-        f"- compute: {r['timings']['compute_s']:.1f} s",
+        f"- time {timings_line(r['timings'])} (seconds)",
         "",
         "## Fidelity on the patch examples (patched, no prompt  vs  original, with prompt)",
         "",
@@ -343,6 +402,12 @@ def report_markdown(r: dict) -> str:
         if m:
             lines.append(f"| `{r['eval']['results'][0]['template']!r}` | prompt + {m['demonstrations']} demonstrations "
                          f"(what the patch distils) | {m['accuracy']:.3f} | {m['correct']}/{m['n']} |")
+            h = m.get("heldout")
+            if h:
+                lines += ["", f"Patched against the many-shot prompt it distils, on the {h['queries']} held-out queries: "
+                          f"same greedy answer {_f(h['answer_agreement'])}, KL {_f(h['mean_kl'])} nats/token "
+                          f"(unpatched: {_f(h['base_answer_agreement'])}, {_f(h['base_mean_kl'])}); the held-out "
+                          "fidelity section measures it against the instruction as written."]
     fmt = (r.get("eval") or {}).get("format")
     if fmt:
         lines += ["", f"## Held-out answers passing answer_format: {fmt['spec']}", "",
@@ -350,6 +415,7 @@ def report_markdown(r: dict) -> str:
         for e in fmt["results"]:
             lines.append(f"| `{template_label(e['template'])}` | {e['condition']} | {e['rate']:.3f} | "
                          f"{e['passed']}/{e['n']} |")
+    lines += samples_markdown(r.get("samples"))
     if r.get("checkpoint") and "skipped" in r["checkpoint"]:
         lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
     elif r.get("checkpoint"):
