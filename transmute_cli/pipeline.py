@@ -462,7 +462,7 @@ def compute(
     if loaded is None:
         log(f"loading model {recipe.model}")
         loaded = load_model(recipe.model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family,
-                            device_map=device_map)
+                            device_map=device_map, log=log)
     t_load = time.perf_counter() - t0
     t_label = time.perf_counter()
     if recipe.inputs:
@@ -656,7 +656,7 @@ def apply(
     if not spec:
         raise InputError("the patch does not record its base model; pass --model", source=patch_specs[0][0])
     log(f"loading base model {spec}")
-    loaded = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
+    loaded = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family, log=log)
     for (p, _s), (path, _) in zip(patches, patch_specs):
         check_compatible(p, loaded.model, loaded.fam, loaded.fingerprint, force=force, source=path)
     patch = combine(patches) if len(patches) > 1 or patches[0][1] != 1.0 else first
@@ -761,7 +761,8 @@ def eval_target(
     own = CHAT_TEMPLATE if recipe.chat else recipe.template
     templates = [own] + [t for t in extra if t != own]
     log(f"loading base model {base_spec}")
-    base = load_model(base_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family)
+    base = load_model(base_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family,
+                      log=log)
     chat = chat_of(recipe, base)
     t0 = time.perf_counter()
     results: list[Result] = []
