@@ -117,6 +117,21 @@ def test_checkpoint_round_trip_with_plain_transformers(gemma, enfr, tmp_path):
     from transmute_cli import models
 
     assert models.fingerprint(gemma.model) == gemma.fingerprint
+    # the same patch as a PEFT adapter of the alias: the standard loader finds its base (the
+    # folder the alias was converted into) and answers as the adapter measured in transmute
+    from peft import AutoPeftModelForCausalLM
+
+    doc = pipeline.apply([(str(tmp_path / "run" / "patch.safetensors"), 1.0)], tmp_path / "adapter", fmt="peft",
+                         device="cpu")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == gemma.source.path
+    assert json.loads((tmp_path / "adapter" / "transmute.json").read_text())["base_model"] == "gemma-3-270m"
+    assert "AutoPeftModelForCausalLM.from_pretrained" in (tmp_path / "adapter" / "README.md").read_text()
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    answers = generate_answers(auto, gemma.tokenizer, [pre + ids(render(enfr.template, p.input)) for p in enfr.eval],
+                               enfr.max_new_tokens)
+    assert sum(a == p.output for a, p in zip(answers, enfr.eval)) / len(enfr.eval) == pytest.approx(
+        doc["adapter"]["accuracy"])
 
 
 def test_defaults_keep_another_prompted_task_and_prose_as_the_prompt_does(gemma, enfr):

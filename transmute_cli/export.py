@@ -121,8 +121,7 @@ def export_peft(model: nn.Module, fam: Family, patch: ThoughtPatch, rank: int | 
         # (the adapter card says so, and `apply --format checkpoint` is the merged form)
         warnings.filterwarnings("ignore", message=".*lora_bias=True.*")
         peft_model = get_peft_model(model, config)
-    # get_peft_model records the folder the weights came from (for an alias, a path in this
-    # machine's cache); record what a user can resolve anywhere instead
+    # what AutoPeftModelForCausalLM loads the base from (the caller's choice: see pipeline.peft_base)
     peft_model.peft_config["default"].base_model_name_or_path = base_spec
     energy: list[dict] = []
     try:

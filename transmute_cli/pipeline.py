@@ -686,9 +686,10 @@ def apply(
     with atomic_dir(out, overwrite) as tmp:
         if fmt == "peft":
             log("exporting a PEFT LoRA adapter " + (f"at rank {rank}" if rank else "at the patch's exact ranks"))
-            info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, spec, provenance=provenance, chat=chat)
+            info = write_peft(loaded, patch, tmp, texts, one_recipe, rank, peft_base(loaded), provenance=provenance,
+                              chat=chat)
             (tmp / "README.md").write_text(adapter_card(
-                info, base=spec, base_kind=loaded.source.kind, fingerprint=loaded.fingerprint,
+                info, base=spec, base_kind=loaded.source.kind, base_path=peft_base(loaded), fingerprint=loaded.fingerprint,
                 instruction=one_recipe and one_recipe.instruction, template=one_recipe and one_recipe.template,
                 version=__version__))
         else:
@@ -697,6 +698,14 @@ def apply(
     info["path"] = str(out)
     return {"checkpoint" if fmt == "checkpoint" else "adapter": info, "model": model_json(loaded),
             "patches": provenance["patches"]}
+
+
+def peft_base(loaded: Loaded) -> str:
+    """The adapter's ``base_model_name_or_path``: what ``AutoPeftModelForCausalLM`` can load.  A
+    transmute alias or a GGUF is no name transformers resolves, so its converted folder (in this
+    machine's cache) goes there; the alias stays in ``transmute.json`` and the adapter card says
+    how to load it on another machine.  A folder or hub id is written as given."""
+    return loaded.source.path if loaded.source.kind in ("alias", "gguf") else loaded.source.spec
 
 
 # --------------------------------------------------------------------------- eval

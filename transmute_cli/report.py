@@ -443,12 +443,14 @@ def _pair_kind(a: dict) -> str:
 
 
 def adapter_card(a: dict, *, base: str, base_kind: str, fingerprint: str, instruction: str | None,
-                 template: str | None, version: str) -> str:
-    """README.md of a PEFT adapter folder: what it is, what was measured, how to load its base."""
+                 template: str | None, version: str, base_path: str | None = None) -> str:
+    """README.md of a PEFT adapter folder: what it is, what was measured, how to load its base
+    (``base_path``: its ``base_model_name_or_path``, when that is not ``base``)."""
     energies = [e["energy"] for e in a["energy"]]
-    load_base = (f'from transmute_cli.models import resolve  # {base!r} is a transmute alias\n'
+    local = base_kind in ("alias", "gguf")
+    load_base = (f'from transmute_cli.models import resolve  # {base!r}: a transmute {base_kind}, converted once\n'
                  f'base = AutoModelForCausalLM.from_pretrained(resolve({base!r}).path)'
-                 if base_kind == "alias" else f"base = AutoModelForCausalLM.from_pretrained({base!r})")
+                 if local else f"base = AutoModelForCausalLM.from_pretrained({base!r})")
     lines = [
         "# A transmute thought patch as a PEFT LoRA adapter",
         "",
@@ -468,7 +470,15 @@ def adapter_card(a: dict, *, base: str, base_kind: str, fingerprint: str, instru
     if "accuracy" in a:
         lines.append(f"| eval accuracy (held-out pairs, exact match) | adapter {_f(a['accuracy'])}, in-process patch "
                      f"{_f(a['accuracy_in_process'])} |")
-    lines += ["", "## Load", "", "```python", "from peft import PeftModel",
+    lines += ["", "## Load", "", "```python", "from peft import AutoPeftModelForCausalLM",
+              'model = AutoPeftModelForCausalLM.from_pretrained("THIS_FOLDER")', "```", ""]
+    if local and base_path:
+        lines += [f"`base_model_name_or_path` is `{base_path}`: the folder transmute converted `{base}` into on the "
+                  "machine that wrote this adapter. On another machine (transmute installed), load the base by its "
+                  "name and the adapter on it:", ""]
+    else:
+        lines += ["or, with the base model in hand:", ""]
+    lines += ["```python", "from peft import PeftModel",
               "from transformers import AutoModelForCausalLM", load_base,
               'model = PeftModel.from_pretrained(base, "THIS_FOLDER")', "```", "",
               "Answers end at the first newline: pass `stop_strings=[\"\\n\"]` (with `tokenizer=`) to `generate`, "
