@@ -774,6 +774,8 @@ def test_label_free_many_shot_recipe_end_to_end(work, llama_dir):
     assert [e["many_shot_prompt"] for e in samples] == want.answers and shot["correct"] == want.correct
     assert shot["heldout"]["queries"] == len(EVAL)
     assert shot["heldout"]["base_mean_kl"] != doc["fidelity"]["heldout"]["base_mean_kl"]  # another reference
+    ev = json.loads(ok(invoke("eval", run["dir"], "--json", *CPU, "--quiet")).stdout)  # eval reports it too
+    assert ev["many_shot_prompt"] == {k: shot[k] for k in ("demonstrations", "accuracy", "correct", "n")}
     assert again.inputs == () and again.demonstrations == 3
     md = (run["dir"] / "report.md").read_text()
     assert "prompt + 3 demonstrations" in md and "inputs labelled by the prompted model" in md

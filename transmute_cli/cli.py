@@ -260,6 +260,11 @@ def eval_cmd(
                                                    rerendered=doc["prompt_rerendered"]))
         if doc.get("format"):
             report.out.print(report.format_table(doc["format"]))
+        m = doc.get("many_shot_prompt")
+        if m and m["n"]:
+            report.out.print(f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from "
+                             f"the examples), on {doc['results'][0]['template']!r}: {m['accuracy']:.3f} "
+                             f"({m['correct']}/{m['n']})")
         if doc.get("locality"):
             report.out.print(report.locality_table(doc["locality"]))
     report.show_warnings(doc)

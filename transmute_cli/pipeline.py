@@ -191,6 +191,20 @@ def many_shot_prompt(recipe: Recipe) -> str | None:
     return contexts[0] if contexts else None  # the main template comes first
 
 
+def many_shot_result(recipe: Recipe, loaded: Loaded, queries: Sequence[Pair], *, family: str | None = None) -> Result:
+    """The many-shot prompt's (``many_shot_prompt``) greedy answers to the held-out queries."""
+    (shot,) = evaluate(loaded.model, loaded.tokenizer, many_shot_prompt(recipe), queries, [recipe.template],
+                       conditions=("prompt",), max_new_tokens=recipe.max_new_tokens, family=family)
+    return shot
+
+
+def many_shot_json(recipe: Recipe, shot: Result) -> dict:
+    """Its accuracy on the eval pairs (the queries with a reference answer)."""
+    k = len(recipe.eval)
+    correct = correct_answers(shot.answers[:k], recipe.eval)
+    return {"demonstrations": recipe.demonstrations, "accuracy": correct / k if k else None, "correct": correct, "n": k}
+
+
 def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
                  chat: ChatFormat | None = None) -> tuple[Recipe, list[dict]]:
     """A recipe's ``inputs`` labelled with the prompted model's greedy answers (the prompt's
@@ -534,17 +548,11 @@ def compute(
                                 by["prompt"], by["patched"], by["base"], family=family, chat=chat)
         report["fidelity"]["heldout"] = heldout_json(held)
         if recipe.demonstrations:  # the prompt the patch distils, as a user could write it instead
-            shots = many_shot_prompt(recipe)
-            (shot,) = evaluate(loaded.model, loaded.tokenizer, shots, queries, [recipe.template], conditions=("prompt",),
-                               max_new_tokens=recipe.max_new_tokens, family=family)
-            k = len(recipe.eval)
-            correct = correct_answers(shot.answers[:k], recipe.eval)
+            shot = many_shot_result(recipe, loaded, queries, family=family)
             # the patch measured against the prompt it distils, beside the instruction as written
-            held_shot = heldout_fidelity(loaded.model, loaded.tokenizer, shots, queries, template, patch, shot,
-                                         by["patched"], by["base"], family=family)
-            report["eval"]["many_shot_prompt"] = {"demonstrations": recipe.demonstrations,
-                                                  "accuracy": correct / k if k else None, "correct": correct, "n": k,
-                                                  "heldout": heldout_json(held_shot)}
+            held_shot = heldout_fidelity(loaded.model, loaded.tokenizer, many_shot_prompt(recipe), queries, template,
+                                         patch, shot, by["patched"], by["base"], family=family)
+            report["eval"]["many_shot_prompt"] = {**many_shot_json(recipe, shot), "heldout": heldout_json(held_shot)}
             shot_answers = {"many_shot_prompt": shot.answers}
         report["samples"] = samples_json(recipe, queries, results, shot_answers)
         report["warnings"] = prompt_warnings(report["eval"]["results"])
@@ -776,6 +784,8 @@ def eval_target(
     t0 = time.perf_counter()
     results: list[Result] = []
     loc_ref = locality_reference(recipe, base, chat) if "patched" in conditions else None
+    # a many-shot patch distils the instruction + demonstrations: that prompt is measured too
+    shot = many_shot_result(recipe, base, queries, family=family) if recipe.demonstrations else None
     loc = None
     if patch is not None:
         check_compatible(patch, base.model, base.fam, base.fingerprint, force=False, source=str(path))
@@ -806,7 +816,8 @@ def eval_target(
         "target": target, "kind": kind, "recipe": recipe.name, "n": len(recipe.eval), "queries": len(queries),
         "scale": scale, "chat": recipe.chat, **scored,
         "answers": {f"{r.template}|{r.condition}": r.answers for r in results},
-        "samples": samples_json(recipe, queries, results),
+        "samples": samples_json(recipe, queries, results, shot and {"many_shot_prompt": shot.answers}),
+        "many_shot_prompt": many_shot_json(recipe, shot) if shot is not None else None,
         "warnings": prompt_warnings(scored["results"]),
         # templates whose prompt condition had the instruction's demonstrations rewritten in them
         "prompt_rerendered": [r.template for r in results if r.rerendered],
