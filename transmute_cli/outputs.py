@@ -136,3 +136,28 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_file_target(out: Path, overwrite: bool, flag: str = "--overwrite") -> None:
+    """``check_target`` for an output that is one file (a GGUF)."""
+    if out.is_dir():
+        raise InputError("is a folder; give a file name (for instance model.gguf)", source=str(out))
+    if out.exists() and not overwrite:
+        raise InputError(f"already exists; pass {flag} to replace it", source=str(out))
+
+
+@contextlib.contextmanager
+def atomic_file(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary file beside ``out`` to write, renamed over ``out`` only once it is whole."""
+    check_file_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import check_save_dtype, needs_fold, write_checkpoint, write_peft
+from . import llamacpp
+from .checkpoint import check_save_dtype, needs_fold, patched_eval_answers, token_batches, write_checkpoint, write_peft
+from .gguf_export import check_qtype
 from .datafiles import Pair, load_templates, load_texts, render, rerender
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
@@ -32,7 +34,7 @@ from .patch import ThoughtPatch
 from .tokens import context_length, special_prefix, token_ids
 from .models import Loaded, cache_dir, load_model
 from .moments import Moments, load_or_compute
-from .outputs import atomic_dir, check_target
+from .outputs import atomic_dir, atomic_file, check_file_target, check_target
 from .patch import check_compatible, combine, load_patch, save_patch
 from .recipe import MAX_NEW_TOKENS_LIMIT, Recipe, load_recipe, parse_recipe, with_labels
 from .report import adapter_card, report_markdown
@@ -460,6 +462,7 @@ def compute(
     diagnostics: bool = False,
     stop_at_newline: bool = False,
     fidelity: bool = True,
+    gguf: bool = False,
 ) -> dict:
     """Recipe -> run folder with patch.safetensors, checkpoint/, report.json, report.md.
     ``diagnostics``: the per-layer matrix fit residual also where it costs more than the solve
@@ -469,6 +472,10 @@ def compute(
     out = Path(out) if out is not None else Path("runs") / recipe.name
     check_target(out, overwrite)
     check_save_dtype(save_dtype)
+    if gguf:  # written from the GGUF the model came from: known before any work
+        from .models import check_gguf_source, resolve
+
+        check_gguf_source(resolve(recipe.model, log))
     rank, distributed, owned = init_distributed(device)
     if distributed and device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -532,6 +539,7 @@ def compute(
         "warnings": [],  # prompt_warnings: the exit code stays 0, the user is told
         "locality": None,
         "checkpoint": None,
+        "gguf": None,  # --gguf: the patched GGUF (llamacpp.write_gguf), checked in llama.cpp
     }
     results: list[Result] = []
     queries = eval_queries(recipe)
@@ -577,6 +585,15 @@ def compute(
                 stop_at_newline=stop_at_newline,
             )
             report["timings"]["checkpoint_s"] = time.perf_counter() - t3
+        if gguf:
+            log("writing the patched GGUF and checking it in llama.cpp")
+            t3 = time.perf_counter()
+            reference = next((r.answers for r in results if r.condition == "patched"), None)
+            report["gguf"] = llamacpp.write_gguf(
+                loaded, patch, tmp / "model.gguf", "gguf", token_batches(loaded, texts, plain=chat.plain if chat else None),
+                recipe, chat=chat, patched_answers=reference[: len(recipe.eval)] if reference else None, log=log)
+            report["gguf"]["path"] = "model.gguf"
+            report["timings"]["gguf_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
         report["timings"]["total_s"] = time.perf_counter() - t0  # from the model load to the files written
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -650,19 +667,30 @@ def apply(
     rank: int | None = None,
     save_dtype: str = "auto",
     stop_at_newline: bool = False,
+    gguf_type: str = "q8_0",
 ) -> dict:
-    """One or several patches (with scales) -> a patched standard checkpoint folder, or a PEFT
-    LoRA adapter (``fmt="peft"``: exact at each module's rank, or truncated to ``rank``)."""
-    if fmt not in ("checkpoint", "peft"):
-        raise InputError(f"must be checkpoint or peft, got {fmt!r}", field="--format")
+    """One or several patches (with scales) -> a patched standard checkpoint folder, a PEFT
+    LoRA adapter (``fmt="peft"``: exact at each module's rank, or truncated to ``rank``), or a
+    GGUF file for llama.cpp (``gguf``: the source GGUF patched, its tensors in ``gguf_type``;
+    ``gguf-lora``: a llama.cpp adapter), verified in llama.cpp (``llamacpp``)."""
+    if fmt not in ("checkpoint", "peft", *llamacpp.FORMATS):
+        raise InputError(f"must be checkpoint, peft, gguf or gguf-lora, got {fmt!r}", field="--format")
     out = Path(out)
-    check_target(out, overwrite)
+    if fmt in llamacpp.FORMATS:
+        check_file_target(out, overwrite)
+        check_qtype(gguf_type)
+    else:
+        check_target(out, overwrite)
     check_save_dtype(save_dtype)
     patches = [(load_patch(p), s) for p, s in patch_specs]
     first = patches[0][0]
     spec = model or first.metadata.get("base_model")
     if not spec:
         raise InputError("the patch does not record its base model; pass --model", source=patch_specs[0][0])
+    if fmt in llamacpp.FORMATS:
+        from .models import check_gguf_source, resolve
+
+        check_gguf_source(resolve(spec, log))
     log(f"loading base model {spec}")
     loaded = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family, log=log)
     for (p, _s), (path, _) in zip(patches, patch_specs):
@@ -691,6 +719,10 @@ def apply(
         raise PatchError("the patch carries no recipe to fold its thought vectors with", source=patch_specs[0][0])
     provenance = {"patches": [{"path": p, "scale": s} for p, s in patch_specs]}
     one_recipe = recipes[0] if len(recipes) == 1 else None
+    if fmt in llamacpp.FORMATS:
+        info = export_gguf(loaded, patch, out, fmt, texts, one_recipe, chat, provenance=provenance, qtype=gguf_type,
+                           overwrite=overwrite, log=log)
+        return {"gguf": info, "model": model_json(loaded), "patches": provenance["patches"]}
     with atomic_dir(out, overwrite) as tmp:
         if fmt == "peft":
             log("exporting a PEFT LoRA adapter " + (f"at rank {rank}" if rank else "at the patch's exact ranks"))
@@ -708,6 +740,23 @@ def apply(
             "patches": provenance["patches"]}
 
 
+def export_gguf(loaded: Loaded, patch: ThoughtPatch, out: Path, fmt: str, texts: Sequence[str], recipe: Recipe | None,
+                chat: ChatFormat | None, *, provenance: dict | None = None, qtype: str = "q8_0",
+                overwrite: bool = False, log: Log = _quiet) -> dict:
+    """``llamacpp.write_gguf`` into ``out`` (one file, renamed into place once whole), the
+    vectors folded over ``texts``, checked in llama.cpp against the patch's answers here."""
+    reference = patched_eval_answers(loaded, patch, recipe, chat) if recipe is not None and recipe.eval else None
+    batches = token_batches(loaded, list(texts) or [" "], plain=chat.plain if chat else None)
+    log(f"writing {'a patched GGUF' if fmt == 'gguf' else 'a llama.cpp LoRA adapter'} and checking it in llama.cpp")
+    with atomic_file(out, overwrite) as tmp:
+        info = llamacpp.write_gguf(loaded, patch, tmp, fmt, batches, recipe, qtype=qtype, provenance=provenance,
+                                   chat=chat, patched_answers=reference, log=log)
+    if reference is not None:
+        info["accuracy_in_process"] = correct_answers(reference, recipe.eval, contains=recipe.chat) / len(reference)
+    info["path"] = str(out)
+    return info
+
+
 def peft_base(loaded: Loaded) -> str:
     """The adapter's ``base_model_name_or_path``: what ``AutoPeftModelForCausalLM`` can load.  A
     transmute alias or a GGUF is no name transformers resolves, so its converted folder (in this
@@ -719,11 +768,52 @@ def peft_base(loaded: Loaded) -> str:
 # --------------------------------------------------------------------------- eval
 
 
+def eval_gguf(target: str, path: Path, extra: Sequence[str], *, recipe_path: str | None = None, log: Log = _quiet,
+              progress: Callable[[str, str], None] | None = None) -> dict:
+    """``eval`` of a GGUF written by ``apply --format gguf|gguf-lora``: every condition in
+    llama.cpp (``llamacpp.evaluate_gguf``); the recipe and base model from its ``transmute.*`` keys."""
+    from transformers import AutoTokenizer
+
+    from .models import gguf_of, resolve
+
+    info = llamacpp.gguf_info(path)
+    if not info["base_model"]:
+        raise InputError("a GGUF without transmute.base_model: not one transmute wrote", source=target)
+    recipe = load_recipe(recipe_path) if recipe_path else (
+        parse_recipe(info["recipe"], source=f"{target} (recipe)", default_name=info["recipe_name"] or path.stem)
+        if info["recipe"] else None)
+    if recipe is None:
+        raise InputError("no recipe recorded; pass --recipe", source=target)
+    if not recipe.eval and not recipe.eval_inputs:
+        raise InputError("has no eval pairs to evaluate on", source=recipe.source or f"{target} (recipe)", field="eval")
+    src = resolve(info["base_model"], log)
+    tokenizer = AutoTokenizer.from_pretrained(src.path)
+    chat = chat_format(tokenizer, recipe.instruction, model=recipe.model) if recipe.chat else None
+    own = CHAT_TEMPLATE if recipe.chat else recipe.template
+    templates = [own] + [t for t in extra if t != own]
+    t0 = time.perf_counter()
+    with gguf_of(src, log) as source:
+        results = llamacpp.evaluate_gguf(path, info["adapter"], source, tokenizer, recipe, templates, chat, progress)
+    scored = eval_json(recipe, results)
+    queries = eval_queries(recipe)
+    return {
+        "target": target, "kind": "gguf-lora" if info["adapter"] else "gguf", "engine": "llama.cpp",
+        "recipe": recipe.name, "n": len(recipe.eval), "queries": len(queries), "scale": 1.0, "chat": recipe.chat,
+        **scored, "answers": {f"{r.template}|{r.condition}": r.answers for r in results},
+        "samples": samples_json(recipe, queries, results), "many_shot_prompt": None,
+        "warnings": prompt_warnings(scored["results"]),
+        "prompt_rerendered": [r.template for r in results if r.rerendered], "locality": None,
+        "eval_s": time.perf_counter() - t0,
+    }
+
+
 def resolve_target(target: str) -> tuple[str, Path]:
     """('run'|'patch'|'checkpoint', path) for a run folder, a patch file or a checkpoint folder."""
     p = Path(target)
     if not p.exists():
         raise InputError("not found", source=target)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return "gguf", p
     if p.is_file():
         return "patch", p
     if (p / "patch.safetensors").is_file():
@@ -749,6 +839,8 @@ def eval_target(
 ) -> dict:
     kind, path = resolve_target(target)
     extra = load_templates(templates_path) if templates_path else []
+    if kind == "gguf":
+        return eval_gguf(target, path, extra, recipe_path=recipe_path, log=log, progress=progress)
     if kind in ("run", "patch"):
         patch = load_patch(path)
         recipe_text, base_spec = patch.metadata.get("recipe"), patch.metadata.get("base_model")

@@ -179,7 +179,7 @@ def locality_markdown(loc: dict) -> list[str]:
 
 
 _STEPS = (("load_s", "load"), ("label_s", "labels"), ("compute_s", "compute"), ("eval_s", "eval"),
-          ("locality_s", "locality"), ("checkpoint_s", "checkpoint"))
+          ("locality_s", "locality"), ("checkpoint_s", "checkpoint"), ("gguf_s", "gguf"))
 
 
 def timings_line(t: dict) -> str:
@@ -280,6 +280,8 @@ def show_compute(report: dict) -> None:
         if "answer_agreement_vs_in_process" in c:
             line += f", same answers {_f(c['answer_agreement_vs_in_process'])}, accuracy {_f(c['accuracy'])}"
         out.print(line)
+    if report.get("gguf"):
+        show_gguf(report["gguf"])
     out.print(f"wrote {report['output']} {timings_line(report['timings'])}")
 
 
@@ -303,6 +305,20 @@ def show_diff(d: dict) -> None:
 def adapter_rank(a: dict) -> str:
     """'exact ranks (up to 84)' for the default adapter, 'rank 8' for a truncated one."""
     return f"exact ranks (up to {a['max_rank']})" if a["rank"] is None else f"rank {a['rank']}"
+
+
+def show_gguf(g: dict) -> None:
+    """The GGUF written and what llama.cpp made of it."""
+    what = (f"{len(g['replaced'])} tensors replaced ({g['qtype']})" if g["format"] == "gguf"
+            else f"LoRA adapter, {g['modules']} modules, ranks up to {g['max_rank']}")
+    line = f"wrote {g['path']} ({g['bytes'] / 1e6:.1f} MB): {what}"
+    v = g.get("llama_cpp")
+    if v and v.get("ran"):
+        line += (f"; in llama.cpp: same answers as the patch {_f(v['answer_agreement_vs_transformers'])}, accuracy "
+                 f"{_f(v['accuracy'])} (in process {_f(g.get('accuracy_in_process'))})")
+    elif v:
+        line += f"; not checked in llama.cpp: {v['why']}"
+    out.print(line)
 
 
 def show_adapter(a: dict) -> None:
