@@ -56,7 +56,7 @@ def bench_run(run: Path, rounds: int, tokens: int) -> dict:
     if not patched.is_file():
         raise SystemExit(f"{run}: no model.gguf (run `transmute compute RECIPE --gguf`)")
     info = llamacpp.gguf_info(patched)
-    recipe = parse_recipe(info["recipe"])
+    recipe = parse_recipe(info["recipe"], default_name=info["recipe_name"] or run.name)
     src = resolve(info["base_model"])
     tok = AutoTokenizer.from_pretrained(src.path)
     chat = chat_format(tok, recipe.instruction, model=recipe.model) if recipe.chat else None

@@ -593,6 +593,9 @@ def compute(
                 loaded, patch, tmp / "model.gguf", "gguf", token_batches(loaded, texts, plain=chat.plain if chat else None),
                 recipe, chat=chat, patched_answers=reference[: len(recipe.eval)] if reference else None, log=log)
             report["gguf"]["path"] = "model.gguf"
+            if reference and recipe.eval:
+                report["gguf"]["accuracy_in_process"] = correct_answers(
+                    reference[: len(recipe.eval)], recipe.eval, contains=recipe.chat) / len(recipe.eval)
             report["timings"]["gguf_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
         report["timings"]["total_s"] = time.perf_counter() - t0  # from the model load to the files written
