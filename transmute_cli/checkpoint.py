@@ -135,6 +135,7 @@ def _measure(loaded: Loaded, model, batches, ref, recipe: Recipe | None, patched
         answers = _eval_answers(loaded, recipe, model, chat)
         result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
         result["accuracy"] = correct_answers(answers, recipe.eval, contains=recipe.chat) / len(answers)
+        result["answers"] = answers  # the saved checkpoint's greedy answers on the eval queries
     return result
 
 

@@ -596,6 +596,12 @@ def compute(
             if reference and recipe.eval:
                 report["gguf"]["accuracy_in_process"] = correct_answers(
                     reference[: len(recipe.eval)], recipe.eval, contains=recipe.chat) / len(recipe.eval)
+            saved = (report.get("checkpoint") or {}).get("answers")
+            got = (report["gguf"].get("llama_cpp") or {}).get("answers")
+            if saved and got:  # the GGUF against what the checkpoint writes in transformers, query by query
+                report["gguf"]["llama_cpp"]["answer_agreement_vs_checkpoint"] = (
+                    sum(a == b for a, b in zip(got, saved)) / len(got))
+                report["gguf"]["accuracy_checkpoint"] = report["checkpoint"]["accuracy"]
             report["timings"]["gguf_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
         report["timings"]["total_s"] = time.perf_counter() - t0  # from the model load to the files written

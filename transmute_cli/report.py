@@ -316,6 +316,9 @@ def show_gguf(g: dict) -> None:
     if v and v.get("ran"):
         line += (f"; in llama.cpp: same answers as the patch {_f(v['answer_agreement_vs_transformers'])}, accuracy "
                  f"{_f(v['accuracy'])} (in process {_f(g.get('accuracy_in_process'))})")
+        if "answer_agreement_vs_checkpoint" in v:
+            line += (f"; same answers as the checkpoint {_f(v['answer_agreement_vs_checkpoint'])} "
+                     f"(its accuracy {_f(g.get('accuracy_checkpoint'))})")
     elif v:
         line += f"; not checked in llama.cpp: {v['why']}"
     out.print(line)
@@ -444,6 +447,18 @@ def report_markdown(r: dict) -> str:
         if "answer_agreement_vs_in_process" in c:
             lines.append(f"- greedy answers identical on {_f(c['answer_agreement_vs_in_process'])} of the eval queries; "
                          f"checkpoint accuracy {_f(c['accuracy'])}")
+    if r.get("gguf"):
+        g = r["gguf"]
+        v = g.get("llama_cpp") or {}
+        lines += ["", "## GGUF for llama.cpp", "", f"- `{g['path']}`, {g['bytes'] / 1e6:.1f} MB, {g['format']}"
+                  + (f", patched tensors {g['qtype']}" if g["format"] == "gguf" else "")]
+        if v.get("ran"):
+            lines.append(f"- in llama.cpp: accuracy {_f(v['accuracy'])}; same answers as the patch in process "
+                         f"{_f(v['answer_agreement_vs_transformers'])} (its accuracy {_f(g.get('accuracy_in_process'))})"
+                         + (f", as the checkpoint {_f(v['answer_agreement_vs_checkpoint'])} (its accuracy "
+                            f"{_f(g.get('accuracy_checkpoint'))})" if "answer_agreement_vs_checkpoint" in v else ""))
+        elif v:
+            lines.append(f"- not checked in llama.cpp: {v['why']}")
     return "\n".join(lines) + "\n"
 
 
