@@ -64,6 +64,7 @@ from transmute_cli.families import base_model, decoder_layers, family_for, model
 from transmute_cli.tokens import special_prefix, token_ids
 
 Log = Callable[[str], None]
+Measure = Callable[[], dict]  # run with a baseline on the model: what it does elsewhere (JSON-able)
 
 LORA_LRS = (1e-4, 3e-4, 1e-3)
 LORA_RANK, LORA_ALPHA = 8, 16
@@ -237,9 +238,10 @@ def _lora_run(model, tok, recipe, lr: float, train_batch, val_batch, val, max_st
     return curve, step_s, snapshots
 
 
-def _score_snapshot(model, tok, recipe, snapshot: dict, val_batch) -> dict:
+def _score_snapshot(model, tok, recipe, snapshot: dict, val_batch, measure: Measure | None = None) -> dict:
     """Held-out accuracy of the LoRA with the snapshot's weights, and its validation loss again
-    (it must equal the curve's: the snapshot is the chosen step's weights)."""
+    (it must equal the curve's: the snapshot is the chosen step's weights); ``measure()`` (run
+    with the LoRA on the model) as ``side_effects``."""
     with lora_attached(model) as pm:
         params = trainable(pm)
         with torch.no_grad():
@@ -249,8 +251,11 @@ def _score_snapshot(model, tok, recipe, snapshot: dict, val_batch) -> dict:
         t0 = time.perf_counter()
         acc, answers = accuracy(pm, tok, recipe.template, recipe.eval, recipe.max_new_tokens)
         sync(model)
-    return {"heldout_accuracy": acc, "heldout_answers": answers, "val_loss_restored": val_loss,
-            "heldout_eval_s": time.perf_counter() - t0}
+        out = {"heldout_accuracy": acc, "heldout_answers": answers, "val_loss_restored": val_loss,
+               "heldout_eval_s": time.perf_counter() - t0}
+        if measure is not None:
+            out["side_effects"] = measure()
+    return out
 
 
 def _refit_all(model, tok, recipe, lr: float, steps: int, seed: int) -> dict:
@@ -274,7 +279,7 @@ def _refit_all(model, tok, recipe, lr: float, steps: int, seed: int) -> dict:
 
 def train_lora(model, tok, recipe, *, lrs: Sequence[float] = LORA_LRS, max_steps: int = MAX_STEPS,
                eval_every: int = EVAL_EVERY, n_val: int = N_VAL, seed: int = 0, refit_all: bool = False,
-               log: Log = _quiet) -> dict:
+               measure: Measure | None = None, log: Log = _quiet) -> dict:
     """The LoRA baseline tuned on a validation split of ``recipe.examples`` (see the module doc).
 
     Returns a JSON-able dict: ``chosen`` (the curve point the selection rule picks: lr, step, val
@@ -285,7 +290,9 @@ def train_lora(model, tok, recipe, *, lrs: Sequence[float] = LORA_LRS, max_steps
     point with the best validation accuracy (``point`` and its scores); ``curve`` (every point of
     every rate), ``step_s`` (every step's time, per rate), ``train``/``val`` inputs, ``eval_s``
     (all validation), ``sweep_s`` (the whole call) and, with ``refit_all``, ``all_examples`` (the
-    variant trained on every example for the chosen steps at the chosen lr)."""
+    variant trained on every example for the chosen steps at the chosen lr).  ``measure``: called
+    with the chosen LoRA on the model (peft injects it into ``model``'s own modules), its result
+    as ``side_effects`` (bench_baselines: other prompted tasks and a neutral text)."""
     t_start = time.perf_counter()
     dev = model_device(model)
     train, val = split_examples(list(recipe.examples), n_val, seed)
@@ -307,7 +314,7 @@ def train_lora(model, tok, recipe, *, lrs: Sequence[float] = LORA_LRS, max_steps
            "max_steps": max_steps, "eval_every": eval_every, "seed": seed,
            "train": [p.input for p in train], "val": [p.input for p in val],
            "chosen": chosen, "curve": curve, "step_s": step_s, "eval_s": sum(p["eval_s"] for p in curve)}
-    out.update(_score_snapshot(model, tok, recipe, snapshots["chosen"], val_batch))
+    out.update(_score_snapshot(model, tok, recipe, snapshots["chosen"], val_batch, measure))
     same = earliest is chosen
     scores = {k: out[k] for k in ("heldout_accuracy", "heldout_answers", "val_loss_restored", "heldout_eval_s")}
     out["earliest"] = {"point": earliest, "same_as_chosen": same,
@@ -387,7 +394,7 @@ def _steer_key(point: dict) -> tuple:
 
 def steering_vector(model, tok, recipe, *, scales: Sequence[float] = STEER_SCALES,
                     layers: Sequence[int] | None = None, positions: Sequence[str] = STEER_POSITIONS,
-                    log: Log = _quiet) -> dict:
+                    measure: Measure | None = None, log: Log = _quiet) -> dict:
     """The steering-vector baseline (see the module doc): build, choose (position, layer, m) on the
     recipe's examples, score the choice on ``recipe.eval``.
 
@@ -396,7 +403,8 @@ def steering_vector(model, tok, recipe, *, scales: Sequence[float] = STEER_SCALE
     gold output: lenient, for information), ``grid`` (every point), ``examples_base_accuracy`` (no
     steering; ``selection_max_new_tokens`` the budget of the choice),
     ``vector_norms`` per position and layer, and the times ``build_s``, ``choose_s``
-    (= the grid), ``heldout_eval_s``."""
+    (= the grid), ``heldout_eval_s``; ``side_effects``: ``measure()`` run with the chosen vector
+    added (when given)."""
     n_layers = len(decoder_layers(model, family_for(model)))
     layers = list(range(n_layers)) if layers is None else list(layers)
     t0 = time.perf_counter()
@@ -424,9 +432,15 @@ def steering_vector(model, tok, recipe, *, scales: Sequence[float] = STEER_SCALE
     log(f"steering chosen: {best['position']} layer {best['layer']} m {best['scale']:g} "
         f"(examples {best['examples_accuracy']:.2f}); held-out {acc:.2f}")
     prefix = sum(a.startswith(p.output.strip()) for a, p in zip(answers, recipe.eval)) / max(len(answers), 1)
+    heldout_eval_s = time.perf_counter() - t2
+    side = None
+    if measure is not None:
+        with steered(model, best["layer"], vectors[best["position"]][best["layer"]], best["scale"]):
+            side = measure()
     return {"chosen": dict(best), "heldout_accuracy": acc, "heldout_prefix_accuracy": prefix,
             "heldout_answers": answers, "grid": grid,
             "examples_base_accuracy": base_acc, "selection_max_new_tokens": budget, "scales": list(scales),
             "layers": layers, "positions": list(positions),
             "vector_norms": {pos: vectors[pos].norm(dim=-1).tolist() for pos in positions},
-            "build_s": build_s, "choose_s": choose_s, "heldout_eval_s": time.perf_counter() - t2}
+            "build_s": build_s, "choose_s": choose_s, "heldout_eval_s": heldout_eval_s,
+            **({"side_effects": side} if measure is not None else {})}

@@ -18,6 +18,11 @@ the same loaded model (each leaves it as it found it):
                        examples for the chosen steps at the chosen lr (--no-refit: not)
   steering vector      baselines.steering_vector: mean activation difference, (position, layer, m)
                        chosen on the examples
+Side effects (unless --no-side-effects; issue 23's fair locality table): with each method on the
+model (the transmute patch in hooks, the chosen LoRA attached, the chosen steering vector added),
+antonyms / country-capital / plural prompted without the task's instruction against the prompted
+reference (the instruction in front of their prompt), and examples/neutral.txt's perplexity and
+KL against the model with the instruction in front (examples/locality.py's measures).
 Times: transmute compute_s (one cold call, as a user runs it) against LoRA training time to the
 chosen step (evaluation excluded; the whole sweep is reported too) and steering build + choose.
 Default tasks: the report and tune tasks whose prompt accuracy is >= 0.3 in results/suite.md.
@@ -42,11 +47,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import baselines  # noqa: E402
+import locality  # noqa: E402  (examples/locality.py: the other prompted tasks and the neutral text)
 import overrides  # noqa: E402  (examples/overrides.py: --set KEY=VALUE on every recipe)
 from bench_engine import ROOT, log, machine_info  # noqa: E402
 
 from transmute_cli import models, pipeline  # noqa: E402
 from transmute_cli import recipe as recipe_mod  # noqa: E402
+from transmute_cli.patch import load_patch  # noqa: E402
 
 TASKS = ROOT / "examples" / "tasks"
 # prompt accuracy >= 0.3 in results/suite.md (masculine-feminine: 0.18, staff-city: not held out)
@@ -94,6 +101,28 @@ def many_shot(recipe: recipe_mod.Recipe, n: int) -> recipe_mod.Recipe | None:
     return recipe.model_copy(update={"demonstrations": min(n, len(recipe.examples) - 1)})
 
 
+# --------------------------------------------------------------------------- side effects
+
+
+def side_effect_references(loaded, recipe) -> dict:
+    """What the prompt in context does elsewhere (issue 23's tables, examples/locality.py): the
+    other prompted tasks (antonyms, country-capital, plural) with the recipe's instruction in front
+    of their own prompt (the reference) and alone (base); examples/neutral.txt after the
+    instruction (the reference) and after nothing."""
+    return {"others": locality.other_references(loaded, recipe), "neutral": locality.neutral_reference(loaded, recipe)}
+
+
+def side_effects(loaded, refs: dict, patch=None) -> dict:
+    """The same tasks and text on the model as it is now (a LoRA attached, a steering vector
+    hooked in) or with ``patch`` in hooks, without the recipe's instruction: accuracies, points
+    against the reference, and the neutral text's perplexity and KL to the prompted model."""
+    others = locality.other_tasks(loaded, refs["others"], patch)
+    neutral = pipeline.locality_json(refs["neutral"], loaded.model, loaded.fam, patch)
+    return {"others": others, "points": {k: 100 * (v - refs["others"][k]["reference"]) for k, v in others.items()},
+            "neutral": neutral,
+            "ppl_ratio": neutral and neutral["perplexity_patched"] / neutral["perplexity_prompted"]}
+
+
 # --------------------------------------------------------------------------- one task
 
 
@@ -111,8 +140,17 @@ def run_task(recipe, loaded, args, tmp: Path) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     row: dict = {"task": recipe.name, "examples": len(recipe.examples), "eval": len(recipe.eval),
                  "held_out": recipe.name not in NOT_HELD_OUT}
+    refs, measure = None, None
+    if not args.no_side_effects:
+        log(f"{recipe.name}: side-effect references (other prompted tasks, neutral text)")
+        refs = side_effect_references(loaded, recipe)
+        row["side_effect_reference"] = {"others": refs["others"], "neutral": refs["neutral"] and {
+            "text": refs["neutral"].name, "tokens": len(refs["neutral"].text)}}
+        measure = lambda: side_effects(loaded, refs)  # noqa: E731  (whatever is on the model now)
     log(f"{recipe.name}: transmute (defaults)")
     row["transmute"] = run_transmute(recipe, loaded, tmp / recipe.name)
+    if refs is not None:
+        row["transmute"]["side_effects"] = side_effects(loaded, refs, load_patch(tmp / recipe.name / "patch.safetensors"))
     row["base"], row["prompt"] = row["transmute"]["base"], row["transmute"]["prompt"]
     variant = many_shot(recipe, MANY_SHOT if args.demonstrations is None else args.demonstrations)
     row["many_shot"] = None
@@ -122,9 +160,9 @@ def run_task(recipe, loaded, args, tmp: Path) -> dict:
         row["many_shot"]["demonstrations"] = variant.demonstrations
     log(f"{recipe.name}: LoRA sweep")
     row["lora"] = baselines.train_lora(model, tok, recipe, max_steps=args.max_steps, eval_every=args.eval_every,
-                                       refit_all=not args.no_refit, log=log)
+                                       refit_all=not args.no_refit, measure=measure, log=log)
     log(f"{recipe.name}: steering vector")
-    row["steering"] = baselines.steering_vector(model, tok, recipe, log=log)
+    row["steering"] = baselines.steering_vector(model, tok, recipe, measure=measure, log=log)
     st = row["steering"]
     row["steering"]["total_s"] = st["build_s"] + st["choose_s"]
     row["ratio_lora_transmute"] = row["lora"]["chosen"]["train_s"] / row["transmute"]["compute_s"]
@@ -157,6 +195,7 @@ def summarise(rows: list[dict]) -> dict:
         "ratios_lora_earliest_transmute": early,
         "transmute_ge_steering": [r["task"] for r in rs
                                   if r["transmute"]["patched"] >= r["steering"]["heldout_accuracy"]],
+        "side_effects": _side_summary(rs),
         "prompt_ceiling": PROMPT_CEILING,
         "many_shot_vs_prompt": [{"task": r["task"], "prompt": r["prompt"], "many_shot": r["many_shot"]["patched"],
                                  "many_shot_prompt": r["many_shot"]["many_shot_prompt"],
@@ -173,6 +212,22 @@ def summarise(rows: list[dict]) -> dict:
             "lora_all_examples": [r["lora"]["all_examples"]["heldout_accuracy"] for r in rs if "all_examples" in r["lora"]],
             "steering": [r["steering"]["heldout_accuracy"] for r in rs]}.items()},
     }
+
+
+def _side_summary(rows: list[dict]) -> dict:
+    """Per method over the tasks measured: how many keep every other task within 5 points of the
+    reference, the median worst drop, the median neutral perplexity ratio."""
+    out = {}
+    for key, label in (("transmute", "transmute"), ("lora", "LoRA tuned"), ("steering", "steering vector")):
+        se = [r[key]["side_effects"] for r in rows if r[key].get("side_effects")]
+        if not se:
+            continue
+        worst = [min(x["points"].values()) for x in se if x["points"]]
+        ppl = [x["ppl_ratio"] for x in se if x["ppl_ratio"] is not None]
+        out[label] = {"tasks": len(se), "within_5_points": sum(w >= -5 for w in worst),
+                      "median_worst_points": statistics.median(worst) if worst else None,
+                      "median_ppl_ratio": statistics.median(ppl) if ppl else None}
+    return out
 
 
 def _f(x, fmt=".2f") -> str:
@@ -202,6 +257,7 @@ def markdown(doc: dict) -> str:
             f"{_f(c['train_s'], '.1f')} | {_f(r['ratio_lora_transmute'])} | {_f(e['point']['train_s'], '.1f')} | "
             f"{_f(r['ratio_lora_earliest_transmute'])} | {_f(lo['sweep_s'], '.0f')} | "
             f"{_f(st['total_s'], '.0f')} |")
+    lines += side_effects_markdown(rows)
     mean = s["mean"]
     lines += ["", f"Summary over the {s['tasks']} held-out tasks"
               + (" († not held out: left out)" if any(not r["held_out"] for r in rows) else "") + ":", "",
@@ -215,6 +271,9 @@ def markdown(doc: dict) -> str:
               + (f"; many-shot ≥ tuned LoRA on {len(s['many_shot_ge_lora'])}/{s['many_shot_tasks']}"
                  if s["many_shot_tasks"] else ""),
               f"* transmute ≥ LoRA earliest on {len(s['transmute_ge_lora_earliest'])}/{s['tasks']} tasks",
+              *[f"* side effects, {k}: other tasks all within 5 points of the prompted reference on {v['within_5_points']}/"
+                f"{v['tasks']} tasks, median worst drop {_f(v['median_worst_points'], '+.0f')} points, neutral "
+                f"perplexity ÷ reference median {_f(v['median_ppl_ratio'])}" for k, v in s.get("side_effects", {}).items()],
               f"* transmute ≥ steering vector on {len(s['transmute_ge_steering'])}/{s['tasks']} tasks",
               f"* median LoRA time to the chosen step ÷ transmute compute: {_f(s['median_ratio_lora_transmute'])} "
               f"(per task: {', '.join(_f(x) for x in s['ratios_lora_transmute'])}); to the earliest best step: "
@@ -230,6 +289,32 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def side_effects_markdown(rows: list[dict]) -> list[str]:
+    """Each method's side effects beside its own held-out accuracy, against the prompted reference."""
+    rows = [r for r in rows if r.get("side_effect_reference")]
+    if not rows:
+        return []
+    names = list(rows[0]["side_effect_reference"]["others"])
+    lines = ["", "Side effects, against the prompted reference (the task's instruction in front of the other task's "
+             "prompt; examples/neutral.txt after the instruction), each method queried without the instruction:", "",
+             f"| task | method | own held-out | other tasks, points vs reference ({' / '.join(names)}) | "
+             "neutral ppl ÷ reference | KL(prompted ‖ method) (‖ unpatched) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = r["side_effect_reference"]["others"]
+        lines.append(f"| {r['task']} | prompt in context (reference) | {_f(r['prompt'])} | "
+                     + " / ".join(f"{ref[k]['reference']:.2f}" for k in names) + " (accuracies) | 1.00 | 0 |")
+        for label, m, own in (("transmute", r["transmute"], r["transmute"]["patched"]),
+                              ("LoRA tuned", r["lora"], r["lora"]["heldout_accuracy"]),
+                              ("steering vector", r["steering"], r["steering"]["heldout_accuracy"])):
+            se = m.get("side_effects")
+            if se is None:
+                continue
+            n = se["neutral"] or {}
+            lines.append(f"| {r['task']} | {label} | {_f(own)} | " + " / ".join(f"{se['points'][k]:+.0f}" for k in names)
+                         + f" | {_f(se['ppl_ratio'])} | {_f(n.get('mean_kl'), '.3f')} ({_f(n.get('base_mean_kl'), '.3f')}) |")
+    return lines
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -243,6 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=baselines.EVAL_EVERY, help="LoRA validation every k steps")
     ap.add_argument("--demonstrations", type=int, help=f"many-shot variant's N (default {MANY_SHOT}; 0: none)")
     ap.add_argument("--no-refit", action="store_true", help="skip the LoRA retrained on all examples")
+    ap.add_argument("--no-side-effects", action="store_true",
+                    help="skip the other prompted tasks and the neutral text under each method")
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--device", default="auto")
     overrides.add_argument(ap)

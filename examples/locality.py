@@ -29,6 +29,7 @@ templates as patch_templates, and sweep points (see VARIANTS).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -97,12 +98,9 @@ def acc(m, instruction, pairs, templates, patch=None, conditions=("patched",), d
     return {(x.template, x.condition): x.accuracy for x in res}
 
 
-def references(m, r, neutral: str) -> dict:
-    """What does not depend on the patch: the prompt and no-prompt conditions."""
-    temps = [r.template] + held_templates(r)
-    a = acc(m, r.instruction, r.eval, temps, None, ("base", "prompt"), demos=r.template)
-    ref = {"own": {"prompt": a[(r.template, "prompt")], "base": a[(r.template, "base")]},
-           "templates": {t: a[(t, "prompt")] for t in temps[1:]}, "others": {}}
+def other_references(m, r) -> dict:
+    """Each other task prompted alone (base) and with ``r``'s instruction in front (the reference)."""
+    out = {}
     for name in OTHERS:
         if name == r.name:
             continue
@@ -110,8 +108,36 @@ def references(m, r, neutral: str) -> dict:
         alone = acc(m, o.instruction, o.eval, [o.template], None, ("prompt",))[(o.template, "prompt")]
         front = acc(m, joined(r.instruction, o.instruction), o.eval, [o.template], None,
                     ("prompt",))[(o.template, "prompt")]
-        ref["others"][name] = {"base": alone, "reference": front}
-    ref["_neutral"] = pipeline.locality_reference(r, m, text=("examples/neutral.txt", neutral), max_tokens=None)
+        out[name] = {"base": alone, "reference": front}
+    return out
+
+
+def other_tasks(m, names, patch=None) -> dict:
+    """Each other task prompted without the recipe's instruction, on the model as it is now (a
+    LoRA attached, a steering hook on) or with ``patch`` in hooks."""
+    out = {}
+    for name in names:
+        o = find(name)
+        with ThoughtHooks(m.model, m.fam) if patch is not None else contextlib.nullcontext() as hooks:
+            if hooks is not None:
+                hooks.set_patch(patch)
+            out[name] = acc(m, o.instruction, o.eval, [o.template], None, ("prompt",))[(o.template, "prompt")]
+    return out
+
+
+def neutral_reference(m, r, neutral: str | None = None):
+    """examples/neutral.txt (all of it) after ``pre + I`` and after ``pre`` (pipeline.locality_reference)."""
+    neutral = neutral if neutral is not None else (ROOT / "examples" / "neutral.txt").read_text()
+    return pipeline.locality_reference(r, m, text=("examples/neutral.txt", neutral), max_tokens=None)
+
+
+def references(m, r, neutral: str) -> dict:
+    """What does not depend on the patch: the prompt and no-prompt conditions."""
+    temps = [r.template] + held_templates(r)
+    a = acc(m, r.instruction, r.eval, temps, None, ("base", "prompt"), demos=r.template)
+    ref = {"own": {"prompt": a[(r.template, "prompt")], "base": a[(r.template, "base")]},
+           "templates": {t: a[(t, "prompt")] for t in temps[1:]}, "others": other_references(m, r)}
+    ref["_neutral"] = neutral_reference(m, r, neutral)
     return ref
 
 
@@ -123,12 +149,8 @@ def measure(m, r, ref: dict, over: dict) -> dict:
     temps = [r.template] + held_templates(r)
     a = acc(m, r.instruction, r.eval, temps, res.patch)
     row = {"compute_s": compute_s, "engine_timings": res.timings, "own": a[(r.template, "patched")],
-           "templates": {t: a[(t, "patched")] for t in temps[1:]}, "others": {}}
-    for name in ref["others"]:
-        o = find(name)
-        with ThoughtHooks(m.model, m.fam) as hooks:  # the patch on; the other task prompted
-            hooks.set_patch(res.patch)
-            row["others"][name] = acc(m, o.instruction, o.eval, [o.template], None, ("prompt",))[(o.template, "prompt")]
+           "templates": {t: a[(t, "patched")] for t in temps[1:]}}
+    row["others"] = other_tasks(m, ref["others"], res.patch)  # the patch on; the other task prompted
     row["neutral"] = pipeline.locality_json(ref["_neutral"], m.model, m.fam, res.patch)
     return row
 

@@ -52,8 +52,11 @@ def test_split_is_disjoint_fixed_and_capped():
 def test_train_lora_restores_the_model_and_scores_the_step_validation_picks(setup, single_thread):
     model, tok, recipe = setup
     before = state(model)
-    out = baselines.train_lora(model, tok, recipe, lrs=(1e-3, 3e-2), max_steps=6, eval_every=2, refit_all=True)
+    changed = lambda: {"changed": not torch.equal(logits(model), before[0])}  # noqa: E731
+    out = baselines.train_lora(model, tok, recipe, lrs=(1e-3, 3e-2), max_steps=6, eval_every=2, refit_all=True,
+                               measure=changed)
     after = state(model)
+    assert out["side_effects"] == {"changed": True}  # measured with the chosen LoRA on the model itself
     assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
     assert not any("lora" in n for n, _ in model.named_modules())
 
@@ -101,8 +104,10 @@ def test_steering_restores_the_model_m0_is_base_and_the_rule_picks(setup, single
         assert not torch.equal(logits(model), before[0])
     assert torch.equal(logits(model), before[0])
 
-    out = baselines.steering_vector(model, tok, recipe, scales=(1.0, 8.0), layers=[0, 2])
+    changed = lambda: {"changed": not torch.equal(logits(model), before[0])}  # noqa: E731
+    out = baselines.steering_vector(model, tok, recipe, scales=(1.0, 8.0), layers=[0, 2], measure=changed)
     after = state(model)
+    assert out["side_effects"] == {"changed": True}  # measured with the chosen vector added
     assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
     grid = out["grid"]
     assert len(grid) == 2 * 2 * 2

@@ -242,7 +242,9 @@ def evaluate(
     (``datafiles.rerender``), as a user prompting in that format would write them.
     ``chat``: a chat recipe's format (``instruction`` is then its system message and the one
     template is ``CHAT_TEMPLATE``)."""
-    fam: Family = family_for(model, family)
+    # only the patched condition hooks into the model (a model under test may carry other modules:
+    # a LoRA injected by peft, which the family's check would refuse)
+    fam: Family | None = family_for(model, family) if "patched" in conditions else None
     results: list[Result] = []
     for template in templates:
         instr, pre, queries = query_ids(tokenizer, instruction, pairs, template, chat)
