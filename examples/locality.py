@@ -61,6 +61,12 @@ VARIANTS = {
     "prompted": {"augment": False, "broad": "prompted"},
     "exact-original": {"augment": False, "broad": "off", "rho": 1.0, "preserve": pipeline._shipped_texts("broad.txt")},
 }
+# format augmentation in many query formats (none of them a held-out template of either list):
+# does a patch fitted on bare queries in eight separators act on a ninth it never saw?
+MANY_FORMATS = ("{input} | {output}", "In: {input}\nOut: {output}", "{input} -- {output}", "{input} → {output}",
+                "{input} >> {output}", "{input}; {output}", "Word: {input}\nAnswer: {output}", "{input} ~ {output}")
+for _w in (3.0, 10.0, 30.0):
+    VARIANTS[f"formats8-w{_w:g}"] = {"augment": False, "broad_weight": _w, "patch_templates": MANY_FORMATS}
 # the cached second moments (broad: original) over weights and ρ, with and without augmentation
 for _w in (0.1, 0.3, 1.0, 3.0, 10.0):
     for _rho in (0.03, 0.1, 0.3, 1.0):
