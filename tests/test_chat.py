@@ -298,3 +298,33 @@ def test_french_system_prompt_baked_into_smollm2_loads_with_plain_transformers(s
     in_process = json.loads((tmp_path / "run" / "report.json").read_text())
     assert sum(passes(("language_fr",), a) for a in answers) >= fmt["patched"] - 1, answers
     assert in_process["checkpoint"]["top1_agreement_vs_in_process"] > 0.9
+
+
+@pytest.mark.chat
+def test_compute_system_bakes_a_system_prompt_alone_from_the_shipped_pool(smollm2, tmp_path, monkeypatch):
+    """`transmute compute --system "..."`: no recipe file, no questions; the pool's messages are
+    labelled by the prompted model and the pool's held-out end scores the patch (pool shrunk here
+    to keep the test short: the mechanism is the same at 200 / 40)."""
+    from typer.testing import CliRunner
+
+    from transmute_cli import defaults
+    from transmute_cli.cli import app
+    from transmute_cli.recipe import chat_pool
+
+    monkeypatch.setattr(defaults, "CHAT_POOL_TRAIN", 10)
+    monkeypatch.setattr(defaults, "CHAT_POOL_HELDOUT", 4)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)  # the loaded fixture, not a reload
+    system = "Tu es un assistant qui répond toujours en français."
+    res = CliRunner().invoke(app, ["compute", "--system", system, "-o", str(tmp_path / "run"), "--no-checkpoint",
+                                   "--json", "--quiet"])
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["recipe"]["path"] == "--system" and rep["recipe"]["name"] == "tu-es-un-assistant-qui"
+    assert "chat_pool.txt" in rep["recipe"]["pool"]
+    pool = chat_pool()
+    assert [l["input"] for l in rep["labels"]] == list(pool[:10])
+    held = rep["fidelity"]["heldout"]
+    assert held["queries"] == 4 and held["mean_kl"] < held["base_mean_kl"]
+    saved = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "chat: true" in saved and "répond toujours en français" in saved
+    assert "a system prompt alone" in (tmp_path / "run" / "report.md").read_text()

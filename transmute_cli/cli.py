@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ app = typer.Typer(
          "1 gate failed (eval --min-accuracy), 2 bad usage or input, 3 runtime error, 130 interrupted.",
 )
 
+SYSTEM_MODEL = "smollm2-135m-instruct"  # compute --system without --model: the embedded chat model
 DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="where the model runs")
 DtypeOpt = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16", help="dtype the model is loaded in")
 SaveDtypeOpt = typer.Option("auto", "--save-dtype", metavar="auto|float32|bfloat16|float16",
@@ -108,8 +110,12 @@ def _emit_json(doc: dict) -> None:
 @app.command()
 @_errors
 def compute(
-    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML file (or --system)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder (default runs/<name>)"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system prompt alone, no recipe file: the "
+                                         "recipe `chat: true` + this instruction, fitted on the shipped user messages"),
+    model: Optional[str] = typer.Option(None, "--model", help=f"with --system: the chat model (default "
+                                        f"{SYSTEM_MODEL})"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
@@ -131,9 +137,8 @@ def compute(
 ) -> None:
     """Compute a thought patch from a recipe; write patch, checkpoint and report."""
     from . import pipeline, report
-    from .recipe import load_recipe
 
-    r = load_recipe(recipe)
+    r = _compute_recipe(recipe, system, model)
     with report.ProgressView(quiet=quiet) as view:
         doc = pipeline.compute(
             r, output, device=device, dtype=dtype, overwrite=overwrite, checkpoint=not no_checkpoint,
@@ -148,6 +153,25 @@ def compute(
         report.show_warnings(doc)  # on stderr: the JSON on stdout stays one document
     else:
         report.show_compute(doc)
+
+
+def _compute_recipe(path: Optional[Path], system: Optional[str], model: Optional[str]):
+    """The recipe file, or the recipe ``--system`` stands for (named after the prompt's first words)."""
+    from .recipe import load_recipe, parse_recipe, recipe_yaml, sanitize_name
+
+    if path is not None and system is not None:
+        raise InputError("give a recipe file or --system, not both (a recipe's system prompt is its instruction)",
+                         field="--system")
+    if path is None and system is None:
+        raise InputError("missing: a recipe file, or --system \"...\" for a system prompt alone", field="RECIPE")
+    if system is None:
+        if model is not None:
+            raise InputError("only with --system (a recipe names its model in its model key)", field="--model")
+        return load_recipe(path)
+    text = recipe_yaml({"model": model or SYSTEM_MODEL, "chat": True, "instruction": system})
+    slug = re.sub(r"[^a-z0-9]+", "-", " ".join(system.split()[:5]).lower()).strip("-")
+    name = sanitize_name(slug) if slug else "system-prompt"
+    return parse_recipe(text, source="--system", default_name=name)
 
 
 def _parse_patch_spec(spec: str) -> tuple[str, float]:

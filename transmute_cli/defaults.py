@@ -13,6 +13,11 @@ SOLVERS = ("independent", "joint")
 SOLVER = "joint"  # the independent solve (the paper's) never learns where an answer stops
 RHO = 0.03  # relative to the mean non-zero eigenvalue (solve.ridge_solve); see below
 RHO_CHAT = 0.3  # chat recipes (chat: true); see below
+# A chat recipe without examples or inputs (a system prompt alone) is fitted on the first
+# CHAT_POOL_TRAIN user messages of transmute_cli/data/chat_pool.txt, labelled by the prompted
+# model, and, without eval/eval_inputs of its own, scored on the pool's last CHAT_POOL_HELDOUT.
+CHAT_POOL_TRAIN = 200
+CHAT_POOL_HELDOUT = 40
 BATCHES = 1  # one batch, step η = 1/batches = 1
 SEED = 0
 

@@ -486,6 +486,8 @@ def compute(
                             device_map=device_map, log=log)
     t_load = time.perf_counter() - t0
     t_label = time.perf_counter()
+    if recipe.pool:
+        log(f"a system prompt alone: user messages from {recipe.pool}")
     if recipe.inputs:
         log(f"labelling {len(recipe.inputs)} inputs with the prompted model's greedy answers")
     chat = chat_of(recipe, loaded)
@@ -520,7 +522,9 @@ def compute(
     meta = patch_metadata(recipe, loaded)
     report: dict = {
         "tool": {"name": "transmute", "version": __version__},
-        "recipe": {"name": recipe.name, "path": recipe.source, "sha256": recipe.sha256},
+        "recipe": {"name": recipe.name, "path": recipe.source, "sha256": recipe.sha256,
+                   # a system prompt alone: which user messages came from the shipped pool
+                   "pool": recipe.pool or None},
         "model": model_json(loaded),
         "settings": settings_json(recipe),
         "examples": len(recipe.examples),

@@ -98,6 +98,8 @@ class Recipe(BaseModel):
     # the recipe with the contents of its *_file keys written in (empty when it has none):
     # what a patch and a checkpoint record, so they re-parse anywhere, without the recipe's folder
     inlined: str = ""
+    # what came from the shipped chat pool (a system prompt alone), for the report; "" when nothing
+    pool: str = ""
 
     @property
     def self_contained_text(self) -> str:
@@ -119,7 +121,8 @@ class Recipe(BaseModel):
         return tuple(dict.fromkeys((*self.all_templates(), *extra)))
 
 
-_META = ("source", "text", "sha256", "inlined")
+_META = ("source", "text", "sha256", "inlined", "pool")
+POOL_FILE = "transmute_cli/data/chat_pool.txt"
 _FILES = {"examples": PairsFile, "inputs": InputsFile, "eval": PairsFile, "eval_inputs": InputsFile,
           "preserve": TextsFile}
 FILE_KEYS = tuple(f"{key}_file" for key in _FILES)
@@ -230,6 +233,7 @@ def parse_recipe(
     values = dict(keys)
     for key in _FILES:
         values[key] = values[key] + values.pop(f"{key}_file")
+    pooled = _from_pool(data, values) if values["chat"] else ""
     n = len(values["examples"]) + len(values["inputs"])
     if not n:
         fail(source, "examples", "at least one example is required (examples, examples_file, inputs or inputs_file)")
@@ -246,8 +250,42 @@ def parse_recipe(
         values["rho"] = defaults.RHO_CHAT
     if "name" not in data:
         values["name"] = sanitize_name(default_name)
-    inlined = _inline_files(data, values, source) if any(k in data for k in FILE_KEYS) else ""
-    return Recipe.model_construct(**values, source=source, text=text, sha256=sha256, inlined=inlined)
+    inlined = _inline_files(data, values, source) if pooled or any(k in data for k in FILE_KEYS) else ""
+    return Recipe.model_construct(**values, source=source, text=text, sha256=sha256, inlined=inlined, pool=pooled)
+
+
+def recipe_yaml(keys: dict) -> str:
+    """Recipe text for ``keys`` (what ``compute --system`` parses and records)."""
+    return yaml.safe_dump(keys, allow_unicode=True, sort_keys=False, width=1000)
+
+
+def chat_pool() -> tuple[str, ...]:
+    """The shipped user messages (transmute_cli/data/chat_pool.txt) a system prompt alone is fitted on."""
+    from transmute_cli.datafiles import load_texts
+
+    return tuple(t.strip() for t in load_texts(Path(__file__).parent / "data" / "chat_pool.txt"))
+
+
+def _from_pool(data: dict, values: dict) -> str:
+    """A chat recipe without examples or inputs: the pool's first messages as its inputs (less any
+    of its own held-out queries) and, without eval or eval_inputs, the pool's last ones as its
+    held-out queries; written into ``data`` so the self-contained text holds them.  Says what was
+    taken ("" when nothing)."""
+    if values["examples"] or values["inputs"]:
+        return ""
+    pool = chat_pool()
+    held = pool[len(pool) - defaults.CHAT_POOL_HELDOUT:]
+    said = []
+    if not values["eval"] and not values["eval_inputs"]:
+        values["eval_inputs"] = held
+        data["eval_inputs"] = list(held)
+        said.append(f"eval_inputs: its last {len(held)}")
+    own = {p.input.strip() for p in values["eval"]} | {x.strip() for x in values["eval_inputs"]}
+    train = tuple(x for x in pool[: defaults.CHAT_POOL_TRAIN] if x.strip() not in own)
+    values["inputs"] = train
+    data["inputs"] = list(train)
+    said.insert(0, f"inputs: {len(train)} of its first {defaults.CHAT_POOL_TRAIN}")
+    return f"{POOL_FILE} ({len(pool)} user messages): " + "; ".join(said)
 
 
 def _check_style(data: dict, values: dict, source: str | None) -> None:
@@ -328,11 +366,13 @@ def with_labels(recipe: Recipe, labels: list[str]) -> Recipe:
         raise ValueError(f"{len(labels)} labels for {len(recipe.inputs)} inputs")
     values = {k: getattr(recipe, k) for k in Recipe.model_fields if k not in _META}
     values["examples"] = tuple(recipe.examples) + tuple(Pair(i, o) for i, o in zip(recipe.inputs, labels))
-    data = yaml.safe_load(recipe.text)
+    data = yaml.safe_load(recipe.text) or {}
+    if recipe.pool:  # what the pool gave is in no key of the text: list it as written in
+        data.update({k: list(getattr(recipe, k)) for k in ("inputs", "eval_inputs") if k not in data})
     inlined = _inline_files(data, values, recipe.source, labelled=True)
     values["inputs"] = ()
     return Recipe.model_construct(**values, source=recipe.source, text=recipe.text, sha256=recipe.sha256,
-                                  inlined=inlined)
+                                  inlined=inlined, pool=recipe.pool)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

@@ -379,6 +379,7 @@ def report_markdown(r: dict) -> str:
         "- settings: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "templates"),
         f"- examples: {r['examples']} ({r['patch_texts']} patch texts: every example in every patch template; "
         f"{f['tokens']} token positions in the recipe's own template)",
+        *([f"- a system prompt alone: user messages from {r['recipe']['pool']}"] if r["recipe"].get("pool") else []),
         *[f"- {line}; the labels are in report.json" for line in left_out_lines(r)],
         f"- time {timings_line(r['timings'])} (seconds)",
         "",
