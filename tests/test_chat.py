@@ -328,3 +328,36 @@ def test_compute_system_bakes_a_system_prompt_alone_from_the_shipped_pool(smollm
     saved = (tmp_path / "run" / "recipe.yaml").read_text()
     assert "chat: true" in saved and "répond toujours en français" in saved
     assert "a system prompt alone" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_chat_label_still_cut_at_the_larger_cap_is_kept_open_without_an_end_of_turn(monkeypatch):
+    """A chat answer longer than 4 x max_new_tokens is the prompt's behaviour on every token it
+    has: kept as an open answer, fitted up to its last token with no end-of-turn after it (which
+    would teach the patched model to stop mid-answer); it round-trips through the recipe text."""
+    from transmute_cli.evaluate import Result
+    from transmute_cli.models import Loaded
+    from transmute_cli.families import family_for
+    from transmute_cli.recipe import parse_recipe as parse
+
+    def fake(model, tok, instruction, pairs, templates, *, max_new_tokens, **kw):
+        n = len(pairs)
+        return [Result(templates[0], "prompt", 0, n, ["long answer goes on"] * n, [[5] * max_new_tokens] * n,
+                       cut=[True] * n)]
+
+    monkeypatch.setattr(pipeline, "evaluate", fake)
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    loaded = Loaded(model=model, tokenizer=tok, source=None, fam=family_for(model), fingerprint="x", dtype="float32")
+    recipe = parse(f"chat: true\ninstruction: {SYSTEM}\ninputs: [hello, bye]\nmax_new_tokens: 4\n")
+    chat = chat_format(tok, SYSTEM)
+    labelled, labels = pipeline.label_inputs(recipe, loaded, chat=chat)
+    assert [(l["kept"], l["cut"], l["open"]) for l in labels] == [(True, True, True)] * 2
+    assert labelled.examples == (Pair("hello", "long answer goes on", open=True), Pair("bye", "long answer goes on", open=True))
+    texts = pipeline.patch_texts(labelled, chat)
+    assert all(t.endswith("long answer goes on") and "<|im_end|>" not in t.split("assistant\n")[-1] for t in texts)
+    closed = pipeline.patch_texts(labelled.model_copy(update={"examples": (Pair("hello", "long answer goes on"),)}), chat)
+    assert closed[0].startswith(texts[0]) and closed[0][len(texts[0]):].startswith("<|im_end|>")
+    again = parse(labelled.self_contained_text)
+    assert again.examples == labelled.examples  # `open: true` is written and read back
+    # a text recipe still leaves such an answer out (tests/test_manyshot.py), and says so
+    with pytest.raises(RecipeError, match=r"examples\[0\]\.open: must be true or false"):
+        parse("chat: true\ninstruction: x\nexamples:\n  - {input: a, output: b, open: 1}\n", source="r.yaml")

@@ -53,8 +53,21 @@ class ChatFormat:
     def texts(self, pairs: Sequence[Pair], *, answer: bool, where: str) -> list[str]:
         """Each pair's conversation, with its answer (patch texts) or ending where the assistant's
         answer starts (queries)."""
-        return [self.turns(p.messages(answer), generation_prompt=not answer, where=f"{where}[{i}]")
-                for i, p in enumerate(pairs)]
+        texts = [self.turns(p.messages(answer), generation_prompt=not answer, where=f"{where}[{i}]")
+                 for i, p in enumerate(pairs)]
+        if answer:  # an open answer (cut at the cap) ends at its last token: no end-of-turn after it
+            texts = [_open(t, p.output, f"{where}[{i}]") if p.open else t for i, (t, p) in enumerate(zip(texts, pairs))]
+        return texts
+
+
+def _open(text: str, answer: str, where: str) -> str:
+    """``text`` cut right after the last answer's own words (what the template writes after them,
+    the end-of-turn token, goes)."""
+    end = text.rfind(answer.rstrip())
+    if end < 0:
+        raise InputError("the chat template rewrites this answer, so an open (cut) answer cannot be ended at its "
+                         "last token", field=where)
+    return text[: end + len(answer.rstrip())]
 
 
 def _splits(tokenizer, head: str, rest: str) -> bool:

@@ -25,11 +25,14 @@ _ESCAPE_RE = re.compile(r"\\(n|\\)")
 @dataclass(frozen=True)
 class Pair:
     """One (input, output) example; both are non-empty text.  ``history`` (chat recipes only):
-    the earlier turns of the conversation, user and assistant alternating, before ``input``."""
+    the earlier turns of the conversation, user and assistant alternating, before ``input``.
+    ``open``: the output is the start of a longer answer (a label cut at the cap): it is fitted
+    up to its last token, with no end of answer after it (no newline, no end-of-turn)."""
 
     input: str
     output: str
     history: tuple[str, ...] = ()
+    open: bool = False
 
     def messages(self, answer: bool = True) -> list[dict[str, str]]:
         """The conversation as chat messages (``answer=False``: up to the last user turn)."""
@@ -229,13 +232,15 @@ def parse_pair(item: object, form: str) -> Pair:
         return Pair(pair_text(item[0], "input"), pair_text(item[1], "output"))
     if isinstance(item, dict):
         for key in item:
-            if key not in ("input", "output", "history"):
-                raise Problem("unknown key (allowed: input, output, history)", key_label(key))
+            if key not in ("input", "output", "history", "open"):
+                raise Problem("unknown key (allowed: input, output, history, open)", key_label(key))
         for key in ("input", "output"):
             if key not in item:
                 raise Problem("is required", key)
+        if not isinstance(item.get("open", False), bool):
+            raise Problem(f"must be true or false, got {describe(item['open'])}", "open")
         return Pair(pair_text(item["input"], "input"), pair_text(item["output"], "output"),
-                    _history(item.get("history", [])))
+                    _history(item.get("history", [])), item.get("open", False))
     raise Problem(f"must be {form}, got {describe(item)}")
 
 

@@ -62,7 +62,8 @@ def patch_texts(recipe: Recipe, chat: ChatFormat | None = None) -> list[str]:
     (``chat``, its format): each conversation's turns, the answer ending in the end-of-turn token."""
     if chat is not None:
         return chat.texts(recipe.examples, answer=True, where="examples")
-    return [render(t, p.input, p.output) + "\n" for t in recipe.patch_formats() for p in recipe.examples]
+    return [render(t, p.input, p.output) + ("" if p.open else "\n") for t in recipe.patch_formats()
+            for p in recipe.examples]
 
 
 def broad_texts(recipe: Recipe) -> list[str]:
@@ -211,14 +212,16 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
                  chat: ChatFormat | None = None) -> tuple[Recipe, list[dict]]:
     """A recipe's ``inputs`` labelled with the prompted model's greedy answers (the prompt's
     behaviour, not a gold label): the recipe with them as examples, and the labels.  Inputs whose
-    answer is empty (the model ends the line at once) or still cut at the larger cap
-    (``whole_answers``: an incomplete answer is no label) are left out; the labels say which."""
+    answer is empty (the model ends the line at once) are left out.  An answer still cut at the
+    larger cap (``whole_answers``) is no whole label: a chat recipe keeps it as an *open* answer
+    (fitted up to its last token, no end-of-turn after it: the prompt's behaviour on every token
+    it has, and no false stop), a text recipe leaves it out.  The labels say which."""
     if not recipe.inputs:
         return recipe, []
     pairs = [Pair(i, "") for i in recipe.inputs]
     answers, cut = whole_answers(recipe, loaded, pairs, "prompt", chat=chat, family=family)
-    labels = [{"input": i, "output": a, "kept": bool(a) and not c, "cut": c}
-              for i, a, c in zip(recipe.inputs, answers, cut)]
+    labels = [{"input": i, "output": a, "kept": bool(a) and (not c or chat is not None), "cut": c,
+               "open": bool(a) and c and chat is not None} for i, a, c in zip(recipe.inputs, answers, cut)]
     kept = [l for l in labels if l["kept"]]
     if not kept and not recipe.examples:
         raise InputError(f"the prompted model answered none of the {len(labels)} inputs with a whole answer (every "
@@ -231,7 +234,7 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
                              f"answer from the prompted model and were left out, got {value}", source=recipe.source,
                              field=key)
     labelled = recipe.model_copy(update={"inputs": tuple(l["input"] for l in kept)})
-    return with_labels(labelled, [l["output"] for l in kept]), labels
+    return with_labels(labelled, [l["output"] for l in kept], [l["open"] for l in kept]), labels
 
 
 LOCALITY_TEXT = _shipped_path("locality.txt")
@@ -532,7 +535,9 @@ def compute(
         "labels": labels or None,  # inputs labelled by the prompted model (label_inputs)
         # inputs left out: the prompted model's answer was empty / still cut at the larger cap
         "labels_left_out": {"empty": sum(not l["output"] for l in labels),
-                            "cut": sum(l["cut"] for l in labels)} if labels else None,
+                            "cut": sum(l["cut"] and not l["kept"] for l in labels)} if labels else None,
+        # chat inputs whose answer was still cut at the larger cap: fitted as open answers
+        "labels_open": sum(l["open"] for l in labels) if labels else None,
         # chat preservation messages left out: the model's own answer still cut at the larger cap
         "preserve_left_out": preserve_cut,
         "fidelity": fidelity_json(res),

@@ -330,8 +330,9 @@ def _check_repeats(data: dict, values: dict, source: str | None) -> None:
 
 
 def _pair_item(p: Pair) -> list | dict:
-    if p.history:
-        return {"history": list(p.history), "input": p.input, "output": p.output}
+    if p.history or p.open:
+        return {**({"history": list(p.history)} if p.history else {}), "input": p.input, "output": p.output,
+                **({"open": True} if p.open else {})}
     return [p.input, p.output]
 
 
@@ -358,14 +359,16 @@ def _inline_files(data: dict, values: dict, source: str | None, labelled: bool =
     return head + yaml.safe_dump(out, allow_unicode=True, sort_keys=False, width=1000)
 
 
-def with_labels(recipe: Recipe, labels: list[str]) -> Recipe:
+def with_labels(recipe: Recipe, labels: list[str], open_answers: list[bool] | None = None) -> Recipe:
     """The recipe with its ``inputs`` turned into examples whose outputs are ``labels`` (one per
-    input, in order).  Its self-contained text holds them as examples, so a patch or checkpoint
-    that records it re-parses to the very pairs the patch was computed from."""
+    input, in order; ``open_answers``: which are the start of a longer answer, Pair.open).  Its
+    self-contained text holds them as examples, so a patch or checkpoint that records it
+    re-parses to the very pairs the patch was computed from."""
     if len(labels) != len(recipe.inputs):
         raise ValueError(f"{len(labels)} labels for {len(recipe.inputs)} inputs")
+    opens = open_answers or [False] * len(labels)
     values = {k: getattr(recipe, k) for k in Recipe.model_fields if k not in _META}
-    values["examples"] = tuple(recipe.examples) + tuple(Pair(i, o) for i, o in zip(recipe.inputs, labels))
+    values["examples"] = tuple(recipe.examples) + tuple(Pair(i, o, open=c) for i, o, c in zip(recipe.inputs, labels, opens))
     data = yaml.safe_load(recipe.text) or {}
     if recipe.pool:  # what the pool gave is in no key of the text: list it as written in
         data.update({k: list(getattr(recipe, k)) for k in ("inputs", "eval_inputs") if k not in data})

@@ -211,7 +211,10 @@ def left_out_lines(report: dict) -> list[str]:
         gone = report.get("labels_left_out") or {}
         why = [f"{n} {what}" for what, n in (("empty", gone.get("empty", 0)),
                                                ("cut at the larger cap", gone.get("cut", 0))) if n]
+        opened = report.get("labels_open") or 0
         lines.append(f"{kept} inputs labelled by the prompted model's greedy answers"
+                     + (f" ({opened} of them open: cut at the larger cap, fitted up to their last token with no "
+                        "end of turn)" if opened else "")
                      + (f" ({len(report['labels']) - kept} left out: {', '.join(why)})" if why else ""))
     if report.get("preserve_left_out"):
         lines.append(f"{report['preserve_left_out']} preservation messages left out: the model's own answer was "
