@@ -418,7 +418,7 @@ def test_recipe_built_in_python_is_validated_by_the_same_schema():
 
 def test_allowed_keys_are_the_fields_a_user_writes():
     """Recipe's fields minus the record of what was read, plus the *_file keys (none listed twice)."""
-    written = set(Recipe.model_fields) - {"source", "text", "sha256", "inlined"}
+    written = set(Recipe.model_fields) - {"source", "text", "sha256", "inlined", "pool"}
     assert set(ALLOWED_KEYS) == written | {"examples_file", "inputs_file", "eval_file", "eval_inputs_file", "preserve_file"}
     assert list(ALLOWED_KEYS) == sorted(ALLOWED_KEYS)
 
@@ -512,7 +512,7 @@ def test_message_without_source():
         ("instruction: x\nexamples: [[a]]\n", f"r.yaml: examples[0]: must be {ITEM_FORM}, got a list of 1 item"),
         (
             "instruction: x\nexamples: [[a, b], {input: a, output: b, note: c}]\n",
-            "r.yaml: examples[1].note: unknown key (allowed: input, output, history)",
+            "r.yaml: examples[1].note: unknown key (allowed: input, output, history, open)",
         ),
         ("instruction: x\nexamples: [{input: a}]\n", "r.yaml: examples[0].output: is required"),
         ("instruction: x\nexamples: [[a, b], dog]\n", f"r.yaml: examples[1]: must be {ITEM_FORM}, got a string ('dog')"),
@@ -639,7 +639,7 @@ def _recipe_with_file(key: str, value: str) -> Path:
          "d.jsonl: line 3: not valid JSON (Expecting ',' delimiter at column 14)"),
         ({"d.jsonl": "nope\n"}, "examples_file", "d.jsonl", "d.jsonl: line 1: not valid JSON (Expecting value at column 1)"),
         ({"d.jsonl": '{"input": "a", "output": "b", "x": 1}\n'}, "examples_file", "d.jsonl",
-         "d.jsonl: line 1: x: unknown key (allowed: input, output, history)"),
+         "d.jsonl: line 1: x: unknown key (allowed: input, output, history, open)"),
         ({"d.jsonl": '{"input": "a"}\n'}, "examples_file", "d.jsonl", "d.jsonl: line 1: output: is required"),
         ({"d.jsonl": '["a", "b", "c"]\n'}, "examples_file", "d.jsonl",
          'd.jsonl: line 1: must be {"input": ..., "output": ...} or [input, output], got a list of 3 items'),
