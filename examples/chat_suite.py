@@ -44,6 +44,37 @@ from transmute_cli.recipe import load_recipe  # noqa: E402
 
 RECIPES = ("short", "french", "pirate", "facts")
 TARGET = 0.9
+# served as users serve a model: their own system prompt in front of the baked one
+OTHER_SYSTEM = "You are a helpful assistant. Answer the user's questions."
+
+
+def served_with_another_system_prompt(loaded, recipe, patch) -> dict:
+    """The held-out queries under OTHER_SYSTEM (the user's own system prompt), on the original
+    model and on the patched one: does the baked behaviour hold beside another system prompt?
+    The held-out score as the report gives it (answer_format pass rate, else accuracy)."""
+    from transmute_cli.chat import chat_format
+    from transmute_cli.evaluate import correct_answers
+    from transmute_cli.pipeline import eval_queries
+
+    model, tok = loaded.model, loaded.tokenizer
+    chat = chat_format(tok, OTHER_SYSTEM, model=recipe.model)
+    pairs = eval_queries(recipe)
+    out = {"system": OTHER_SYSTEM}
+    for cond in ("base", "patched"):
+        with ThoughtHooks(model, loaded.fam) as hooks:
+            if cond == "patched":
+                hooks.set_patch(patch)
+            else:
+                hooks.enabled = False
+            (res,) = evaluate(model, tok, OTHER_SYSTEM, pairs, [CHAT_TEMPLATE], conditions=("prompt",),
+                              max_new_tokens=recipe.max_new_tokens, chat=chat)
+        if recipe.answer_format:
+            out[cond] = sum(passes(recipe.answer_format, a) for a in res.answers) / len(pairs)
+        else:
+            k = len(recipe.eval)
+            out[cond] = correct_answers(res.answers[:k], recipe.eval, contains=True) / k
+        out[f"{cond}_answers"] = res.answers
+    return out
 
 
 def other_chats(loaded, recipe, patch, questions: list[str]) -> dict:
@@ -90,7 +121,9 @@ def one(loaded, label: str, recipe, neutral: list[str], out: Path) -> dict:
     else:
         score = "accuracy (answer contains the fact)"
         by = {r["condition"]: r["accuracy"] for r in ev["results"]}
-    side = other_chats(loaded, recipe, load_patch(out / "patch.safetensors"), neutral)
+    patch = load_patch(out / "patch.safetensors")
+    side = other_chats(loaded, recipe, patch, neutral)
+    served = served_with_another_system_prompt(loaded, recipe, patch)
     row = {
         "recipe": label, "score": score, "heldout": held["queries"], "rho": recipe.rho,
         "no_prompt": by["base"], "prompt": by["prompt"], "patched": by["patched"],
@@ -98,7 +131,8 @@ def one(loaded, label: str, recipe, neutral: list[str], out: Path) -> dict:
         "same_first_tokens": held["first_tokens_agreement"], "base_same_first_tokens": held["base_first_tokens_agreement"],
         "kl": held["mean_kl"], "base_kl": held["base_mean_kl"], "in_sample_top1": rep["fidelity"]["top1_agreement"],
         "compute_s": rep["timings"]["compute_s"], "label_s": rep["timings"].get("label_s"), "examples": rep["examples"],
-        "preserve_texts": len(recipe.preserve), "other_chats": side,
+        "preserve_texts": len(recipe.preserve), "other_chats": side, "served": served,
+        "labels_open": rep.get("labels_open"), "labels_left_out": rep.get("labels_left_out"),
     }
     print(f"{label:8s} {score}: no prompt {row['no_prompt']:.2f} prompt {row['prompt']:.2f} patched "
           f"{row['patched']:.2f}; other chats: patched KL {side['patched_kl']:.3f} vs prompt KL "
@@ -147,6 +181,16 @@ def markdown(doc: dict) -> str:
         for r in fmt:
             f = r["other_chats"]["format"]
             lines.append(f"| {r['recipe']} | {f['base']:.3f} | {f['prompt']:.3f} | {f['patched']:.3f} |")
+    served = [r for r in doc["rows"] if r.get("served")]
+    if served:
+        lines += ["", f"Served with the user's own system prompt (\"{OTHER_SYSTEM}\") in front, on the held-out "
+                  "questions: the original model / the patched one, beside the baked prompt's own score:", "",
+                  "| recipe | original + user's prompt | patched + user's prompt | patched, no system prompt | "
+                  "baked prompt in context |", "|---|---|---|---|---|"]
+        for r in served:
+            s = r["served"]
+            lines.append(f"| {r['recipe']} | {s['base']:.3f} | {s['patched']:.3f} | {r['patched']:.3f} | "
+                         f"{r['prompt']:.3f} |")
     shipped = [r for r in doc["rows"] if " without " not in r["recipe"]]  # the recipes as shipped
     met = [r["recipe"] for r in shipped if r["ratio"] is not None and r["ratio"] >= doc["target"]]
     lines += ["", f"Target patched >= {doc['target']} x prompted on the held-out score, recipes as shipped: met on "
