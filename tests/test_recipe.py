@@ -820,8 +820,11 @@ def _check_parse(text: str, base_dir: Path) -> None:
         assert message.startswith(("p.yaml: ", f"{base_dir}{os.sep}"))
     else:
         assert isinstance(recipe, Recipe)
-        assert recipe.examples and all(isinstance(p.input, str) and p.input.strip() for p in recipe.examples)
-        assert 1 <= recipe.batches <= len(recipe.examples)
+        # inputs count as examples once labelled (a chat recipe without either takes the shipped pool's)
+        n = len(recipe.examples) + len(recipe.inputs)
+        assert n and all(isinstance(p.input, str) and p.input.strip() for p in recipe.examples)
+        assert all(isinstance(x, str) and x.strip() for x in recipe.inputs)
+        assert 1 <= recipe.batches <= n
         assert math.isfinite(recipe.rho) and recipe.step > 0
         assert recipe.preserve_weight > 0 and all(t.strip() for t in recipe.preserve)
 
