@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli import pipeline  # noqa: E402
-from transmute_cli.datafiles import load_templates, load_texts  # noqa: E402
+from transmute_cli.datafiles import load_templates, load_texts, shipped_texts  # noqa: E402
 from transmute_cli.evaluate import evaluate  # noqa: E402
 from transmute_cli.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.recipe import load_recipe  # noqa: E402
@@ -59,7 +59,7 @@ VARIANTS = {
                  "preserve": tuple(load_texts(ROOT / "examples" / "preserve.txt"))},
     # the broad texts through the loop: toward the prompted model, or the original one (exact, costly)
     "prompted": {"augment": False, "broad": "prompted"},
-    "exact-original": {"augment": False, "broad": "off", "rho": 1.0, "preserve": pipeline._shipped_texts("broad.txt")},
+    "exact-original": {"augment": False, "broad": "off", "rho": 1.0, "preserve": shipped_texts("broad.txt")},
 }
 # format augmentation in many query formats (none of them a held-out template of either list):
 # does a patch fitted on bare queries in eight separators act on a ninth it never saw?

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from transmute_cli import defaults, pipeline
-from transmute_cli.datafiles import load_texts
+from transmute_cli.datafiles import load_texts, shipped_texts
 from transmute_cli.engine import EngineConfig, compute_patch
 from transmute_cli.errors import InputError, RecipeError
 from transmute_cli.families import family_for
@@ -180,7 +180,7 @@ def test_shipped_texts_hold_none_of_the_measured_tasks():
 def test_the_shipped_data_is_package_data():
     text = (ROOT / "pyproject.toml").read_text()
     assert '"data/*.txt"' in text
-    assert pipeline._shipped_texts("broad.txt") and pipeline._shipped_texts("locality.txt")
+    assert shipped_texts("broad.txt") and shipped_texts("locality.txt")
 
 
 # --------------------------------------------------------------------------- cached moments (broad: original)

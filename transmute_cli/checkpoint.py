@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .chat import ChatFormat
 from .errors import InputError
-from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids, query_ids
+from .evaluate import correct_answers, end_token_ids, generate_answers, newline_token_ids, query_ids, same_answers
 from .export import vector_as_bias
 from .families import model_device
 from .fidelity import compare_logits
@@ -133,7 +133,7 @@ def _measure(loaded: Loaded, model, batches, ref, recipe: Recipe | None, patched
     result = compare_runs(ref, got, "in_process")
     if patched_answers is not None and recipe is not None and recipe.eval:
         answers = _eval_answers(loaded, recipe, model, chat)
-        result["answer_agreement_vs_in_process"] = sum(x == y for x, y in zip(answers, patched_answers)) / len(answers)
+        result["answer_agreement_vs_in_process"] = same_answers(answers, patched_answers)
         result["accuracy"] = correct_answers(answers, recipe.eval, contains=recipe.chat) / len(answers)
         result["answers"] = answers  # the saved checkpoint's greedy answers on the eval queries
     return result

@@ -9,6 +9,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from .messages import SHOW_LIMIT, Problem, describe, fail, key_label, not_text, shorten
@@ -40,6 +41,17 @@ class Pair:
         turns = [*self.history, self.input] + ([self.output] if answer else [])
         return [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]
 
+
+
+def shipped_path(name: str) -> str:
+    """How a file shipped in ``transmute_cli/data`` is named in reports."""
+    return f"transmute_cli/data/{name}"
+
+
+@lru_cache(maxsize=None)
+def shipped_texts(name: str) -> tuple[str, ...]:
+    """A texts file shipped in ``transmute_cli/data`` (``load_texts`` format), read once."""
+    return tuple(load_texts(Path(__file__).parent / "data" / name))
 
 # --------------------------------------------------------------------------- templates
 

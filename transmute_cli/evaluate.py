@@ -110,6 +110,12 @@ def end_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return list(dict.fromkeys(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
 
 
+def same_answers(answers: Sequence[str], others: Sequence[str]) -> float:
+    """The share of queries whose two greedy answers are identical (0 for none)."""
+    n = len(others)
+    return sum(x == y for x, y in zip(answers, others)) / n if n else 0.0
+
+
 def correct_answers(answers: Sequence[str], pairs: Sequence[Pair], contains: bool = False) -> int:
     """Exact matches of greedy answers (already cut at the newline) with the pairs' outputs;
     ``contains`` (chat answers, which are sentences): the output appears in the answer as whole
@@ -379,8 +385,7 @@ def answer_kl(model: nn.Module, ref: PromptedReference, patch: ThoughtPatch | No
 
 def answer_agreement(answers: Sequence[str], ref: PromptedReference) -> float:
     """Share of queries whose greedy answer is the prompted model's."""
-    n = len(ref.prompted.answers)
-    return sum(x == y for x, y in zip(answers, ref.prompted.answers)) / n if n else 0.0
+    return same_answers(answers, ref.prompted.answers)
 
 
 def first_tokens_agreement(answer_ids: Sequence[Sequence[int]], reference: Sequence[Sequence[int]],

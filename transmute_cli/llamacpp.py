@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .chat import ChatFormat
 from .errors import InputError
-from .evaluate import correct_answers, query_ids
+from .evaluate import correct_answers, query_ids, same_answers
 from .export import deltas, lora_pair
 from .gguf_export import write_lora_gguf, write_patched_gguf
 from .models import Loaded, gguf_of
@@ -55,10 +55,12 @@ def metadata(loaded: Loaded, patch: ThoughtPatch, recipe: Recipe | None, provena
 
 def write_gguf(loaded: Loaded, patch: ThoughtPatch, out: Path, fmt: str, batches, recipe: Recipe | None, *,
                qtype: str = "q8_0", provenance: dict | None = None, chat: ChatFormat | None = None,
-               patched_answers: list[str] | None = None, log=lambda _m: None) -> dict:
+               patched_answers: list[str] | None = None, checkpoint_answers: list[str] | None = None,
+               log=lambda _m: None) -> dict:
     """Write ``out`` (``fmt`` gguf or gguf-lora) from the GGUF the loaded model came from, then
     run the recipe's eval queries through llama.cpp and compare with ``patched_answers`` (the
-    patch's greedy answers in transformers)."""
+    patch's greedy answers in transformers) and ``checkpoint_answers`` (a saved checkpoint's),
+    each beside its accuracy."""
     meta = metadata(loaded, patch, recipe, provenance)
     with gguf_of(loaded.source, log) as src:
         if fmt == "gguf":
@@ -70,21 +72,26 @@ def write_gguf(loaded: Loaded, patch: ThoughtPatch, out: Path, fmt: str, batches
         if recipe is not None and recipe.eval and patched_answers is not None:
             info["llama_cpp"] = verify(loaded, recipe, out if fmt == "gguf" else src,
                                        lora=out if fmt == "gguf-lora" else None, chat=chat,
-                                       patched_answers=patched_answers)
+                                       patched_answers=patched_answers, checkpoint_answers=checkpoint_answers)
+            for key, ref in (("accuracy_in_process", patched_answers), ("accuracy_checkpoint", checkpoint_answers)):
+                if ref is not None:
+                    info[key] = correct_answers(ref, recipe.eval, contains=recipe.chat) / len(ref)
     return info
 
 
 def verify(loaded: Loaded, recipe: Recipe, model_path: Path, *, lora: Path | None, chat: ChatFormat | None,
-           patched_answers: list[str]) -> dict:
+           patched_answers: list[str], checkpoint_answers: list[str] | None = None) -> dict:
     """The eval queries through llama.cpp: agreement with the patch's answers in transformers and
     accuracy (``None`` figures and the reason when llama-cpp-python is not installed)."""
     if not available():
         return {"ran": False, "why": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
     _, pre, queries = query_ids(loaded.tokenizer, recipe.instruction, recipe.eval, recipe.template, chat)
     got = answers(model_path, [pre + q for q in queries], recipe.max_new_tokens, lora=lora, newline=chat is None)
-    same = sum(a == b for a, b in zip(got, patched_answers)) / len(got)
-    return {"ran": True, "answer_agreement_vs_transformers": same,
-            "accuracy": correct_answers(got, recipe.eval, contains=recipe.chat) / len(got), "answers": got}
+    out = {"ran": True, "answer_agreement_vs_transformers": same_answers(got, patched_answers),
+           "accuracy": correct_answers(got, recipe.eval, contains=recipe.chat) / len(got), "answers": got}
+    if checkpoint_answers is not None:  # the GGUF against what the checkpoint writes in transformers
+        out["answer_agreement_vs_checkpoint"] = same_answers(got, checkpoint_answers)
+    return out
 
 
 def answers(model_path: Path, prompts: Sequence[list[int]], max_new_tokens: int, *, lora: Path | None = None,

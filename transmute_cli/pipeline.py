@@ -10,7 +10,6 @@ import json
 import os
 import re
 import time
-from functools import lru_cache
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from . import __version__
 from . import llamacpp
 from .checkpoint import check_save_dtype, needs_fold, patched_eval_answers, token_batches, write_checkpoint, write_peft
 from .gguf_export import check_qtype
-from .datafiles import Pair, load_templates, load_texts, render, rerender
+from .datafiles import Pair, load_templates, render, rerender, shipped_path, shipped_texts
 from .distributed import init_distributed, leave_distributed
 from .engine import EngineConfig, PatchResult, ProgressFn, compute_patch
 from .errors import InputError, PatchError, RecipeError
@@ -42,14 +41,6 @@ from .report import adapter_card, report_markdown
 Log = Callable[[str], None]
 
 
-def _shipped_path(name: str) -> str:
-    return f"transmute_cli/data/{name}"
-
-
-@lru_cache(maxsize=None)
-def _shipped_texts(name: str) -> tuple[str, ...]:
-    """A texts file shipped in ``transmute_cli/data`` (``datafiles.load_texts`` format)."""
-    return tuple(load_texts(Path(__file__).parent / "data" / name))
 
 
 def _quiet(_msg: str) -> None:
@@ -69,7 +60,7 @@ def patch_texts(recipe: Recipe, chat: ChatFormat | None = None) -> list[str]:
 def broad_texts(recipe: Recipe) -> list[str]:
     """The shipped broad texts (``transmute_cli/data/broad.txt``) the loop runs toward the
     prompted model (``broad: prompted``), else none."""
-    return list(_shipped_texts("broad.txt")) if recipe.broad == "prompted" and not recipe.chat else []
+    return list(shipped_texts("broad.txt")) if recipe.broad == "prompted" and not recipe.chat else []
 
 
 _LAST_MOMENTS: dict[str, Moments] = {}  # the last model's: a process fitting many recipes reads the file once
@@ -85,7 +76,7 @@ def broad_moments(recipe: Recipe, loaded: Loaded) -> Moments | None:
     if key not in _LAST_MOMENTS:
         _LAST_MOMENTS.clear()
         _LAST_MOMENTS[key] = load_or_compute(loaded.model, loaded.fam, loaded.tokenizer,
-                                             list(_shipped_texts("broad.txt")), key, cache_dir() / "moments")[0]
+                                             list(shipped_texts("broad.txt")), key, cache_dir() / "moments")[0]
     return _LAST_MOMENTS[key]
 
 
@@ -237,7 +228,7 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
     return with_labels(labelled, [l["output"] for l in kept], [l["open"] for l in kept]), labels
 
 
-LOCALITY_TEXT = _shipped_path("locality.txt")
+LOCALITY_TEXT = shipped_path("locality.txt")
 # tokens of it scored: each costs three full-vocabulary heads (262k rows on Gemma 3); 128 keep the
 # report to a few seconds on a CPU and take in its prose and the start of its list
 LOCALITY_TOKENS = 128
@@ -264,7 +255,7 @@ def locality_reference(recipe: Recipe, loaded: Loaded, chat: ChatFormat | None =
     prompt; ``None`` when fewer than 16 would (an instruction that fills the context: no figure).
     ``text``: (name, text) in place of the shipped locality text (examples/locality.py)."""
     tok = loaded.tokenizer
-    name, text = text or (LOCALITY_TEXT, _shipped_texts("locality.txt")[0])
+    name, text = text or (LOCALITY_TEXT, shipped_texts("locality.txt")[0])
     if chat is not None:
         text = chat.turns([{"role": "user", "content": text.strip()}], where="locality")
         prompted, plain = token_ids(tok, chat.system), token_ids(tok, chat.plain)
@@ -324,7 +315,7 @@ def _with_source(err: InputError, recipe: Recipe, labels: Sequence[dict] = ()) -
     examples that ``labels`` added came from the recipe's ``inputs``)."""
     field, reason = err.field, err.reason
     if (field or "").startswith("broad["):  # a shipped broad text (broad: prompted), not the recipe's
-        return type(err)(f"{reason} (a text of the shipped {_shipped_path('broad.txt')})", source=recipe.source,
+        return type(err)(f"{reason} (a text of the shipped {shipped_path('broad.txt')})", source=recipe.source,
                          field="broad")
     m = re.fullmatch(r"examples\[(\d+)\]", field or "")
     if m:
@@ -600,17 +591,9 @@ def compute(
             reference = next((r.answers for r in results if r.condition == "patched"), None)
             report["gguf"] = llamacpp.write_gguf(
                 loaded, patch, tmp / "model.gguf", "gguf", token_batches(loaded, texts, plain=chat.plain if chat else None),
-                recipe, chat=chat, patched_answers=reference[: len(recipe.eval)] if reference else None, log=log)
+                recipe, chat=chat, patched_answers=reference[: len(recipe.eval)] if reference else None,
+                checkpoint_answers=(report.get("checkpoint") or {}).get("answers"), log=log)
             report["gguf"]["path"] = "model.gguf"
-            if reference and recipe.eval:
-                report["gguf"]["accuracy_in_process"] = correct_answers(
-                    reference[: len(recipe.eval)], recipe.eval, contains=recipe.chat) / len(recipe.eval)
-            saved = (report.get("checkpoint") or {}).get("answers")
-            got = (report["gguf"].get("llama_cpp") or {}).get("answers")
-            if saved and got:  # the GGUF against what the checkpoint writes in transformers, query by query
-                report["gguf"]["llama_cpp"]["answer_agreement_vs_checkpoint"] = (
-                    sum(a == b for a, b in zip(got, saved)) / len(got))
-                report["gguf"]["accuracy_checkpoint"] = report["checkpoint"]["accuracy"]
             report["timings"]["gguf_s"] = time.perf_counter() - t3
         (tmp / "recipe.yaml").write_text(recipe.text)
         report["timings"]["total_s"] = time.perf_counter() - t0  # from the model load to the files written
@@ -769,8 +752,6 @@ def export_gguf(loaded: Loaded, patch: ThoughtPatch, out: Path, fmt: str, texts:
     with atomic_file(out, overwrite) as tmp:
         info = llamacpp.write_gguf(loaded, patch, tmp, fmt, batches, recipe, qtype=qtype, provenance=provenance,
                                    chat=chat, patched_answers=reference, log=log)
-    if reference is not None:
-        info["accuracy_in_process"] = correct_answers(reference, recipe.eval, contains=recipe.chat) / len(reference)
     info["path"] = str(out)
     return info
 

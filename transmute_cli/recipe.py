@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from transmute_cli import defaults
-from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes
+from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes, shipped_path, shipped_texts
 from transmute_cli.messages import describe, fail, key_label, not_text, one_line, shorten
 from transmute_cli.recipe_fields import MAX_NAME_LENGTH, Components, Layers, Model, Name, NonNegative, Pairs
 from transmute_cli.recipe_fields import Inputs, InputsFile, PairsFile, Positive, Template, Templates, Text, Texts
@@ -122,7 +122,7 @@ class Recipe(BaseModel):
 
 
 _META = ("source", "text", "sha256", "inlined", "pool")
-POOL_FILE = "transmute_cli/data/chat_pool.txt"
+POOL_NAME = "chat_pool.txt"
 _FILES = {"examples": PairsFile, "inputs": InputsFile, "eval": PairsFile, "eval_inputs": InputsFile,
           "preserve": TextsFile}
 FILE_KEYS = tuple(f"{key}_file" for key in _FILES)
@@ -261,9 +261,7 @@ def recipe_yaml(keys: dict) -> str:
 
 def chat_pool() -> tuple[str, ...]:
     """The shipped user messages (transmute_cli/data/chat_pool.txt) a system prompt alone is fitted on."""
-    from transmute_cli.datafiles import load_texts
-
-    return tuple(t.strip() for t in load_texts(Path(__file__).parent / "data" / "chat_pool.txt"))
+    return tuple(t.strip() for t in shipped_texts(POOL_NAME))
 
 
 def _from_pool(data: dict, values: dict) -> str:
@@ -281,11 +279,11 @@ def _from_pool(data: dict, values: dict) -> str:
         data["eval_inputs"] = list(held)
         said.append(f"eval_inputs: its last {len(held)}")
     own = {p.input.strip() for p in values["eval"]} | {x.strip() for x in values["eval_inputs"]}
-    train = tuple(x for x in pool[: defaults.CHAT_POOL_TRAIN] if x.strip() not in own)
+    train = tuple(x for x in pool[: defaults.CHAT_POOL_TRAIN] if x not in own)
     values["inputs"] = train
     data["inputs"] = list(train)
     said.insert(0, f"inputs: {len(train)} of its first {defaults.CHAT_POOL_TRAIN}")
-    return f"{POOL_FILE} ({len(pool)} user messages): " + "; ".join(said)
+    return f"{shipped_path(POOL_NAME)} ({len(pool)} user messages): " + "; ".join(said)
 
 
 def _check_style(data: dict, values: dict, source: str | None) -> None:
@@ -369,9 +367,8 @@ def with_labels(recipe: Recipe, labels: list[str], open_answers: list[bool] | No
     opens = open_answers or [False] * len(labels)
     values = {k: getattr(recipe, k) for k in Recipe.model_fields if k not in _META}
     values["examples"] = tuple(recipe.examples) + tuple(Pair(i, o, open=c) for i, o, c in zip(recipe.inputs, labels, opens))
-    data = yaml.safe_load(recipe.text) or {}
-    if recipe.pool:  # what the pool gave is in no key of the text: list it as written in
-        data.update({k: list(getattr(recipe, k)) for k in ("inputs", "eval_inputs") if k not in data})
+    # the self-contained text: *_file contents and what the shipped pool gave are keys there
+    data = yaml.safe_load(recipe.self_contained_text)
     inlined = _inline_files(data, values, recipe.source, labelled=True)
     values["inputs"] = ()
     return Recipe.model_construct(**values, source=recipe.source, text=recipe.text, sha256=recipe.sha256,
