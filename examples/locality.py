@@ -72,6 +72,11 @@ for _w in (0.1, 0.3, 1.0, 3.0, 10.0):
     for _rho in (0.03, 0.1, 0.3, 1.0):
         VARIANTS[f"orig-w{_w:g}-rho{_rho:g}"] = {"augment": False, "broad": "original", "broad_weight": _w, "rho": _rho}
         VARIANTS[f"aug-orig-w{_w:g}-rho{_rho:g}"] = {"broad": "original", "broad_weight": _w, "rho": _rho}
+# AlphaEdit's null-space constraint on top of the defaults: the matrices may not act on the leading
+# directions of the broad texts' inputs holding this share of their energy (EngineConfig.null_space)
+for _e in (0.5, 0.9, 0.99):
+    VARIANTS[f"null{_e:g}"] = {"_null_space": _e}
+    VARIANTS[f"null{_e:g}-w0.3"] = {"_null_space": _e, "broad_weight": 0.3}
 # recipes under recipes/ or examples/tasks/ or examples/trials/, by name
 WHERE = [ROOT / "recipes", ROOT / "examples" / "tasks", ROOT / "examples" / "trials"]
 DEFAULT_RECIPES = ("translate-en-fr", "en-es", "element-symbol", "nationality", "dictionary-k8", "roman")
@@ -148,9 +153,11 @@ def references(m, r, neutral: str) -> dict:
 
 
 def measure(m, r, ref: dict, over: dict) -> dict:
-    rr = r.model_copy(update=over)
+    # keys starting with "_" are engine settings that are not recipe keys (EngineConfig)
+    engine = {k[1:]: v for k, v in over.items() if k.startswith("_")}
+    rr = r.model_copy(update={k: v for k, v in over.items() if not k.startswith("_")})
     t0 = time.perf_counter()
-    res = pipeline.fit(rr, m)
+    res = pipeline.fit(rr, m, **engine)
     compute_s = time.perf_counter() - t0
     temps = [r.template] + held_templates(r)
     a = acc(m, r.instruction, r.eval, temps, res.patch)

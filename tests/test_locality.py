@@ -329,3 +329,63 @@ def test_layer0_with_moments_matches_the_closed_form():
                           want, rtol=1e-4, atol=1e-6)
     vec = (uc - u).sum(0) / (n.shape[0] + w * mom.count)
     assert torch.allclose(got.vectors[0].double(), vec, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_null_space_projection_is_alphaedit_closed_form(fold):
+    """``null_projector`` + ``project`` (EngineConfig.null_space): the projector removes the
+    leading directions holding the asked share of the moment's energy; A and D then equal the
+    same ridge solves on the projected inputs (moments projected too), dense or factored, and
+    act on none of the removed directions (AlphaEdit's ``Δ P``)."""
+    from transmute_cli.lowrank import LowRank
+    from transmute_cli.solve import DownStats, LayerStats, null_projector, ridge_intercept_solve
+
+    g = torch.Generator().manual_seed(1)
+    d, f, T, B = 24, 40, 7, 60
+    scale = torch.logspace(1, -2, d, dtype=torch.float64)
+    zn = torch.randn(B, d, generator=g, dtype=torch.float64) * scale
+    p = null_projector(zn.T @ zn, 0.9)
+    evals, evecs = torch.linalg.eigh(zn.T @ zn)
+    share = evals.flip(0).cumsum(0) / evals.sum()
+    k = int((share < 0.9).sum()) + 1  # directions up to the one that crosses 0.9
+    top = evecs.flip(1)[:, :k]
+    assert torch.allclose(p @ p, p, atol=1e-10) and torch.allclose(p, p.T)
+    assert int(round(float(torch.trace(p)))) == d - k and float((p @ top).abs().max()) < 1e-10
+
+    n, nc = torch.randn(T, d, generator=g, dtype=torch.float64), torch.randn(T, d, generator=g, dtype=torch.float64)
+    u = torch.zeros(T, d, dtype=torch.float64)
+    st = LayerStats(d)
+    st.add(n, nc, u, u)
+    if fold:
+        st.fold()
+    st.add_moments(zn.T @ zn, B, 0.5)
+    st.project(p)
+    a = st.solve_matrix(0.3)
+    a = a.dense() if isinstance(a, LowRank) else a
+    ref = LayerStats(d)
+    ref.add(n @ p, nc - n + n @ p, u, u)  # the same dz, inputs projected
+    ref.fold()
+    ref.add_moments(p @ (zn.T @ zn) @ p, B, 0.5)
+    ref.task_sq = st.task_sq  # ρ's scale: the unprojected examples' (as the engine's)
+    assert torch.allclose(a, ref.solve_matrix(0.3), atol=1e-8)
+    assert float((a @ top).abs().max()) < 1e-8  # the removed directions are left alone
+
+    za = torch.randn(B, f, generator=g, dtype=torch.float64) * torch.logspace(1, -2, f, dtype=torch.float64)
+    pf = null_projector(za.T @ za, 0.9)
+    x, e = torch.randn(T, f, generator=g, dtype=torch.float64), torch.randn(T, d, generator=g, dtype=torch.float64)
+    ds = DownStats(f, d)
+    ds.add(x, e)
+    if fold:
+        ds.fold()
+    ds.add_moments(za.T @ za, za.sum(0), B, 0.5)
+    ds.project(pf)
+    dmat, c, _ = ridge_intercept_solve(ds, 0.3)
+    dmat = dmat.dense() if isinstance(dmat, LowRank) else dmat
+    dr = DownStats(f, d)
+    dr.add(x @ pf, e)
+    dr.fold()
+    dr.add_moments(pf @ (za.T @ za) @ pf, pf @ za.sum(0), B, 0.5)
+    dr.task_sq, dr.task_sum = ds.task_sq, ds.task_sum
+    dref, cref, _ = ridge_intercept_solve(dr, 0.3)
+    assert torch.allclose(dmat, dref, atol=1e-8) and torch.allclose(c, cref, atol=1e-8)
+    assert float((dmat @ (torch.eye(f, dtype=torch.float64) - pf)).abs().max()) < 1e-8

@@ -45,8 +45,8 @@ from .lowrank import add, stored
 from .moments import Moments
 from .patch import ThoughtPatch
 from .solve import (
-    DownStats, LayerStats, fit_residual, fit_residual_rows, mean_vector, ridge_intercept_solve, rms_scaled,
-    unscale_rows,
+    DownStats, LayerStats, fit_residual, fit_residual_rows, mean_vector, null_projector, ridge_intercept_solve,
+    rms_scaled, unscale_rows,
 )
 from .tokens import MicroBatch, check_lengths, deal, encode, micro_batches, pad_id
 
@@ -86,6 +86,10 @@ class EngineConfig:
     # rerun the instruction's tokens with every micro-batch at every layer — same maths, the
     # benchmark's baseline)
     prefix_cache: bool = True
+    # AlphaEdit's constraint (0: off): the thought and down matrices act only outside the
+    # leading directions of the broad texts' inputs that hold this share of their energy
+    # (``solve.null_projector`` on the cached moments); the moments still regularise the rest
+    null_space: float = 0.0
 
     @property
     def step(self) -> float:
@@ -106,6 +110,8 @@ class EngineConfig:
             raise InputError(f"must be a number > 0, got {self.preserve_weight}", field="preserve_weight")
         if not (self.broad_weight > 0 and math.isfinite(self.broad_weight)):
             raise InputError(f"must be a number > 0, got {self.broad_weight}", field="broad_weight")
+        if not 0 <= self.null_space < 1:
+            raise InputError(f"must be in [0, 1), got {self.null_space}", field="null_space")
         if self.propagation not in ("incremental", "naive"):
             raise InputError(f"unknown propagation {self.propagation!r}", field="propagation")
 
@@ -340,6 +346,8 @@ class _Loop:
         cfg = self.cfg
         if not stats.finite():
             raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
+        if cfg.null_space > 0 and self.moments is not None:
+            stats.project(self._projector("nn", l))
         a = stats.solve_matrix(cfg.rho) if "matrix" in cfg.components else None
         if a is not None and stats.rows is not None and cfg.diagnostics is not False:  # rows kept: cheap
             num, den = fit_residual_rows(stats, a, [weight_of(get_module(self.layers[l], p)) for p in self.fam.mlp_in])
@@ -369,6 +377,13 @@ class _Loop:
                 store[l] = stored(add(store[l], t) if l in store else t)
         self._install(hooks, l)
 
+    def _projector(self, which: str, l: int) -> torch.Tensor:
+        """The null-space projector of layer ``l``'s ``nn`` or ``aa`` moment (once per layer)."""
+        cache = self.__dict__.setdefault("_projectors", {})
+        if (which, l) not in cache:
+            cache[(which, l)] = null_projector(getattr(self.moments, which)[l].to(self.device), self.cfg.null_space)
+        return cache[(which, l)]
+
     def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool, matrix: bool = True):
         """Down-projection thought matrix D and thought vector c fitted *jointly* (ridge with an
         intercept) to the token-dependent gap e_t = h'^C_t − h'_t(A) that this batch's input-side
@@ -397,6 +412,8 @@ class _Loop:
             st.all_reduce()
         if self.moments is not None:
             st.add_moments(self.moments.aa[l], self.moments.a[l], self.moments.count, self.cfg.broad_weight)
+        if self.cfg.null_space > 0 and self.moments is not None:
+            st.project(self._projector("aa", l))
         dmat, vec, rel = ridge_intercept_solve(st, self.cfg.rho, intercept=intercept, consume=True, matrix=matrix)
         if dmat is None:
             return None, vec, rel

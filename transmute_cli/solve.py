@@ -165,6 +165,19 @@ class LayerStats(_RowsThenSums):
             self.nn.add_(nn)
         self._count_moments(count, weight)
 
+    def project(self, p: torch.Tensor) -> None:
+        """Every input ``n`` taken in (rows, held moment, or sums) replaced by ``P n`` for a
+        symmetric projector ``P`` [d, d] (``null_projector``): the solve's ``A`` then acts on the
+        projected space only (AlphaEdit's null-space constraint)."""
+        p = p.to(self.device, self.dtype)
+        if self.rows is not None:
+            self.rows = [(n @ p, dz, w) for n, dz, w in self.rows]
+            if self.moment is not None:
+                self.moment = p @ self.moment @ p
+        else:
+            self.nn = p @ self.nn @ p
+            self.dzn = self.dzn @ p
+
     def finite(self) -> bool:
         """No NaN or Inf among the tokens taken in (rows or sums)."""
         kept = [t for r in self.rows for t in r[:2]] if self.rows is not None else [self.nn, self.dzn]
@@ -357,6 +370,17 @@ class DownStats(_RowsThenSums):
             self.a.add_(a)
         self._count_moments(count, weight)
 
+    def project(self, p: torch.Tensor) -> None:
+        """Every input ``a`` taken in replaced by ``P a`` (``LayerStats.project``) [f, f]."""
+        p = p.to(self.device, self.dtype)
+        if self.rows is not None:
+            self.rows = [(a @ p, e, w) for a, e, w in self.rows]
+            if self.moment is not None:
+                aa, a, w = self.moment
+                self.moment = (p @ aa @ p, p @ a, w)
+        else:
+            self.aa, self.ea, self.a = p @ self.aa @ p, self.ea @ p, p @ self.a
+
     def _fold_moment(self) -> None:
         if self.moment is not None:
             self.aa.add_(self.moment[0])
@@ -485,6 +509,19 @@ def _ridge_intercept_rows_moment(st: DownStats, rho: float, intercept: bool) -> 
     tot = float(w @ (e * e).sum(1))
     rel = math.sqrt(max(res, 0.0) / tot) if tot > 0 else 0.0
     return dmat, c, rel
+
+
+def null_projector(moment: torch.Tensor, energy: float) -> torch.Tensor:
+    """``I − U Uᵀ`` for ``U`` the leading eigenvectors of a second moment (``Σ x xᵀ`` of broad
+    text) that hold ``energy`` of its trace: the projector onto the directions that text barely
+    uses (AlphaEdit's null space, with the cut set by energy rather than an absolute eigenvalue)."""
+    m = moment.double()
+    evals, evecs = torch.linalg.eigh(m)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    share = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-300)
+    k = int(torch.searchsorted(share, torch.tensor(float(energy), dtype=share.dtype)).item()) + 1
+    u = evecs[:, :min(k, m.shape[0])]
+    return torch.eye(m.shape[0], dtype=m.dtype, device=m.device) - u @ u.T
 
 
 def spectrum(m: torch.Tensor, left_vectors: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
