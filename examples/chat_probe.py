@@ -3,11 +3,16 @@ the prompted model must show the behaviour: this scores candidate system prompts
 in context and without it, on the held-out questions (no patch is computed).
 
     python examples/chat_probe.py -> results/chat_probe.{json,md}
+    python examples/chat_probe.py --long -> results/chat_probe_long.{json,md}
 
 The candidates are the phrasings tried for the shipped chat recipes: "answer in one word, in
 capitals" (not shipped: the model does not follow it), the one-short-sentence format that
 recipes/chat-short.yaml ships instead, and the English and French wordings of "answer in French"
 (recipes/chat-french.yaml ships the French one).
+
+``--long``: the long system prompt of recipes/chat-concierge.yaml as shipped and in the
+arrangements of examples/concierge-variants.yaml, each scored on the recipe's rules (each on its
+own) and its facts, on the recipe's held-out queries.
 """
 
 from __future__ import annotations
@@ -42,7 +47,47 @@ CANDIDATES = [
 ]
 
 
+def long_prompts() -> None:
+    import yaml
+
+    from transmute_cli.evaluate import correct_answers
+    from transmute_cli.pipeline import eval_queries
+    from transmute_cli.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "chat-concierge.yaml")
+    variants = {"shipped (recipes/chat-concierge.yaml)": recipe.instruction,
+                **yaml.safe_load((ROOT / "examples" / "concierge-variants.yaml").read_text())}
+    queries = eval_queries(recipe)
+    loaded = load_model(recipe.model, device="auto")
+    rows = []
+    for name, system in variants.items():
+        chat = chat_format(loaded.tokenizer, system, model=recipe.model)
+        res = {r.condition: r for r in evaluate(loaded.model, loaded.tokenizer, system, queries, [CHAT_TEMPLATE],
+                                                conditions=("base", "prompt"), max_new_tokens=recipe.max_new_tokens,
+                                                chat=chat)}
+        row = {"variant": name, "system_tokens": len(loaded.tokenizer(chat.system, add_special_tokens=False)["input_ids"]),
+               "n": len(queries), "facts_n": len(recipe.eval),
+               **{c: {"facts": correct_answers(r.answers[:len(recipe.eval)], recipe.eval, contains=True),
+                      **{rule: sum(passes(spec, a) for a in r.answers) for rule, spec in recipe.rules}}
+                  for c, r in res.items()}}
+        rows.append(row)
+        print(json.dumps(row, ensure_ascii=False), file=sys.stderr, flush=True)
+    (ROOT / "results" / "chat_probe_long.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    rules = [r for r, _ in recipe.rules]
+    lines = [f"The long system prompt on `{recipe.model}`, arranged three ways: held-out answers passing each rule "
+             f"(of {len(queries)}) and facts found (of {len(recipe.eval)}), with the prompt in context (without it).", "",
+             "| arrangement | tokens | " + " | ".join(rules) + " | facts |", "|---|---|" + "---|" * (len(rules) + 1)]
+    for r in rows:
+        cells = [f"{r['prompt'][k]} ({r['base'][k]})" for k in rules + ["facts"]]
+        lines.append(f"| {r['variant']} | {r['system_tokens']} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    (ROOT / "results" / "chat_probe_long.md").write_text(md)
+    print(md)
+
+
 def main() -> None:
+    if "--long" in sys.argv[1:]:
+        return long_prompts()
     questions = load_inputs(ROOT / "recipes" / "chat" / "questions-heldout.txt", source=None, field="questions")
     pairs = [Pair(q, "") for q in questions]
     loaded = load_model(CHAT_ALIAS, device="auto")

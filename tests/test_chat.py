@@ -203,6 +203,10 @@ BASE = "model: m\ninstruction: Be brief.\nexamples:\n  - [a, b]\n"
     ("chat: true\neval:\n  - {history: [hi], input: a, output: b}\n", "r.yaml: eval[0].history: must hold user and assistant turns in pairs"),
     ("answer_format: upper\n", "r.yaml: answer_format: unknown format 'upper'"),
     ("answer_format: [uppercase, 'regex:[']\n", "r.yaml: answer_format[1]: "),
+    ("rules: uppercase\n", "r.yaml: rules: must be a mapping of rule names to answer formats, got a string"),
+    ("rules: {}\n", "r.yaml: rules: must name at least one rule"),
+    ("rules:\n  greeting: 'regex:^Hi'\n  short: [one_word, upper]\n", "r.yaml: rules.short[1]: unknown format 'upper'"),
+    ("rules:\n  greeting: 'regex:('\n", "r.yaml: rules.greeting: regex:(: not a valid"),
 ])
 def test_recipes_that_mix_styles_or_misname_a_check_fail_in_one_line(extra, message, tmp_path):
     with pytest.raises(RecipeError) as info:
@@ -274,10 +278,19 @@ def test_french_system_prompt_baked_into_smollm2_loads_with_plain_transformers(s
 
     text = (f"model: smollm2-135m-instruct\nchat: true\ninstruction: {json.dumps('Tu es un assistant qui répond toujours en français.')}\n"
             f"inputs: {json.dumps(QUESTIONS[:8])}\neval_inputs: {json.dumps(QUESTIONS[8:])}\nanswer_format: language_fr\n"
+            "rules:\n  french: language_fr\n  no digits: 'regex:^\\D*$'\n"
             "max_new_tokens: 24\n")
     recipe = parse_recipe(text, source="fr.yaml")
+    assert recipe.rules == (("french", ("language_fr",)), ("no digits", ("regex:^\\D*$",)))
     rep = pipeline.compute(recipe, tmp_path / "run", loaded=smollm2)
     fmt = {r["condition"]: r["passed"] for r in rep["eval"]["format"]["results"]}
+    # each rule scored on its own: the French rule is answer_format's check, so the same counts
+    rules = {r["name"]: {e["condition"]: e["passed"] for e in r["results"]} for r in rep["eval"]["rules"]}
+    assert rules["french"] == fmt and set(rules["no digits"]) == set(fmt)
+    samples = rep["samples"]
+    assert rules["no digits"]["patched"] == sum(not any(c.isdigit() for c in s["patched"]) for s in samples)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Rules, each scored on its own" in md and "| french | `language_fr` |" in md
     assert fmt["base"] == 0 and fmt["prompt"] >= 2, fmt
     assert fmt["patched"] >= fmt["prompt"] - 1, fmt
     assert rep["fidelity"]["top1_agreement"] > rep["fidelity"]["base_top1_agreement"]

@@ -44,7 +44,8 @@ def recipe_questions() -> dict[str, str]:
         r = load_recipe(path)
         texts = [p.input for p in (*r.examples, *r.eval)]
         texts += [t for p in (*r.examples, *r.eval) for t in p.history[::2]]  # earlier user turns
-        texts += [*r.inputs, *r.eval_inputs, *r.preserve]
+        # a recipe that states no inputs takes the pool's (recipe.pool): those are not its own questions
+        texts += [*(() if r.pool else r.inputs), *r.eval_inputs, *r.preserve]
         for text in texts:
             found.setdefault(bare(text), f"{path.name}: {text.strip()!r}")
     return found

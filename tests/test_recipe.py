@@ -171,7 +171,7 @@ def test_defaults():
 # keys every recipe states for itself (its content), not settings with a default
 _CONTENT_KEYS = {"name", "model", "instruction", "template", "examples", "examples_file", "eval", "eval_file",
                  "preserve", "preserve_file", "chat", "inputs", "inputs_file", "eval_inputs", "eval_inputs_file",
-                 "answer_format"}
+                 "answer_format", "rules"}
 
 
 @pytest.mark.parametrize("path", sorted((_ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -789,6 +789,8 @@ _PLAUSIBLE = {
     "eval_inputs_file": ["in.txt", "missing.txt"],
     "chat": [True, False, "yes", 1],
     "answer_format": ["uppercase", ["one_word", "regex:^[A-Z]"], "upper", "regex:[", []],
+    "rules": [{"greeting": "regex:^Hi"}, {"a": ["one_word", "uppercase"], "b": "language_fr"}, {}, {"a": "upper"},
+              ["uppercase"], {"": "uppercase"}],
     "demonstrations": [0, 1, 2, 5, -1],
     "rho": [0, 0.5, -1, float("inf"), float("nan")],
     "eta": [None, 1, 0, 0.5],

@@ -366,13 +366,18 @@ def eval_json(recipe: Recipe, results: Sequence[Result]) -> dict:
     that pass it."""
     out: dict = {"results": results_json(labelled_results(recipe, results))}
     if recipe.answer_format:
-        out["format"] = {
-            "spec": describe_format(recipe.answer_format),
-            "results": [{"template": r.template, "condition": r.condition, "n": len(r.answers),
-                         "passed": (ok := sum(passes(recipe.answer_format, a) for a in r.answers)),
-                         "rate": ok / len(r.answers) if r.answers else 0.0} for r in results],
-        }
+        out["format"] = format_json(recipe.answer_format, results)
+    if recipe.rules:
+        out["rules"] = [{"name": name, **format_json(spec, results)} for name, spec in recipe.rules]
     return out
+
+
+def format_json(spec: Sequence[str], results: Sequence[Result]) -> dict:
+    """Per template and condition, the share of held-out answers that pass ``spec``."""
+    return {"spec": describe_format(spec),
+            "results": [{"template": r.template, "condition": r.condition, "n": len(r.answers),
+                         "passed": (ok := sum(passes(spec, a) for a in r.answers)),
+                         "rate": ok / len(r.answers) if r.answers else 0.0} for r in results]}
 
 
 def prompt_warnings(results: Sequence[dict]) -> list[str]:

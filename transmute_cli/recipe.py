@@ -33,7 +33,7 @@ from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes, shipped_pat
 from transmute_cli.messages import describe, fail, key_label, not_text, one_line, shorten
 from transmute_cli.recipe_fields import MAX_NAME_LENGTH, Components, Layers, Model, Name, NonNegative, Pairs
 from transmute_cli.recipe_fields import Inputs, InputsFile, PairsFile, Positive, Template, Templates, Text, Texts
-from transmute_cli.recipe_fields import AnswerFormat, Broad, Flag, TextsFile, number
+from transmute_cli.recipe_fields import AnswerFormat, Broad, Flag, Rules, TextsFile, number
 
 DEFAULT_TEMPLATE = "{input} -> {output}"
 DEFAULT_MODEL = "gemma-3-270m"
@@ -70,6 +70,9 @@ class Recipe(BaseModel):
     eval_inputs: Inputs = ()
     # checks every answer must pass (formats.parse_format): uppercase, one_word, language_fr, ...
     answer_format: AnswerFormat = ()
+    # named checks scored each on its own on every held-out answer (a system prompt's rules):
+    # {name: an answer_format spec}; reported per rule beside the prompted model's rate
+    rules: Rules = ()
     # many-shot: each example is patched under the instruction followed by this many of the
     # *other* examples as demonstrations (pipeline.patch_contexts); 0 = the instruction alone
     demonstrations: number(int, ge=0) = 0

@@ -106,6 +106,23 @@ def _answer_format(value: object) -> tuple[str, ...]:
         reject(reason[len(at):].lstrip(": ") if at else reason, at)
 
 
+def _rules(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A mapping of rule names to answer formats, each scored on its own: ((name, specs), ...)."""
+    if not isinstance(value, dict):
+        reject(f"must be a mapping of rule names to answer formats, got {describe(value)}")
+    if not value:
+        reject("must name at least one rule")
+    out = []
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name.strip():
+            reject(f"a rule's name must be a non-empty string, got {describe(name)}")
+        try:
+            out.append((name, _answer_format(spec)))
+        except PydanticCustomError as error:
+            reject(error.context["reason"], f".{name}{error.context.get('at', '')}")
+    return tuple(out)
+
+
 def list_of(what: str) -> BeforeValidator:
     """A list (YAML) or tuple (Python) only: a string or a mapping is not a list of anything."""
 
@@ -236,4 +253,5 @@ Components = Annotated[tuple[str, ...], PlainValidator(_components)]
 Flag = Annotated[bool, PlainValidator(_flag)]
 Broad = Annotated[str, PlainValidator(_broad)]
 AnswerFormat = Annotated[tuple[str, ...], PlainValidator(_answer_format)]
+Rules = Annotated[tuple[tuple[str, tuple[str, ...]], ...], PlainValidator(_rules)]
 Layers = Annotated[Union[str, tuple[int, ...]], PlainValidator(_layers)]

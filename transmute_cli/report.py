@@ -141,6 +141,37 @@ def format_table(fmt: dict) -> Table:
     return t
 
 
+def rule_rows(rules: list[dict]) -> list[tuple[str, str, dict[str, dict]]]:
+    """(rule, spec, {condition: result}) on the recipe's own template (the first listed)."""
+    rows = []
+    for rule in rules:
+        own = rule["results"][0]["template"] if rule["results"] else None
+        rows.append((rule["name"], rule["spec"], {e["condition"]: e for e in rule["results"] if e["template"] == own}))
+    return rows
+
+
+def rules_table(rules: list[dict]) -> Table:
+    """Each rule's share of held-out answers that pass it, per condition, and patched ÷ prompt."""
+    t = Table(title="Rules, each scored on its own (held-out answers)", title_justify="left")
+    rows = rule_rows(rules)
+    conds = [c for c in ("base", "prompt", "patched") if any(c in cells for _, _, cells in rows)]
+    t.add_column("rule")
+    for c in conds:
+        t.add_column(CONDITION_NAMES[c], justify="right")
+    t.add_column("patched ÷ prompt", justify="right")
+    for name, _, cells in rows:
+        ratio = _rule_ratio(cells)
+        t.add_row(name, *[f"{cells[c]['rate']:.3f} ({cells[c]['passed']}/{cells[c]['n']})" if c in cells else ""
+                          for c in conds], "" if ratio is None else f"{ratio:.2f}")
+    return t
+
+
+def _rule_ratio(cells: dict[str, dict]) -> float | None:
+    if "patched" not in cells or "prompt" not in cells or not cells["prompt"]["rate"]:
+        return None
+    return cells["patched"]["rate"] / cells["prompt"]["rate"]
+
+
 def _two_columns(title: str, columns: tuple[str, str]) -> Table:
     """A table of rows labelled on the left with two right-aligned figures."""
     t = Table(title=title, title_justify="left")
@@ -261,6 +292,8 @@ def show_compute(report: dict) -> None:
             out.print(accuracy_table(report["eval"]["results"], title=accuracy_title(report)))
         if report["eval"].get("format"):
             out.print(format_table(report["eval"]["format"]))
+        if report["eval"].get("rules"):
+            out.print(rules_table(report["eval"]["rules"]))
         m = report["eval"].get("many_shot_prompt")
         if m:
             line = f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from the examples):"
@@ -438,6 +471,15 @@ def report_markdown(r: dict) -> str:
         for e in fmt["results"]:
             lines.append(f"| `{template_label(e['template'])}` | {e['condition']} | {e['rate']:.3f} | "
                          f"{e['passed']}/{e['n']} |")
+    rules = (r.get("eval") or {}).get("rules")
+    if rules:
+        lines += ["", "## Rules, each scored on its own (held-out answers)", "",
+                  "| rule | check | no prompt | prompt | patched | patched ÷ prompt |", "|---|---|---|---|---|---|"]
+        for name, spec, cells in rule_rows(rules):
+            rate = lambda c: f"{cells[c]['rate']:.3f} ({cells[c]['passed']}/{cells[c]['n']})" if c in cells else "–"  # noqa: E731
+            ratio = _rule_ratio(cells)
+            lines.append(f"| {name} | `{spec}` | {rate('base')} | {rate('prompt')} | {rate('patched')} | "
+                         f"{'–' if ratio is None else f'{ratio:.2f}'} |")
     lines += samples_markdown(r.get("samples"))
     if r.get("checkpoint") and "skipped" in r["checkpoint"]:
         lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
