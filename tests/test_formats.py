@@ -224,3 +224,29 @@ def test_describe_format():
     assert describe_format(("uppercase", "one_word")) == "uppercase + one_word"
     assert describe_format(parse_format("language_fr")) == "language_fr"
     assert describe_format("regex:^A") == "regex:^A"
+
+
+def test_rules_are_scored_and_shown_each_on_its_own():
+    """eval_json's `rules` (one entry per rule, counted on every held-out answer) and the table the
+    terminal and `transmute eval` print: each rule's rate per condition and patched ÷ prompt."""
+    from rich.console import Console
+
+    from transmute_cli.evaluate import Result
+    from transmute_cli.pipeline import eval_json
+    from transmute_cli.recipe import parse_recipe
+    from transmute_cli.report import rules_table
+
+    recipe = parse_recipe("instruction: Be French.\nexamples: [[a, b]]\neval_inputs: [q1, q2, q3, q4]\n"
+                          "rules:\n  fr: language_fr\n  bonjour: 'regex:^Bonjour'\n", source="r.yaml")
+    answers = {"base": ["Hello there.", "Yes it is.", "No.", "Bonjour"],
+               "prompt": ["Bonjour, c'est le chat.", "Oui, c'est vrai.", "Non.", "Bonjour !"],
+               "patched": ["Bonjour, c'est le chien.", "Yes it is.", "Non, ce n'est pas ça.", "Hello"]}
+    results = [Result("{input} -> {output}", c, 0, 4, answers=a) for c, a in answers.items()]
+    rules = eval_json(recipe, results)["rules"]
+    got = {r["name"]: {e["condition"]: e["passed"] for e in r["results"]} for r in rules}
+    want = {name: {c: sum(passes(spec, x) for x in a) for c, a in answers.items()} for name, spec in recipe.rules}
+    assert got == want and got["bonjour"] == {"base": 1, "prompt": 2, "patched": 1}
+    console = Console(width=200, record=True)
+    console.print(rules_table(rules))
+    text = console.export_text()
+    assert "bonjour" in text and "0.500 (2/4)" in text and "0.50" in text.split("bonjour")[1].splitlines()[0]

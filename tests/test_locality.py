@@ -7,6 +7,7 @@ the shipped data (held out from everything the project measures)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,33 @@ def test_null_space_projection_is_alphaedit_closed_form(fold):
     dref, cref, _ = ridge_intercept_solve(dr, 0.3)
     assert torch.allclose(dmat, dref, atol=1e-8) and torch.allclose(c, cref, atol=1e-8)
     assert float((dmat @ (torch.eye(f, dtype=torch.float64) - pf)).abs().max()) < 1e-8
+
+
+def test_null_space_in_the_engine_leaves_the_broad_texts_leading_directions_alone():
+    """EngineConfig.null_space end to end on the tiny model (joint solver, every layer): each
+    thought matrix A and down matrix D is zero on the leading directions of that layer's moments
+    (the removed ones), and without null_space they are not."""
+    from transmute_cli.moments import compute_moments
+    from transmute_cli.solve import null_projector
+
+    model, tok = tiny_model("gemma3"), tiny_tokenizer()
+    mom = compute_moments(model, family_for(model), tok, BROAD)
+    dense = lambda m: (m.dense() if hasattr(m, "dense") else m).double()  # noqa: E731
+
+    def worst(patch):
+        out = 0.0
+        for l, a in patch.matrices.items():
+            out = max(out, float((dense(a) @ (torch.eye(a.shape[1], dtype=torch.float64)
+                                               - null_projector(mom.nn[l], 0.9))).abs().max()) / float(dense(a).abs().max()))
+        for l, dm in patch.downs.items():
+            out = max(out, float((dense(dm) @ (torch.eye(dm.shape[1], dtype=torch.float64)
+                                                - null_projector(mom.aa[l], 0.9))).abs().max()) / float(dense(dm).abs().max()))
+        return out
+
+    cfg = EngineConfig(rho=0.2, fidelity=False, micro_batch=2)
+    plain = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg, moments=mom).patch
+    null = compute_patch(model, tok, INSTRUCTION, TEXTS, replace(cfg, null_space=0.9), moments=mom).patch
+    assert null.matrices and null.downs
+    assert worst(null) < 1e-4 < worst(plain)
+    with pytest.raises(Exception, match="null_space"):
+        EngineConfig(null_space=1.0).validate()

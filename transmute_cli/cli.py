@@ -293,6 +293,8 @@ def eval_cmd(
                                                    rerendered=doc["prompt_rerendered"]))
         if doc.get("format"):
             report.out.print(report.format_table(doc["format"]))
+        if doc.get("rules"):
+            report.out.print(report.rules_table(doc["rules"]))
         m = doc.get("many_shot_prompt")
         if m and m["n"]:
             report.out.print(f"the prompt the patch distils (instruction + {m['demonstrations']} demonstrations from "

@@ -173,6 +173,7 @@ class _Loop:
         self.device = model_device(model)
         self.enc = encode(tokenizer, instruction, texts, preserve, contexts, plain, broad)
         self.moments = moments
+        self._projectors: dict[tuple[str, int], torch.Tensor] = {}  # null_space: per (moment, layer)
         if not self.enc.texts:
             raise InputError("at least one example is required", field="examples")
         if not self.enc.instruction or not all(self.enc.contexts):
@@ -379,10 +380,10 @@ class _Loop:
 
     def _projector(self, which: str, l: int) -> torch.Tensor:
         """The null-space projector of layer ``l``'s ``nn`` or ``aa`` moment (once per layer)."""
-        cache = self.__dict__.setdefault("_projectors", {})
-        if (which, l) not in cache:
-            cache[(which, l)] = null_projector(getattr(self.moments, which)[l].to(self.device), self.cfg.null_space)
-        return cache[(which, l)]
+        if (which, l) not in self._projectors:
+            moment = getattr(self.moments, which)[l].to(self.device)
+            self._projectors[(which, l)] = null_projector(moment, self.cfg.null_space)
+        return self._projectors[(which, l)]
 
     def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool, matrix: bool = True):
         """Down-projection thought matrix D and thought vector c fitted *jointly* (ridge with an
