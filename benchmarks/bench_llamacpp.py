@@ -62,6 +62,27 @@ def _time_hf(model, ids: list[int], tokens: int) -> tuple[float, float]:
     return first - t0, (tokens - 1) / (end - first) if tokens > 1 else float("nan")
 
 
+def _queries(tok, recipe):
+    """(ids before a query with the prompt, without it, the first 20 eval queries' ids)."""
+    from transmute_cli.chat import chat_format
+    from transmute_cli.evaluate import query_ids
+    from transmute_cli.pipeline import eval_queries
+
+    chat = chat_format(tok, recipe.instruction, model=recipe.model) if recipe.chat else None
+    return query_ids(tok, recipe.instruction, eval_queries(recipe)[:20], recipe.template, chat)
+
+
+def _alternate(timer, base, patch, instr, pre, queries, rounds: int, tokens: int) -> dict:
+    """Every query through the base model with the prompt and the patched one without it,
+    alternating, ``rounds`` times: {"prompted": [...], "patched": [...]} of ``timer``'s pairs."""
+    rows = {"prompted": [], "patched": []}
+    for _ in range(rounds):
+        for q in queries:
+            rows["prompted"].append(timer(base, instr + q, tokens))
+            rows["patched"].append(timer(patch, pre + q, tokens))
+    return rows
+
+
 def kv_bytes(config, tokens: int, bytes_per_value: int = 4) -> int:
     """Bytes of KV cache ``tokens`` positions take in every layer (keys and values)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -73,10 +94,7 @@ def bench_run_hf(run: Path, rounds: int, tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transmute_cli.chat import chat_format
-    from transmute_cli.evaluate import query_ids
     from transmute_cli.models import resolve
-    from transmute_cli.pipeline import eval_queries
     from transmute_cli.recipe import parse_recipe
 
     ck = run / "checkpoint"
@@ -85,18 +103,12 @@ def bench_run_hf(run: Path, rounds: int, tokens: int) -> dict:
     info = json.loads((ck / "transmute.json").read_text())  # the recipe and base model the checkpoint records
     recipe = parse_recipe(info["recipe"], default_name=info.get("recipe_name") or run.name)
     src = resolve(info["base_model"])
-    tok = AutoTokenizer.from_pretrained(ck)
-    chat = chat_format(tok, recipe.instruction, model=recipe.model) if recipe.chat else None
-    instr, pre, queries = query_ids(tok, recipe.instruction, eval_queries(recipe)[:20], recipe.template, chat)
+    instr, pre, queries = _queries(AutoTokenizer.from_pretrained(ck), recipe)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval()
     patch = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
     _time_hf(base, instr + queries[0], 2), _time_hf(patch, pre + queries[0], 2)  # warm-up
-    rows = {"prompted": [], "patched": []}
-    for _ in range(rounds):
-        for q in queries:
-            rows["prompted"].append(_time_hf(base, instr + q, tokens))
-            rows["patched"].append(_time_hf(patch, pre + q, tokens))
+    rows = _alternate(_time_hf, base, patch, instr, pre, queries, rounds, tokens)
     return _summary(run, recipe, queries, rounds, tokens, instr, pre, rows, backend="transformers",
                     kv_bytes_saved_per_request=kv_bytes(base.config, len(instr) - len(pre)),
                     threads=torch.get_num_threads())
@@ -124,10 +136,7 @@ def bench_run(run: Path, rounds: int, tokens: int) -> dict:
     from transformers import AutoTokenizer
 
     from transmute_cli import llamacpp
-    from transmute_cli.chat import chat_format
-    from transmute_cli.evaluate import query_ids
     from transmute_cli.models import gguf_of, resolve
-    from transmute_cli.pipeline import eval_queries
     from transmute_cli.recipe import parse_recipe
 
     patched = run / "model.gguf"
@@ -136,16 +145,10 @@ def bench_run(run: Path, rounds: int, tokens: int) -> dict:
     info = llamacpp.gguf_info(patched)
     recipe = parse_recipe(info["recipe"], default_name=info["recipe_name"] or run.name)
     src = resolve(info["base_model"])
-    tok = AutoTokenizer.from_pretrained(src.path)
-    chat = chat_format(tok, recipe.instruction, model=recipe.model) if recipe.chat else None
-    instr, pre, queries = query_ids(tok, recipe.instruction, eval_queries(recipe)[:20], recipe.template, chat)
+    instr, pre, queries = _queries(AutoTokenizer.from_pretrained(src.path), recipe)
     with gguf_of(src) as base_path:
         base, patch = llamacpp.load(base_path), llamacpp.load(patched)
-        rows = {"prompted": [], "patched": []}
-        for _ in range(rounds):
-            for q in queries:
-                rows["prompted"].append(_time(base, instr + q, tokens))
-                rows["patched"].append(_time(patch, pre + q, tokens))
+        rows = _alternate(_time, base, patch, instr, pre, queries, rounds, tokens)
         sizes = {"base_bytes": base_path.stat().st_size, "patched_bytes": patched.stat().st_size}
     return _summary(run, recipe, queries, rounds, tokens, instr, pre, rows, backend="llama.cpp", **sizes)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def main() -> None:
     inputs = list(base.inputs or chat_pool())[: args.inputs]
     loaded = pipeline.load_model(base.model, device="cpu")
     rows = []
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         for i, system in enumerate(cuts(base.instruction)):
             recipe = parse_recipe(recipe_yaml({"model": base.model, "chat": True, "instruction": system,
                                                "inputs": inputs}), source=f"cut {i + 1}")

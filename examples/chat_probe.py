@@ -53,6 +53,7 @@ def long_prompts() -> None:
     from transmute_cli.evaluate import correct_answers
     from transmute_cli.pipeline import eval_queries
     from transmute_cli.recipe import load_recipe
+    from transmute_cli.tokens import token_ids
 
     recipe = load_recipe(ROOT / "recipes" / "chat-concierge.yaml")
     variants = {"shipped (recipes/chat-concierge.yaml)": recipe.instruction,
@@ -65,7 +66,7 @@ def long_prompts() -> None:
         res = {r.condition: r for r in evaluate(loaded.model, loaded.tokenizer, system, queries, [CHAT_TEMPLATE],
                                                 conditions=("base", "prompt"), max_new_tokens=recipe.max_new_tokens,
                                                 chat=chat)}
-        row = {"variant": name, "system_tokens": len(loaded.tokenizer(chat.system, add_special_tokens=False)["input_ids"]),
+        row = {"variant": name, "system_tokens": len(token_ids(loaded.tokenizer, chat.system)),
                "n": len(queries), "facts_n": len(recipe.eval),
                **{c: {"facts": correct_answers(r.answers[:len(recipe.eval)], recipe.eval, contains=True),
                       **{rule: sum(passes(spec, a) for a in r.answers) for rule, spec in recipe.rules}}

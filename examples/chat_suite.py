@@ -53,13 +53,12 @@ def served_with_another_system_prompt(loaded, recipe, patch) -> dict:
     model and on the patched one: does the baked behaviour hold beside another system prompt?
     The held-out score as the report gives it (answer_format pass rate, else accuracy)."""
     from transmute_cli.chat import chat_format
-    from transmute_cli.evaluate import correct_answers
-    from transmute_cli.pipeline import eval_queries
+    from transmute_cli.pipeline import eval_json, eval_queries
 
     model, tok = loaded.model, loaded.tokenizer
     chat = chat_format(tok, OTHER_SYSTEM, model=recipe.model)
     pairs = eval_queries(recipe)
-    out = {"system": OTHER_SYSTEM}
+    out, results = {"system": OTHER_SYSTEM}, []
     for cond in ("base", "patched"):
         with ThoughtHooks(model, loaded.fam) as hooks:
             if cond == "patched":
@@ -68,13 +67,19 @@ def served_with_another_system_prompt(loaded, recipe, patch) -> dict:
                 hooks.enabled = False
             (res,) = evaluate(model, tok, OTHER_SYSTEM, pairs, [CHAT_TEMPLATE], conditions=("prompt",),
                               max_new_tokens=recipe.max_new_tokens, chat=chat)
-        if recipe.answer_format:
-            out[cond] = sum(passes(recipe.answer_format, a) for a in res.answers) / len(pairs)
-        else:
-            k = len(recipe.eval)
-            out[cond] = correct_answers(res.answers[:k], recipe.eval, contains=True) / k
+        res.condition = cond
+        results.append(res)
         out[f"{cond}_answers"] = res.answers
+    out.update(held_score(eval_json(recipe, results))[1])
     return out
+
+
+def held_score(ev: dict) -> tuple[str, dict[str, float]]:
+    """What a chat recipe is scored by (report.json's ``eval``): the answer_format pass rate, else
+    the accuracy on the eval pairs; (its name, {condition: score})."""
+    if ev.get("format"):
+        return "format: " + ev["format"]["spec"], {r["condition"]: r["rate"] for r in ev["format"]["results"]}
+    return "accuracy (answer contains the fact)", {r["condition"]: r["accuracy"] for r in ev["results"]}
 
 
 def other_chats(loaded, recipe, patch, questions: list[str]) -> dict:
@@ -114,13 +119,8 @@ def other_chats(loaded, recipe, patch, questions: list[str]) -> dict:
 
 def one(loaded, label: str, recipe, neutral: list[str], out: Path) -> dict:
     rep = compute(recipe, out, loaded=loaded, checkpoint=False)
-    ev, held = rep["eval"], rep["fidelity"]["heldout"]
-    if ev.get("format"):
-        score = "format: " + ev["format"]["spec"]
-        by = {r["condition"]: r["rate"] for r in ev["format"]["results"]}
-    else:
-        score = "accuracy (answer contains the fact)"
-        by = {r["condition"]: r["accuracy"] for r in ev["results"]}
+    held = rep["fidelity"]["heldout"]
+    score, by = held_score(rep["eval"])
     patch = load_patch(out / "patch.safetensors")
     side = other_chats(loaded, recipe, patch, neutral)
     served = served_with_another_system_prompt(loaded, recipe, patch)

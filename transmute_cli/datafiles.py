@@ -42,7 +42,6 @@ class Pair:
         return [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)]
 
 
-
 def shipped_path(name: str) -> str:
     """How a file shipped in ``transmute_cli/data`` is named in reports."""
     return f"transmute_cli/data/{name}"
@@ -52,6 +51,7 @@ def shipped_path(name: str) -> str:
 def shipped_texts(name: str) -> tuple[str, ...]:
     """A texts file shipped in ``transmute_cli/data`` (``load_texts`` format), read once."""
     return tuple(load_texts(Path(__file__).parent / "data" / name))
+
 
 # --------------------------------------------------------------------------- templates
 

@@ -41,8 +41,6 @@ from .report import adapter_card, report_markdown
 Log = Callable[[str], None]
 
 
-
-
 def _quiet(_msg: str) -> None:
     pass
 

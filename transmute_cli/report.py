@@ -136,9 +136,13 @@ def format_table(fmt: dict) -> Table:
         t.add_column(CONDITION_NAMES[c], justify="right")
     for tpl in dict.fromkeys(r["template"] for r in fmt["results"]):
         cells = {r["condition"]: r for r in fmt["results"] if r["template"] == tpl}
-        t.add_row(template_label(tpl),
-                  *[f"{cells[c]['rate']:.3f} ({cells[c]['passed']}/{cells[c]['n']})" if c in cells else "" for c in conds])
+        t.add_row(template_label(tpl), *[_passed(cells[c]) if c in cells else "" for c in conds])
     return t
+
+
+def _passed(e: dict) -> str:
+    """A format or rule result as "rate (passed/n)"."""
+    return f"{e['rate']:.3f} ({e['passed']}/{e['n']})"
 
 
 def rule_rows(rules: list[dict]) -> list[tuple[str, str, dict[str, dict]]]:
@@ -161,8 +165,7 @@ def rules_table(rules: list[dict]) -> Table:
     t.add_column("patched ÷ prompt", justify="right")
     for name, _, cells in rows:
         ratio = _rule_ratio(cells)
-        t.add_row(name, *[f"{cells[c]['rate']:.3f} ({cells[c]['passed']}/{cells[c]['n']})" if c in cells else ""
-                          for c in conds], "" if ratio is None else f"{ratio:.2f}")
+        t.add_row(name, *[_passed(cells[c]) if c in cells else "" for c in conds], "" if ratio is None else f"{ratio:.2f}")
     return t
 
 
@@ -476,10 +479,9 @@ def report_markdown(r: dict) -> str:
         lines += ["", "## Rules, each scored on its own (held-out answers)", "",
                   "| rule | check | no prompt | prompt | patched | patched ÷ prompt |", "|---|---|---|---|---|---|"]
         for name, spec, cells in rule_rows(rules):
-            rate = lambda c: f"{cells[c]['rate']:.3f} ({cells[c]['passed']}/{cells[c]['n']})" if c in cells else "–"  # noqa: E731
             ratio = _rule_ratio(cells)
-            lines.append(f"| {name} | `{spec}` | {rate('base')} | {rate('prompt')} | {rate('patched')} | "
-                         f"{'–' if ratio is None else f'{ratio:.2f}'} |")
+            rates = " | ".join(_passed(cells[c]) if c in cells else "–" for c in ("base", "prompt", "patched"))
+            lines.append(f"| {name} | `{spec}` | {rates} | {'–' if ratio is None else f'{ratio:.2f}'} |")
     lines += samples_markdown(r.get("samples"))
     if r.get("checkpoint") and "skipped" in r["checkpoint"]:
         lines += ["", f"Checkpoint not written: {r['checkpoint']['skipped']}."]
