@@ -374,3 +374,54 @@ def test_a_chat_label_still_cut_at_the_larger_cap_is_kept_open_without_an_end_of
     # a text recipe still leaves such an answer out (tests/test_manyshot.py), and says so
     with pytest.raises(RecipeError, match=r"examples\[0\]\.open: must be true or false"):
         parse("chat: true\ninstruction: x\nexamples:\n  - {input: a, output: b, open: 1}\n", source="r.yaml")
+
+
+def test_a_conversation_in_inputs_is_answered_turn_by_turn_and_fitted_with_its_history(monkeypatch):
+    """``inputs: [[first, second]]`` (chat): the prompted model answers the first turn, then the
+    second after the first and its own answer; the example is the whole conversation, the earlier
+    answers in its history (what a multi-turn chat with the system prompt looks like).  A
+    conversation whose earlier answer is cut stops there and is left out, counted as cut; it
+    round-trips through the recipe text."""
+    from transmute_cli.evaluate import Result
+    from transmute_cli.families import family_for
+    from transmute_cli.models import Loaded
+    from transmute_cli.recipe import parse_recipe as parse
+
+    asked = []
+
+    def fake(model, tok, instruction, pairs, templates, *, max_new_tokens, **kw):
+        asked.append([(p.history, p.input) for p in pairs])
+        answers = [f"re {p.input}" for p in pairs]
+        return [Result(templates[0], "prompt", 0, len(pairs), answers, [[5]] * len(pairs),
+                       cut=[p.input == "stuck" for p in pairs])]
+
+    monkeypatch.setattr(pipeline, "evaluate", fake)
+    model, tok = tiny_model("llama"), chat_tokenizer()
+    loaded = Loaded(model=model, tokenizer=tok, source=None, fam=family_for(model), fingerprint="x", dtype="float32")
+    recipe = parse(f"chat: true\ninstruction: {SYSTEM}\ninputs: [hello, [hi, 'and then?', 'why?'], [stuck, more]]\n")
+    assert recipe.inputs == ("hello", ("hi", "and then?", "why?"), ("stuck", "more"))
+    labelled, labels = pipeline.label_inputs(recipe, loaded, chat=chat_format(tok, SYSTEM))
+    # turn k of every conversation still going is asked in one batch, after its earlier answers;
+    # the stuck one's cut first answer (still cut at the larger cap) ends it
+    assert asked[0] == [((), "hello"), ((), "hi"), ((), "stuck")]
+    assert ((), "stuck") in asked[1] and (("hi", "re hi"), "and then?") in asked[2]
+    assert asked[-1] == [(("hi", "re hi", "and then?", "re and then?"), "why?")]
+    assert labelled.examples == (Pair("hello", "re hello"),
+                                 Pair("why?", "re why?", history=("hi", "re hi", "and then?", "re and then?")))
+    assert [(l["kept"], l["cut"]) for l in labels] == [(True, False), (True, False), (False, True)]
+    assert labels[1]["input"] == ["hi", "and then?", "why?"] and labels[1]["history"][1] == "re hi"
+    texts = pipeline.patch_texts(labelled, chat_format(tok, SYSTEM))
+    assert "re hi" in texts[1] and texts[1].index("re hi") < texts[1].index("re why?")
+    assert parse(labelled.self_contained_text).examples == labelled.examples
+
+
+@pytest.mark.parametrize("text, message", [
+    ("instruction: x\nexamples: [[a, b]]\ninputs: [[a, b]]\n", r"inputs\[0\]: a conversation \(a list of user turns\) needs chat: true"),
+    ("chat: true\ninstruction: x\ninputs: [[]]\n", r"inputs\[0\]: a conversation .* needs at least one turn"),
+    ("chat: true\ninstruction: x\ninputs: [[a, {b: 1}]]\n", r"inputs\[0\]\[1\]: must be"),
+    ("chat: true\ninstruction: x\ninputs: [a]\neval_inputs: [[a, b]]\n", r"eval_inputs\[0\]: a conversation is not supported here yet"),
+    ("chat: true\ninstruction: x\ninputs: [[a, b], [a, b]]\n", r"inputs\[1\]: the same input as inputs\[0\]"),
+])
+def test_conversation_inputs_are_refused_where_they_do_not_fit(text, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(text, source="r.yaml")

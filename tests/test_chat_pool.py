@@ -140,3 +140,36 @@ def test_compute_system_is_the_one_line_form_and_refuses_what_it_cannot_mean(tmp
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and res.stderr.startswith(f"error: {message}"), res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- multi-turn conversations
+
+def test_the_pool_conversations_load_as_user_turns_and_share_nothing_with_the_pool_or_the_recipes():
+    """transmute_cli/data/chat_pool_turns.txt: conversations of two or more user turns (the
+    prompted model answers each in turn); none of their turns is a pool message, a question of a
+    shipped chat recipe or of the held-out conversations (recipes/chat/conversations-heldout.txt)."""
+    from transmute_cli.recipe import TURN_MARK, chat_pool_conversations
+
+    talks = chat_pool_conversations()
+    assert len(talks) >= 80 and all(len(c) >= 2 and all(t and TURN_MARK not in t for t in c) for c in talks)
+    turns = [t for c in talks for t in c]
+    held = [t.strip() for b in load_texts(ROOT / "recipes" / "chat" / "conversations-heldout.txt")
+            for t in b.split(f"\n{TURN_MARK}\n")]
+    assert len(held) == 48
+    others = {bare(t) for t in pool()} | set(recipe_questions()) | {bare(t) for t in held}
+    assert not [t for t in turns if bare(t) in others]
+    assert not [t for t in held if bare(t) in {bare(x) for x in pool()} | set(recipe_questions())]
+    name = "data/chat_pool_turns.txt"
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert any(fnmatch.fnmatch(name, p) for p in config["tool"]["setuptools"]["package-data"]["transmute_cli"])
+
+
+def test_a_system_prompt_alone_takes_the_pool_conversations_the_default_names(monkeypatch):
+    from transmute_cli import defaults
+    from transmute_cli.recipe import chat_pool, chat_pool_conversations, parse_recipe
+
+    monkeypatch.setattr(defaults, "CHAT_POOL_CONVERSATIONS", 3)
+    r = parse_recipe("chat: true\ninstruction: Speak like a pirate.\n", source="p.yaml")
+    assert r.inputs == chat_pool()[: defaults.CHAT_POOL_TRAIN] + chat_pool_conversations()[:3]
+    assert "3 multi-turn conversations" in r.pool
+    assert parse_recipe(r.self_contained_text, source="again").inputs == r.inputs  # written as lists of turns

@@ -525,7 +525,8 @@ def test_message_without_source():
         # inputs (labelled by the prompted model) and many-shot demonstrations
         ("instruction: x\ninputs: dog\n", "r.yaml: inputs: must be a list of inputs, got a string ('dog')"),
         ("instruction: x\ninputs: [dog, '  ']\n", "r.yaml: inputs[1]: must not be empty"),
-        ("instruction: x\ninputs: [dog, [a, b]]\n", "r.yaml: inputs[1]: must be a string, got a list"),
+        ("instruction: x\ninputs: [dog, [a, b]]\n", "r.yaml: inputs[1]: a conversation (a list of user turns) needs chat: true"),
+        ("instruction: x\ninputs: [dog, [a, [b]]]\n", "r.yaml: inputs[1][1]: must be a string, got a list"),
         ("instruction: x\ninputs: [yes]\n", "r.yaml: inputs[0]: must be a string, got a boolean (true): YAML reads unquoted yes, no, on, off, true and false as booleans; put the text in quotes"),
         ("instruction: x\ninputs: []\n",
          "r.yaml: examples: at least one example is required (examples, examples_file, inputs or inputs_file)"),

@@ -18,6 +18,9 @@ RHO_CHAT = 0.3  # chat recipes (chat: true); see below
 # model, and, without eval/eval_inputs of its own, scored on the pool's last CHAT_POOL_HELDOUT.
 CHAT_POOL_TRAIN = 200
 CHAT_POOL_HELDOUT = 40
+# and on the first CHAT_POOL_CONVERSATIONS multi-turn conversations of
+# transmute_cli/data/chat_pool_turns.txt, each answered turn by turn by the prompted model
+CHAT_POOL_CONVERSATIONS = 0
 BATCHES = 1  # one batch, step η = 1/batches = 1
 SEED = 0
 

@@ -36,6 +36,7 @@ from .moments import Moments, load_or_compute
 from .outputs import atomic_dir, atomic_file, check_file_target, check_target
 from .patch import check_compatible, combine, load_patch, save_patch
 from .recipe import MAX_NEW_TOKENS_LIMIT, Recipe, load_recipe, parse_recipe, with_labels
+from .recipe_fields import turns
 from .report import adapter_card, report_markdown
 
 Log = Callable[[str], None]
@@ -207,11 +208,15 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
     it has, and no false stop), a text recipe leaves it out.  The labels say which."""
     if not recipe.inputs:
         return recipe, []
-    pairs = [Pair(i, "") for i in recipe.inputs]
-    answers, cut = whole_answers(recipe, loaded, pairs, "prompt", chat=chat, family=family)
-    labels = [{"input": i, "output": a, "kept": bool(a) and (not c or chat is not None), "cut": c,
-               "open": bool(a) and c and chat is not None} for i, a, c in zip(recipe.inputs, answers, cut)]
-    kept = [l for l in labels if l["kept"]]
+    answered = answer_turns(recipe, loaded, chat=chat, family=family)
+    labels = []
+    for item, (history, a, c) in zip(recipe.inputs, answered):
+        last = len(history) // 2 == len(turns(item)) - 1  # else an earlier turn's answer ended the conversation
+        labels.append({"input": item if isinstance(item, str) else list(item), "output": a,
+                       **({"history": list(history)} if history else {}),
+                       "kept": last and bool(a) and (not c or chat is not None), "cut": c,
+                       "open": last and bool(a) and c and chat is not None})
+    kept = [(l, h) for l, (h, _, _) in zip(labels, answered) if l["kept"]]
     if not kept and not recipe.examples:
         raise InputError(f"the prompted model answered none of the {len(labels)} inputs with a whole answer (every "
                          f"answer is empty or cut at {CONTINUE_FACTOR} × max_new_tokens)", source=recipe.source,
@@ -222,8 +227,33 @@ def label_inputs(recipe: Recipe, loaded: Loaded, *, family: str | None = None,
             raise InputError(f"must be at most {most}: {len(labels) - len(kept)} of the inputs got an empty or cut "
                              f"answer from the prompted model and were left out, got {value}", source=recipe.source,
                              field=key)
-    labelled = recipe.model_copy(update={"inputs": tuple(l["input"] for l in kept)})
-    return with_labels(labelled, [l["output"] for l in kept], [l["open"] for l in kept]), labels
+    labelled = recipe.model_copy(update={"inputs": tuple(turns(l["input"])[-1] for l, _ in kept)})
+    return with_labels(labelled, [l["output"] for l, _ in kept], [l["open"] for l, _ in kept],
+                       [h for _, h in kept]), labels
+
+
+def answer_turns(recipe: Recipe, loaded: Loaded, *, chat: ChatFormat | None = None,
+                 family: str | None = None) -> list[tuple[tuple[str, ...], str, bool]]:
+    """The prompted model's answers to a recipe's inputs, a conversation's turns one after the
+    other (each turn asked after the earlier turns and the model's own answers to them): per
+    input, the conversation before its last answer (user and assistant turns), that answer, and
+    whether it is still cut (``whole_answers``).  A conversation whose earlier answer is empty or
+    cut stops there: that answer is returned with the turns before it."""
+    asked = [turns(i) for i in recipe.inputs]
+    history: list[tuple[str, ...]] = [() for _ in asked]
+    out: list = [None] * len(asked)
+    for k in range(max(len(t) for t in asked)):
+        now = [j for j, t in enumerate(asked) if len(t) > k and out[j] is None]
+        if not now:
+            break
+        pairs = [Pair(asked[j][k], "", history=history[j]) for j in now]
+        answers, cut = whole_answers(recipe, loaded, pairs, "prompt", chat=chat, family=family)
+        for j, a, c in zip(now, answers, cut):
+            if k == len(asked[j]) - 1 or not a or c:
+                out[j] = (history[j], a, c)
+            else:
+                history[j] += (asked[j][k], a)
+    return out
 
 
 LOCALITY_TEXT = shipped_path("locality.txt")

@@ -32,7 +32,7 @@ from transmute_cli import defaults
 from transmute_cli.datafiles import Pair, bad_byte_line, read_bytes, shipped_path, shipped_texts
 from transmute_cli.messages import describe, fail, key_label, not_text, one_line, shorten
 from transmute_cli.recipe_fields import MAX_NAME_LENGTH, Components, Layers, Model, Name, NonNegative, Pairs
-from transmute_cli.recipe_fields import Inputs, InputsFile, PairsFile, Positive, Template, Templates, Text, Texts
+from transmute_cli.recipe_fields import Inputs, InputsFile, turns, PairsFile, Positive, Template, Templates, Text, Texts
 from transmute_cli.recipe_fields import AnswerFormat, Broad, Flag, Rules, TextsFile, number
 
 DEFAULT_TEMPLATE = "{input} -> {output}"
@@ -126,6 +126,8 @@ class Recipe(BaseModel):
 
 _META = ("source", "text", "sha256", "inlined", "pool")
 POOL_NAME = "chat_pool.txt"
+POOL_TURNS_NAME = "chat_pool_turns.txt"
+TURN_MARK = "<next turn>"  # between a conversation's user turns in POOL_TURNS_NAME
 _FILES = {"examples": PairsFile, "inputs": InputsFile, "eval": PairsFile, "eval_inputs": InputsFile,
           "preserve": TextsFile}
 FILE_KEYS = tuple(f"{key}_file" for key in _FILES)
@@ -267,6 +269,12 @@ def chat_pool() -> tuple[str, ...]:
     return tuple(t.strip() for t in shipped_texts(POOL_NAME))
 
 
+def chat_pool_conversations() -> tuple[tuple[str, ...], ...]:
+    """The shipped multi-turn conversations (transmute_cli/data/chat_pool_turns.txt): each the
+    user's turns, separated in the file by a ``<next turn>`` line."""
+    return tuple(tuple(t.strip() for t in block.split(f"\n{TURN_MARK}\n")) for block in shipped_texts(POOL_TURNS_NAME))
+
+
 def _from_pool(data: dict, values: dict) -> str:
     """A chat recipe without examples or inputs: the pool's first messages as its inputs (less any
     of its own held-out queries) and, without eval or eval_inputs, the pool's last ones as its
@@ -283,14 +291,22 @@ def _from_pool(data: dict, values: dict) -> str:
         said.append(f"eval_inputs: its last {len(held)}")
     own = {p.input.strip() for p in values["eval"]} | {x.strip() for x in values["eval_inputs"]}
     train = tuple(x for x in pool[: defaults.CHAT_POOL_TRAIN] if x not in own)
-    values["inputs"] = train
-    data["inputs"] = list(train)
+    talks = tuple(c for c in chat_pool_conversations()[: defaults.CHAT_POOL_CONVERSATIONS] if not own & set(c))
+    values["inputs"] = train + talks
+    data["inputs"] = _input_items(train + talks)
     said.insert(0, f"inputs: {len(train)} of its first {defaults.CHAT_POOL_TRAIN}")
+    if defaults.CHAT_POOL_CONVERSATIONS:
+        said.insert(1, f"{len(talks)} multi-turn conversations of {shipped_path(POOL_TURNS_NAME)}")
     return f"{shipped_path(POOL_NAME)} ({len(pool)} user messages): " + "; ".join(said)
 
 
 def _check_style(data: dict, values: dict, source: str | None) -> None:
     """A recipe is a text recipe or a chat recipe, not both."""
+    for i, item in enumerate(values["eval_inputs"]):
+        if not isinstance(item, str):
+            fail(source, f"eval_inputs[{i}]", "a conversation is not supported here yet (its earlier answers would "
+                                              "differ per model); score a later turn with an eval pair that has a "
+                                              "history: {history: [user, assistant], input: ..., output: ...}")
     if values["chat"]:
         for key in ("template", "patch_templates"):
             if key in data:
@@ -308,6 +324,9 @@ def _check_style(data: dict, values: dict, source: str | None) -> None:
         for i, pair in enumerate(values[key]):
             if pair.history:
                 fail(source, f"{key}[{i}].history", "earlier turns of a conversation need chat: true")
+    for i, item in enumerate(values["inputs"]):
+        if not isinstance(item, str):
+            fail(source, f"inputs[{i}]", "a conversation (a list of user turns) needs chat: true")
 
 
 def _check_repeats(data: dict, values: dict, source: str | None) -> None:
@@ -320,7 +339,8 @@ def _check_repeats(data: dict, values: dict, source: str | None) -> None:
         return f"{key}[{i}]" if i < inline or f"{key}_file" not in data else f"{key}_file (entry {i - inline + 1})"
 
     seen: dict[tuple, str] = {}
-    for key, items in (("examples", values["examples"]), ("inputs", [Pair(x, "") for x in values["inputs"]])):
+    asked = [Pair(turns(x)[-1], "", history=turns(x)[:-1]) for x in values["inputs"]]  # user turns only
+    for key, items in (("examples", values["examples"]), ("inputs", asked)):
         for i, p in enumerate(items):
             k = (p.history, p.input.strip())
             if k in seen:
@@ -328,6 +348,11 @@ def _check_repeats(data: dict, values: dict, source: str | None) -> None:
                                             "example once (repeated, it is fitted twice, and a many-shot context would "
                                             "show it its own answer); remove one")
             seen[k] = where(key, i)
+
+
+def _input_items(items) -> list:
+    """Inputs as YAML writes them: a message as text, a conversation as the list of its turns."""
+    return [x if isinstance(x, str) else list(x) for x in items]
 
 
 def _pair_item(p: Pair) -> list | dict:
@@ -340,8 +365,8 @@ def _pair_item(p: Pair) -> list | dict:
 def _inline_files(data: dict, values: dict, source: str | None, labelled: bool = False) -> str:
     """The recipe's keys with every ``*_file`` replaced by what it held (order of keys kept);
     ``labelled``: its inputs are in ``values["examples"]`` already, and the keys go."""
-    lists = {"examples": [_pair_item(p) for p in values["examples"]], "inputs": list(values["inputs"]),
-             "eval": [_pair_item(p) for p in values["eval"]], "eval_inputs": list(values["eval_inputs"]),
+    lists = {"examples": [_pair_item(p) for p in values["examples"]], "inputs": _input_items(values["inputs"]),
+             "eval": [_pair_item(p) for p in values["eval"]], "eval_inputs": _input_items(values["eval_inputs"]),
              "preserve": list(values["preserve"])}
     if labelled:
         lists["inputs"] = []
@@ -360,7 +385,8 @@ def _inline_files(data: dict, values: dict, source: str | None, labelled: bool =
     return head + yaml.safe_dump(out, allow_unicode=True, sort_keys=False, width=1000)
 
 
-def with_labels(recipe: Recipe, labels: list[str], open_answers: list[bool] | None = None) -> Recipe:
+def with_labels(recipe: Recipe, labels: list[str], open_answers: list[bool] | None = None,
+                histories: list[tuple[str, ...]] | None = None) -> Recipe:
     """The recipe with its ``inputs`` turned into examples whose outputs are ``labels`` (one per
     input, in order; ``open_answers``: which are the start of a longer answer, Pair.open).  Its
     self-contained text holds them as examples, so a patch or checkpoint that records it
@@ -368,8 +394,10 @@ def with_labels(recipe: Recipe, labels: list[str], open_answers: list[bool] | No
     if len(labels) != len(recipe.inputs):
         raise ValueError(f"{len(labels)} labels for {len(recipe.inputs)} inputs")
     opens = open_answers or [False] * len(labels)
+    before = histories or [()] * len(labels)
     values = {k: getattr(recipe, k) for k in Recipe.model_fields if k not in _META}
-    values["examples"] = tuple(recipe.examples) + tuple(Pair(i, o, open=c) for i, o, c in zip(recipe.inputs, labels, opens))
+    values["examples"] = tuple(recipe.examples) + tuple(Pair(i, o, history=tuple(h), open=c)
+                                                        for i, o, c, h in zip(recipe.inputs, labels, opens, before))
     # the self-contained text: *_file contents and what the shipped pool gave are keys there
     data = yaml.safe_load(recipe.self_contained_text)
     inlined = _inline_files(data, values, recipe.source, labelled=True)

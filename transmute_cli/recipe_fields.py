@@ -69,12 +69,24 @@ def _pair(item: object) -> Pair:
         reject(problem.reason, f".{problem.key}" if problem.key else "")
 
 
-def _input(item: object) -> str:
-    """An example input without its output: text, or a number written without quotes."""
+def _input(item: object) -> str | tuple[str, ...]:
+    """An example input without its output: text, or a number written without quotes; or (chat
+    recipes) a conversation: a list of the user's turns, each answered in turn (a list of one
+    turn is that turn)."""
+    if isinstance(item, (list, tuple)) and not item:
+        reject("a conversation (a list of the user's turns) needs at least one turn, got an empty list")
     try:
+        if isinstance(item, (list, tuple)):
+            said = tuple(pair_text(t, f"[{k}]") for k, t in enumerate(item))
+            return said if len(said) > 1 else said[0]
         return pair_text(item, "")
     except Problem as problem:
-        reject(problem.reason)
+        reject(problem.reason, problem.key)
+
+
+def turns(item: str | tuple[str, ...]) -> tuple[str, ...]:
+    """An input's user turns: one for a message, several for a conversation."""
+    return (item,) if isinstance(item, str) else tuple(item)
 
 
 def _flag(value: object) -> bool:
@@ -245,7 +257,7 @@ Pairs = Annotated[tuple[Annotated[Pair, PlainValidator(_pair)], ...], list_of("[
 Texts = Annotated[tuple[Text, ...], list_of("texts")]
 PairsFile = Annotated[tuple[Pair, ...], data_file("pairs")]
 TextsFile = Annotated[tuple[str, ...], data_file("texts")]
-Inputs = Annotated[tuple[Annotated[str, PlainValidator(_input)], ...], list_of("inputs")]
+Inputs = Annotated[tuple[Annotated[Union[str, tuple[str, ...]], PlainValidator(_input)], ...], list_of("inputs")]
 InputsFile = Annotated[tuple[str, ...], data_file("inputs")]
 NonNegative = number(float, ge=0)
 Positive = number(float, gt=0)
