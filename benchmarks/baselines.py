@@ -58,10 +58,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from bench_engine import sync
-from transmute_cli.datafiles import render
-from transmute_cli.evaluate import correct_answers, generate_answers
-from transmute_cli.families import base_model, decoder_layers, family_for, model_device
-from transmute_cli.tokens import special_prefix, token_ids
+from transmute_cli.recipe.datafiles import render
+from transmute_cli.evaluation.generate import correct_answers, generate_answers
+from transmute_cli.model.families import base_model, decoder_layers, family_for, model_device
+from transmute_cli.model.tokens import special_prefix, token_ids
 
 Log = Callable[[str], None]
 Measure = Callable[[], dict]  # run with a baseline on the model: what it does elsewhere (JSON-able)

@@ -51,9 +51,11 @@ import locality  # noqa: E402  (examples/locality.py: the other prompted tasks a
 import overrides  # noqa: E402  (examples/overrides.py: --set KEY=VALUE on every recipe)
 from bench_engine import ROOT, log, machine_info  # noqa: E402
 
-from transmute_cli import models, pipeline  # noqa: E402
-from transmute_cli import recipe as recipe_mod  # noqa: E402
-from transmute_cli.patch import load_patch  # noqa: E402
+from transmute_cli.model import loading as models
+
+from transmute_cli import pipeline  # noqa: E402
+from transmute_cli.recipe import schema as recipe_mod  # noqa: E402
+from transmute_cli.artifacts.patch import load_patch  # noqa: E402
 
 TASKS = ROOT / "examples" / "tasks"
 # prompt accuracy >= 0.3 in results/suite.md (masculine-feminine: 0.18, staff-city: not held out)

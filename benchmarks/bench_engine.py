@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.families import base_model, family_for
-from transmute_cli.lowrank import dense
-from transmute_cli.datafiles import render
-from transmute_cli.recipe import load_recipe
-from transmute_cli.tokens import encode, micro_batches, pad_id
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.model.families import base_model, family_for
+from transmute_cli.engine.lowrank import dense
+from transmute_cli.recipe.datafiles import render
+from transmute_cli.recipe.schema import load_recipe
+from transmute_cli.model.tokens import encode, micro_batches, pad_id
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO_BATCH = 16  # the engine's default, used for the forward baseline too
@@ -48,10 +48,10 @@ def load_model(args):
     if args.tiny:
         sys.path.insert(0, str(ROOT / "tests"))
         from tiny import tiny_model, tiny_tokenizer
-        from transmute_cli.models import pick_device
+        from transmute_cli.model.loading import pick_device
 
         return tiny_model("gemma3").to(pick_device(args.device)), tiny_tokenizer()
-    from transmute_cli import models
+    from transmute_cli.model import loading as models
 
     model, tok, _src = models.load(args.model, device=args.device)
     return model, tok

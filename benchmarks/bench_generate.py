@@ -24,13 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmute_cli.datafiles import load_templates, render  # noqa: E402
-from transmute_cli.evaluate import greedy_rows, reference_rows  # noqa: E402
-from transmute_cli.hooks import ThoughtHooks  # noqa: E402
-from transmute_cli.models import load_model  # noqa: E402
-from transmute_cli.patch import load_patch  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
-from transmute_cli.tokens import special_prefix, token_ids  # noqa: E402
+from transmute_cli.recipe.datafiles import load_templates, render  # noqa: E402
+from transmute_cli.evaluation.generate import greedy_rows, reference_rows  # noqa: E402
+from transmute_cli.engine.hooks import ThoughtHooks  # noqa: E402
+from transmute_cli.model.loading import load_model  # noqa: E402
+from transmute_cli.artifacts.patch import load_patch  # noqa: E402
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
+from transmute_cli.model.tokens import special_prefix, token_ids  # noqa: E402
 
 
 def main() -> None:

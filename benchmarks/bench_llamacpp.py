@@ -64,8 +64,8 @@ def _time_hf(model, ids: list[int], tokens: int) -> tuple[float, float]:
 
 def _queries(tok, recipe):
     """(ids before a query with the prompt, without it, the first 20 eval queries' ids)."""
-    from transmute_cli.chat import chat_format
-    from transmute_cli.evaluate import query_ids
+    from transmute_cli.recipe.chat import chat_format
+    from transmute_cli.evaluation.generate import query_ids
     from transmute_cli.pipeline import eval_queries
 
     chat = chat_format(tok, recipe.instruction, model=recipe.model) if recipe.chat else None
@@ -94,8 +94,8 @@ def bench_run_hf(run: Path, rounds: int, tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transmute_cli.models import resolve
-    from transmute_cli.recipe import parse_recipe
+    from transmute_cli.model.loading import resolve
+    from transmute_cli.recipe.schema import parse_recipe
 
     ck = run / "checkpoint"
     if not (ck / "config.json").is_file():
@@ -135,9 +135,10 @@ def _summary(run, recipe, queries, rounds, tokens, instr, pre, rows, **extra) ->
 def bench_run(run: Path, rounds: int, tokens: int) -> dict:
     from transformers import AutoTokenizer
 
-    from transmute_cli import llamacpp
-    from transmute_cli.models import gguf_of, resolve
-    from transmute_cli.recipe import parse_recipe
+    from transmute_cli.artifacts import llamacpp
+    from transmute_cli.model.sources import gguf_of
+    from transmute_cli.model.loading import resolve
+    from transmute_cli.recipe.schema import parse_recipe
 
     patched = run / "model.gguf"
     if not patched.is_file():

@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import ROOT, config, load_model, log, sync, texts_for  # noqa: E402
 
-from transmute_cli.engine import compute_patch  # noqa: E402
-from transmute_cli.lowrank import dense  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
-from transmute_cli.tokens import token_ids  # noqa: E402
+from transmute_cli.engine.loop import compute_patch  # noqa: E402
+from transmute_cli.engine.lowrank import dense  # noqa: E402
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
+from transmute_cli.model.tokens import token_ids  # noqa: E402
 
 FILLER = ("The following lines show the task. Read them carefully, then answer in the same way, with one word "
           "and nothing else on the line.\n")

@@ -106,8 +106,8 @@ def sync(device: str) -> None:
 def child(args) -> dict:
     from tiny import tiny_tokenizer
 
-    from transmute_cli.engine import EngineConfig, compute_patch
-    from transmute_cli.tokens import encode, micro_batches, pad_id
+    from transmute_cli.engine.loop import EngineConfig, compute_patch
+    from transmute_cli.model.tokens import encode, micro_batches, pad_id
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -139,16 +139,16 @@ def child(args) -> dict:
         out["compute_s"] = time.perf_counter() - t1
         out["patch_tokens"] = res.fidelity.layers[0].tokens
         with tempfile.TemporaryDirectory() as d:
-            from transmute_cli.patch import save_patch
+            from transmute_cli.artifacts.patch import save_patch
 
             save_patch(res.patch, Path(d) / "p.safetensors", {})
             out["patch_bytes"] = (Path(d) / "p.safetensors").stat().st_size
         out["factored"] = sorted({type(m).__name__ for m in (*res.patch.matrices.values(), *res.patch.downs.values())})
         out.update(decode_speeds(model, tok, res.patch, args.device))
     elif args.child in ("checkpoint", "peft"):
-        from transmute_cli.checkpoint import write_checkpoint, write_peft
-        from transmute_cli.families import family_for
-        from transmute_cli.models import Loaded, ModelSource
+        from transmute_cli.artifacts.checkpoint import write_checkpoint, write_peft
+        from transmute_cli.model.families import family_for
+        from transmute_cli.model.loading import Loaded, ModelSource
 
         res = compute_patch(model, tok, INSTRUCTION, xs, EngineConfig(fidelity=False))
         src = ModelSource(f"random-llama-{args.shape}", "folder", "")
@@ -178,8 +178,8 @@ def child(args) -> dict:
 def decode_speeds(model, tok, patch, device: str, steps: int = 32) -> dict:
     """Greedy continuation tokens/s of 8 prompts, base vs with the patch's hooks (in process),
     medians of 3 alternated runs."""
-    from transmute_cli.families import family_for
-    from transmute_cli.hooks import ThoughtHooks
+    from transmute_cli.model.families import family_for
+    from transmute_cli.engine.hooks import ThoughtHooks
 
     ids = torch.tensor([tok(t.split(" -> ")[0] + " -> ")["input_ids"][:4] for t in texts(8)], device=model.device)
 

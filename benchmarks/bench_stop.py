@@ -20,11 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmute_cli.datafiles import render  # noqa: E402
-from transmute_cli.evaluate import NewlineStop, stop_cut  # noqa: E402
-from transmute_cli.models import load_model  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
-from transmute_cli.tokens import left_pad, special_prefix, token_ids  # noqa: E402
+from transmute_cli.recipe.datafiles import render  # noqa: E402
+from transmute_cli.evaluation.generate import NewlineStop, stop_cut  # noqa: E402
+from transmute_cli.model.loading import load_model  # noqa: E402
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
+from transmute_cli.model.tokens import left_pad, special_prefix, token_ids  # noqa: E402
 
 
 def batch(tok, prompts):

@@ -35,13 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_engine as be
 from bench_engine import ROOT, log, sync
 
-from transmute_cli import checkpoint, models, pipeline
-from transmute_cli.evaluate import correct_answers, evaluate, generate_answers
-from transmute_cli.families import family_for
-from transmute_cli.patch import merge, vector_fold_kind
-from transmute_cli.datafiles import render
-from transmute_cli.recipe import load_recipe, parse_recipe
-from transmute_cli.tokens import left_pad, pad_id, special_prefix, token_ids
+from transmute_cli.artifacts import checkpoint
+
+from transmute_cli.model import loading as models
+from transmute_cli.model.sources import ALIASES
+
+from transmute_cli import pipeline
+from transmute_cli.evaluation.generate import correct_answers, evaluate, generate_answers
+from transmute_cli.model.families import family_for
+from transmute_cli.artifacts.merge import merge, vector_fold_kind
+from transmute_cli.recipe.datafiles import render
+from transmute_cli.recipe.schema import load_recipe, parse_recipe
+from transmute_cli.model.tokens import left_pad, pad_id, special_prefix, token_ids
 
 GEN_TOKENS, REPEATS = 8, 3
 _TINY = [("dog", "god"), ("cat", "tac"), ("sun", "nus"), ("map", "pam"), ("red", "der"), ("box", "xob"),
@@ -87,7 +92,7 @@ def patch_section(model, tok, recipe) -> tuple[dict, object]:
     (The comparison with fine-tuning and steering is benchmarks/bench_baselines.py: a LoRA tuned
     over learning rates on a validation split, on several tasks.)"""
     out = {}
-    from transmute_cli.models import fingerprint
+    from transmute_cli.model.loading import fingerprint
 
     loaded = pipeline.Loaded(model, tok, family_for(model), None, fingerprint(model), "float32")
     log(f"compute_patch on {len(pipeline.patch_texts(recipe))} texts")
@@ -154,7 +159,7 @@ def throughput_section(model, tok, recipe, patch) -> dict:
 def loading_section(args) -> dict:
     if args.tiny:
         return {"skipped": "no GGUF for the tiny model"}
-    if args.model not in models.ALIASES and not args.model.lower().endswith(".gguf"):
+    if args.model not in ALIASES and not args.model.lower().endswith(".gguf"):
         return {"skipped": f"{args.model} is not a GGUF model"}
     old = os.environ.get("TRANSMUTE_CACHE")
     out = {}

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli import pipeline  # noqa: E402
-from transmute_cli.chat import chat_format  # noqa: E402
+from transmute_cli.recipe.chat import chat_format  # noqa: E402
 from transmute_cli.recipe import chat_pool, load_recipe, parse_recipe, recipe_yaml  # noqa: E402
-from transmute_cli.tokens import token_ids  # noqa: E402
+from transmute_cli.model.tokens import token_ids  # noqa: E402
 
 
 def cuts(instruction: str) -> list[str]:

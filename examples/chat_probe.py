@@ -24,11 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmute_cli.chat import chat_format  # noqa: E402
-from transmute_cli.datafiles import Pair, load_inputs  # noqa: E402
-from transmute_cli.evaluate import CHAT_TEMPLATE, evaluate  # noqa: E402
-from transmute_cli.formats import describe_format, parse_format, passes  # noqa: E402
-from transmute_cli.models import CHAT_ALIAS, load_model  # noqa: E402
+from transmute_cli.recipe.chat import chat_format  # noqa: E402
+from transmute_cli.recipe.datafiles import Pair, load_inputs  # noqa: E402
+from transmute_cli.evaluation.generate import CHAT_TEMPLATE, evaluate  # noqa: E402
+from transmute_cli.recipe.formats import describe_format, parse_format, passes  # noqa: E402
+from transmute_cli.model.sources import CHAT_ALIAS  # noqa: E402
+from transmute_cli.model.loading import load_model
 
 CAPS_WORD = ["uppercase", "one_word"]
 CANDIDATES = [
@@ -50,10 +51,10 @@ CANDIDATES = [
 def long_prompts() -> None:
     import yaml
 
-    from transmute_cli.evaluate import correct_answers
+    from transmute_cli.evaluation.generate import correct_answers
     from transmute_cli.pipeline import eval_queries
-    from transmute_cli.recipe import load_recipe
-    from transmute_cli.tokens import token_ids
+    from transmute_cli.recipe.schema import load_recipe
+    from transmute_cli.model.tokens import token_ids
 
     recipe = load_recipe(ROOT / "recipes" / "chat-concierge.yaml")
     variants = {"shipped (recipes/chat-concierge.yaml)": recipe.instruction,

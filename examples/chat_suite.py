@@ -31,16 +31,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmute_cli.datafiles import Pair, load_inputs  # noqa: E402
+from transmute_cli.recipe.datafiles import Pair, load_inputs  # noqa: E402
 import torch  # noqa: E402
 
-from transmute_cli.evaluate import CHAT_TEMPLATE, answer_logits, evaluate, first_tokens_agreement, query_ids  # noqa: E402
-from transmute_cli.fidelity import compare_logits  # noqa: E402
-from transmute_cli.formats import passes  # noqa: E402
-from transmute_cli.hooks import ThoughtHooks  # noqa: E402
-from transmute_cli.patch import load_patch  # noqa: E402
-from transmute_cli.pipeline import chat_of, compute, load_model  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
+from transmute_cli.evaluation.generate import CHAT_TEMPLATE, evaluate, query_ids  # noqa: E402
+
+from transmute_cli.evaluation.heldout import answer_logits, first_tokens_agreement
+from transmute_cli.engine.fidelity import compare_logits  # noqa: E402
+from transmute_cli.recipe.formats import passes  # noqa: E402
+from transmute_cli.engine.hooks import ThoughtHooks  # noqa: E402
+from transmute_cli.artifacts.patch import load_patch  # noqa: E402
+from transmute_cli.pipeline import chat_of, compute  # noqa: E402
+from transmute_cli.model.loading import load_model
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 RECIPES = ("short", "french", "pirate", "facts")
 TARGET = 0.9
@@ -52,7 +55,7 @@ def served_with_another_system_prompt(loaded, recipe, patch) -> dict:
     """The held-out queries under OTHER_SYSTEM (the user's own system prompt), on the original
     model and on the patched one: does the baked behaviour hold beside another system prompt?
     The held-out score as the report gives it (answer_format pass rate, else accuracy)."""
-    from transmute_cli.chat import chat_format
+    from transmute_cli.recipe.chat import chat_format
     from transmute_cli.pipeline import eval_json, eval_queries
 
     model, tok = loaded.model, loaded.tokenizer

@@ -1,5 +1,5 @@
 """How the chat recipes' default ρ was chosen: held-out score on *tuning* questions, never the ones
-README reports (those are the recipes' eval questions, examples/chat_suite.py).
+docs/chat.md reports (those are the recipes' eval questions, examples/chat_suite.py).
 
     python examples/chat_sweep.py [--rho 0.01,0.03,0.1,0.3] [--recipes french pirate facts]
         -> results/chat_sweep.{json,md}
@@ -24,12 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transmute_cli.datafiles import Pair, load_inputs, load_pairs_file  # noqa: E402
-from transmute_cli.engine import compute_patch  # noqa: E402
-from transmute_cli.evaluate import CHAT_TEMPLATE, correct_answers, evaluate  # noqa: E402
-from transmute_cli.formats import passes  # noqa: E402
-from transmute_cli.pipeline import chat_of, engine_config, label_inputs, load_model, patch_texts  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
+from transmute_cli.recipe.datafiles import Pair, load_inputs, load_pairs_file  # noqa: E402
+from transmute_cli.engine.loop import compute_patch  # noqa: E402
+from transmute_cli.evaluation.generate import CHAT_TEMPLATE, correct_answers, evaluate  # noqa: E402
+from transmute_cli.recipe.formats import passes  # noqa: E402
+from transmute_cli.pipeline import chat_of, engine_config, label_inputs, patch_texts  # noqa: E402
+from transmute_cli.model.loading import load_model
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 CHAT = ROOT / "recipes" / "chat"
 

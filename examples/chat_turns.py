@@ -33,12 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli import defaults  # noqa: E402
-from transmute_cli.datafiles import Pair, load_texts  # noqa: E402
-from transmute_cli.evaluate import CHAT_TEMPLATE, evaluate  # noqa: E402
-from transmute_cli.formats import passes  # noqa: E402
-from transmute_cli.pipeline import chat_of, fit, label_inputs, load_model, whole_answers  # noqa: E402
+from transmute_cli.recipe.datafiles import Pair, load_texts  # noqa: E402
+from transmute_cli.evaluation.generate import CHAT_TEMPLATE, evaluate  # noqa: E402
+from transmute_cli.recipe.formats import passes  # noqa: E402
+from transmute_cli.pipeline import chat_of, fit, label_inputs, whole_answers  # noqa: E402
+from transmute_cli.model.loading import load_model
 from transmute_cli.recipe import TURN_MARK, chat_pool, chat_pool_conversations, load_recipe, parse_recipe  # noqa: E402
-from transmute_cli.recipe import recipe_yaml  # noqa: E402
+from transmute_cli.recipe.schema import recipe_yaml  # noqa: E402
 
 HELD_CONVERSATIONS = ROOT / "recipes" / "chat" / "conversations-heldout.txt"
 

@@ -21,11 +21,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from transmute_cli import checkpoint, models, pipeline  # noqa: E402
-from transmute_cli.engine import EngineConfig, compute_patch  # noqa: E402
-from transmute_cli.families import family_for  # noqa: E402
-from transmute_cli.hooks import ThoughtHooks  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
+from transmute_cli.artifacts import checkpoint
+
+from transmute_cli.model import loading as models
+
+from transmute_cli import pipeline  # noqa: E402
+from transmute_cli.engine.loop import EngineConfig, compute_patch  # noqa: E402
+from transmute_cli.model.families import family_for  # noqa: E402
+from transmute_cli.engine.hooks import ThoughtHooks  # noqa: E402
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 INSTRUCTION = "Reverse the word:\nabc -> cba\nhat -> tah\n"
 TEXTS = [f"{w} -> {w[::-1]}\n" for w in ("dog", "cat", "sun", "moon", "tree", "lamp", "fish", "bird", "road", "milk")]

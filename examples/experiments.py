@@ -1,5 +1,5 @@
 """Reproduce the paper's experiment table on Gemma 3 270M, plus the knobs and beyond-the-paper
-measurements.  Every number in README's "Results" section comes from this script.
+measurements.  Every number in docs/results.md's "Results" tables comes from this script.
 
     python examples/experiments.py table        # every recipe: no prompt / prompt / patched / vector only, all templates
     python examples/experiments.py rho          # ρ sweep (en->fr and dictionary k=8), table + PNG
@@ -30,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli import pipeline  # noqa: E402
-from transmute_cli.evaluate import answer_agreement, answer_kl, evaluate, prompted_reference  # noqa: E402
-from transmute_cli.hooks import ThoughtHooks  # noqa: E402
-from transmute_cli.datafiles import load_templates, load_texts  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
+from transmute_cli.evaluation.heldout import answer_agreement, answer_kl, prompted_reference  # noqa: E402
+from transmute_cli.evaluation.generate import evaluate
+from transmute_cli.engine.hooks import ThoughtHooks  # noqa: E402
+from transmute_cli.recipe.datafiles import load_templates, load_texts  # noqa: E402
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 import overrides  # noqa: E402  (examples/overrides.py)
 
@@ -316,8 +317,8 @@ def exp_compose(m) -> None:
     fitted on their task alone, and with examples/preserve.txt as preservation texts (weight 1, ρ 1
     as in recipes/translate-en-fr-preserve.yaml),
     which asks each patch to leave other inputs alone — and so to stay out of the other's way."""
-    from transmute_cli.diff import diff_patches
-    from transmute_cli.patch import combine
+    from transmute_cli.artifacts.diff import diff_patches
+    from transmute_cli.artifacts.patch import combine
 
     up = recipe("uppercase")
     # the second task gets its own cue, "=>", in its demonstrations and its template

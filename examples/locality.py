@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from transmute_cli import pipeline  # noqa: E402
-from transmute_cli.datafiles import load_templates, load_texts, shipped_texts  # noqa: E402
-from transmute_cli.evaluate import evaluate  # noqa: E402
-from transmute_cli.hooks import ThoughtHooks  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
+from transmute_cli.recipe.datafiles import load_templates, load_texts, shipped_texts  # noqa: E402
+from transmute_cli.evaluation.generate import evaluate  # noqa: E402
+from transmute_cli.engine.hooks import ThoughtHooks  # noqa: E402
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 OUT = ROOT / "results"
 OTHERS = ("antonyms", "country-capital", "plural")
@@ -182,7 +182,7 @@ def summary(r, ref: dict, row: dict) -> dict:
 
 
 def summary_markdown(data: dict) -> str:
-    """One line per recipe and variant: the issue's four measures side by side (README's table)."""
+    """One line per recipe and variant: the issue's four measures side by side (docs/results.md, "Locality and query formats")."""
     md = ["| recipe | variant | own: patched (prompt) | other tasks vs the reference, points (antonyms / "
           "country-capital / plural) | neutral ppl ÷ reference | KL(prompted ‖ patched) (‖ unpatched) | "
           "held-out templates: patched / rewritten prompt | compute s |", "|---|---|---|---|---|---|---|---|"]

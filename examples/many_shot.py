@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import overrides  # noqa: E402  (examples/overrides.py)
-from transmute_cli.pipeline import compute, load_model  # noqa: E402
-from transmute_cli.recipe import load_recipe  # noqa: E402
+from transmute_cli.pipeline import compute  # noqa: E402
+from transmute_cli.model.loading import load_model
+from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 TASKS = ROOT / "examples" / "tasks"
 SKIP = {"staff-city"}

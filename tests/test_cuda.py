@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.evaluate import evaluate
-from transmute_cli.exact import exact_token_patch
-from transmute_cli.datafiles import Pair
-from transmute_cli.lowrank import dense
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.evaluation.generate import evaluate
+from transmute_cli.engine.exact import exact_token_patch
+from transmute_cli.recipe.datafiles import Pair
+from transmute_cli.engine.lowrank import dense
 
 from tiny import tiny_model, tiny_tokenizer
 

@@ -15,13 +15,14 @@ import yaml
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.patch import ThoughtPatch
-from transmute_cli.evaluate import evaluate, heldout_fidelity
-from transmute_cli.families import decoder_layers, family_for, get_module
-from transmute_cli.hooks import ThoughtHooks, record_layer_inputs
-from transmute_cli.patch import fold_statistics
-from transmute_cli.datafiles import Pair
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.artifacts.patch import ThoughtPatch
+from transmute_cli.evaluation.generate import evaluate
+from transmute_cli.evaluation.heldout import heldout_fidelity
+from transmute_cli.model.families import decoder_layers, family_for, get_module
+from transmute_cli.engine.hooks import ThoughtHooks, record_layer_inputs
+from transmute_cli.artifacts.merge import fold_statistics
+from transmute_cli.recipe.datafiles import Pair
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -84,7 +85,7 @@ def test_gemma_fold_normalises_the_down_output_with_its_down_matrix():
 def test_written_files_get_the_umask_mode(tmp_path):
     """Files passed through the atomic folder (safetensors writes 0600) are readable by others
     under the usual umask 022, like any file the user writes."""
-    from transmute_cli.outputs import atomic_dir
+    from transmute_cli.artifacts.outputs import atomic_dir
 
     from safetensors.torch import save_file
 
@@ -174,7 +175,7 @@ def test_compute_with_a_disk_device_map_through_the_cli(gemma_folder, tmp_path):
     assert doc["checkpoint"] == {"skipped": "layers offloaded to disk by the device map"}
     a = json.loads((tmp_path / "mem" / "report.json").read_text())
     assert doc["model"]["fingerprint"] == a["model"]["fingerprint"]  # read from the offloaded weights
-    from transmute_cli.patch import load_patch
+    from transmute_cli.artifacts.patch import load_patch
 
     pa, pb = load_patch(tmp_path / "mem" / "patch.safetensors"), load_patch(tmp_path / "off" / "patch.safetensors")
     for l in pa.matrices:
@@ -214,8 +215,8 @@ def test_report_json_has_heldout_fidelity(gemma_folder, tmp_path):
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     h = rep["fidelity"]["heldout"]
     # what the report says is what heldout_fidelity gives on the saved patch, recomputed here
-    from transmute_cli.models import load_model
-    from transmute_cli.patch import load_patch
+    from transmute_cli.model.loading import load_model
+    from transmute_cli.artifacts.patch import load_patch
 
     loaded = load_model(str(gemma_folder), device="cpu")
     patch = load_patch(tmp_path / "run" / "patch.safetensors")

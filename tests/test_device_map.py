@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from transmute_cli import models
-from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.model import loading as models
+from transmute_cli.engine.loop import EngineConfig, compute_patch
 
 from tiny import tiny_model, tiny_tokenizer
 

@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 
-from transmute_cli.diff import diff_patches, diff_paths, diff_state_dicts
-from transmute_cli.diffstats import DiffReport, effective_rank
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.patch import ThoughtPatch
+from transmute_cli.artifacts.diff import diff_patches, diff_paths, diff_state_dicts
+from transmute_cli.artifacts.diffstats import DiffReport, effective_rank
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.artifacts.patch import ThoughtPatch
 from transmute_cli.errors import InputError, PatchError
-from transmute_cli.families import family_for
-from transmute_cli.patch import merge, save_patch
+from transmute_cli.model.families import family_for
+from transmute_cli.artifacts.merge import merge
+from transmute_cli.artifacts.patch import save_patch
 
 from tiny import tiny_model, tiny_tokenizer
 

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from transmute_cli.distributed import leave_distributed
-from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.engine.distributed import leave_distributed
+from transmute_cli.engine.loop import EngineConfig, compute_patch
 
 from tiny import tiny_model, tiny_tokenizer
 

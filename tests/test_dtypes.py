@@ -12,9 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.lowrank import dense
-from transmute_cli.models import ModelSource, native_dtype
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.engine.lowrank import dense
+from transmute_cli.model.loading import ModelSource, native_dtype
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -55,7 +55,7 @@ def test_bf16_model_patch_agrees_with_the_float32_one(family):
 
 def test_statistics_take_differences_after_the_cast():
     """bf16 states: dz = n^C − n and delta = u^C − u in float64 from the bf16 values, exactly."""
-    from transmute_cli.solve import LayerStats
+    from transmute_cli.engine.stats import LayerStats
 
     g = torch.Generator().manual_seed(0)
     n = (100 + torch.randn(3, 8, generator=g)).to(torch.bfloat16)

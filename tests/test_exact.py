@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.exact import exact_token_patch
-from transmute_cli.lowrank import LowRank, dense
-from transmute_cli.solve import LayerStats, ridge_solve
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.engine.exact import exact_token_patch
+from transmute_cli.engine.lowrank import LowRank, dense
+from transmute_cli.engine.stats import LayerStats
+from transmute_cli.engine.solve import ridge_solve
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -47,11 +48,11 @@ def test_ridge_one_token_equals_rank_one_patch():
     rank_one = w @ (nc - n).T @ n / (n @ n.T)  # W dz nᵀ / |n|²
     # ρ = 0 is the pseudo-inverse: exact; ρ → 0 converges to it (Sherman–Morrison: the gap is
     # a factor ρ·s/(|n|² + ρ·s), up to the conditioning of a rank-one system)
-    assert torch.allclose(w @ ridge_solve(st.nn, st.dzn, 0.0), rank_one, rtol=1e-12, atol=1e-13)
-    gaps = [(w @ ridge_solve(st.nn, st.dzn, rho) - rank_one).norm().item() for rho in (1e-2, 1e-4, 1e-6)]
+    assert torch.allclose(w @ ridge_solve(st.sum_nn, st.sum_dzn, 0.0), rank_one, rtol=1e-12, atol=1e-13)
+    gaps = [(w @ ridge_solve(st.sum_nn, st.sum_dzn, rho) - rank_one).norm().item() for rho in (1e-2, 1e-4, 1e-6)]
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-5 * rank_one.norm().item()
     # and the patched projection maps n to W n^C exactly
-    assert torch.allclose((w + w @ ridge_solve(st.nn, st.dzn, 0.0)) @ n.T, w @ nc.T)
+    assert torch.allclose((w + w @ ridge_solve(st.sum_nn, st.sum_dzn, 0.0)) @ n.T, w @ nc.T)
 
 
 @pytest.mark.parametrize("d,t,seed", [(8, 50, 1), (32, 5, 4)])
@@ -65,8 +66,8 @@ def test_ridge_matches_closed_form_and_shrinks(d, t, seed):
     rho = 0.3
     s = torch.trace(n.T @ n) / min(t, d)
     want = (nc - n).T @ n @ torch.linalg.inv(n.T @ n + rho * s * torch.eye(d, dtype=torch.float64))
-    assert torch.allclose(ridge_solve(st.nn, st.dzn, rho, rank=st.count), want, atol=1e-10)
-    assert ridge_solve(st.nn, st.dzn, 10.0, rank=st.count).norm() < ridge_solve(st.nn, st.dzn, 0.1, rank=st.count).norm()
+    assert torch.allclose(ridge_solve(st.sum_nn, st.sum_dzn, rho, rank=st.count), want, atol=1e-10)
+    assert ridge_solve(st.sum_nn, st.sum_dzn, 10.0, rank=st.count).norm() < ridge_solve(st.sum_nn, st.sum_dzn, 0.1, rank=st.count).norm()
 
 
 @pytest.mark.parametrize("t", [1, 3, 12])
@@ -81,15 +82,15 @@ def test_rho_shrinks_the_same_at_any_number_of_tokens(t, rho):
     nc = n + torch.randn(t, d, dtype=torch.float64)
     st = LayerStats(d, keep_rows=False)
     st.add(n, nc, n, n)
-    exact = ridge_solve(st.nn, st.dzn, 0.0)
-    got = ridge_solve(st.nn, st.dzn, rho, rank=st.count)
+    exact = ridge_solve(st.sum_nn, st.sum_dzn, 0.0)
+    got = ridge_solve(st.sum_nn, st.sum_dzn, rho, rank=st.count)
     assert torch.allclose(got, exact / (1 + rho), atol=1e-12)
 
 
 def test_joint_solve_with_vector_only_fits_no_matrix():
     """components [vector] with the joint solver: the intercept alone, the mean gap at the layer
     output (no A, no D stored or applied)."""
-    from transmute_cli.tokens import encode
+    from transmute_cli.model.tokens import encode
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     cfg = EngineConfig(solver="joint", components=("vector",), layers=[0], fidelity=False)
@@ -169,7 +170,8 @@ def test_components_and_layers_select_what_is_patched():
 def test_token_space_joint_solve_equals_the_sums(rho, intercept):
     """Fewer tokens than f: the joint solve runs on the kept rows (T×T); it must give the f×f
     solve's D, c and residual, weights included."""
-    from transmute_cli.solve import DownStats, ridge_intercept_solve
+    from transmute_cli.engine.stats import DownStats
+    from transmute_cli.engine.solve import ridge_intercept_solve
 
     torch.manual_seed(2)
     f, d = 48, 12
@@ -197,17 +199,18 @@ def test_token_space_joint_solve_equals_the_sums(rho, intercept):
 
 
 def test_consuming_joint_solve_gives_the_same_answer_and_spends_the_sums():
-    from transmute_cli.solve import DownStats, ridge_intercept_solve
+    from transmute_cli.engine.stats import DownStats
+    from transmute_cli.engine.solve import ridge_intercept_solve
 
     torch.manual_seed(3)
     f, d = 40, 10
     st = DownStats(f, d, keep_rows=False)
     st.add(torch.randn(60, f, dtype=torch.float64), torch.randn(60, d, dtype=torch.float64), 0.5)
     keep = ridge_intercept_solve(st, 0.2)
-    assert st.aa is not None
+    assert st.sum_aa is not None
     spent = ridge_intercept_solve(st, 0.2, consume=True)
     assert torch.allclose(keep[0], spent[0], atol=1e-12) and torch.allclose(keep[1], spent[1], atol=1e-12)
-    assert abs(keep[2] - spent[2]) < 1e-9 and st.aa is None
+    assert abs(keep[2] - spent[2]) < 1e-9 and st.sum_aa is None
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
@@ -275,8 +278,8 @@ def test_token_space_solve_is_the_dense_solve_as_exact_factors(d, t, rho):
     """With the token rows kept (T <= d/2) the thought matrix comes from the T×T system as
     factors of rank T, and equals the d×d solve from the sums (weights and several batches
     included); the fit residual from the rows equals the one from the sums."""
-    from transmute_cli.lowrank import LowRank, dense
-    from transmute_cli.solve import fit_residual, fit_residual_rows
+    from transmute_cli.engine.lowrank import LowRank, dense
+    from transmute_cli.engine.solve import fit_residual, fit_residual_rows
 
     g = torch.Generator().manual_seed(d + t)
     rows, sums = LayerStats(d), LayerStats(d, keep_rows=False)
@@ -297,7 +300,7 @@ def test_rows_fold_into_sums_past_half_the_width():
     d = 8
     st = LayerStats(d)
     st.add(torch.randn(3, d), torch.randn(3, d), torch.randn(3, d), torch.randn(3, d))
-    assert st.rows is not None and st.nn is None  # 3 <= d/2: rows, no d×d sums
+    assert st.rows is not None and st.sum_nn is None  # 3 <= d/2: rows, no d×d sums
     st.add(torch.randn(2, d), torch.randn(2, d), torch.randn(2, d), torch.randn(2, d))
-    assert st.rows is None and st.count == 5 and st.nn.shape == (d, d)  # 5 > d/2: folded
+    assert st.rows is None and st.count == 5 and st.sum_nn.shape == (d, d)  # 5 > d/2: folded
     assert not isinstance(st.solve_matrix(0.1), type(None)) and st.solve_matrix(0.1).shape == (d, d)

@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.export import lora_pair
-from transmute_cli.families import family_for
-from transmute_cli.hooks import ThoughtHooks
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.artifacts.lora import lora_pair
+from transmute_cli.model.families import family_for
+from transmute_cli.engine.hooks import ThoughtHooks
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -38,7 +38,7 @@ def test_lora_pair_is_the_truncated_svd():
 def test_lora_pair_of_factors_is_exact_or_the_truncated_svd():
     """A factored update is its own pair (no SVD) at its rank; below it, the same best rank-r
     update as an SVD of the dense matrix (through QR of the factors)."""
-    from transmute_cli.lowrank import LowRank
+    from transmute_cli.engine.lowrank import LowRank
 
     g = torch.Generator().manual_seed(3)
     lr = LowRank(torch.randn(20, 6, generator=g), torch.randn(6, 14, generator=g))
@@ -108,7 +108,7 @@ def test_apply_format_peft_loads_with_peft(run, rank):
     assert "accuracy" in doc and "accuracy_in_process" in doc
     # reloaded with plain peft (no transmute code), on the patch texts: the adapter moves the
     # model toward the in-process patch — all the way but the vector fold at full rank
-    from transmute_cli.patch import load_patch
+    from transmute_cli.artifacts.patch import load_patch
 
     base = AutoModelForCausalLM.from_pretrained(run / "model").eval()
     tok = tiny_tokenizer()
@@ -128,7 +128,7 @@ def test_apply_format_peft_loads_with_peft(run, rank):
 def test_full_rank_matrix_only_adapter_is_exact(tmp_path):
     from peft import PeftModel
 
-    from transmute_cli.export import export_peft
+    from transmute_cli.artifacts.lora import export_peft
 
     model, tok = tiny_model("qwen2"), tiny_tokenizer()
     texts = [f"{w} -> {w[::-1]}\n" for w in WORDS]
@@ -153,11 +153,12 @@ def test_factored_patch_exports_its_own_factors(tmp_path, family):
     matrices alone are exact."""
     from peft import PeftModel
 
-    from transmute_cli.checkpoint import token_batches
-    from transmute_cli.export import export_peft
-    from transmute_cli.lowrank import LowRank
-    from transmute_cli.models import Loaded
-    from transmute_cli.patch import ThoughtPatch, fold_statistics
+    from transmute_cli.artifacts.checkpoint import token_batches
+    from transmute_cli.artifacts.lora import export_peft
+    from transmute_cli.engine.lowrank import LowRank
+    from transmute_cli.model.loading import Loaded
+    from transmute_cli.artifacts.patch import ThoughtPatch
+    from transmute_cli.artifacts.merge import fold_statistics
 
     model, tok = tiny_model(family), tiny_tokenizer()
     fam = family_for(model)

@@ -57,7 +57,7 @@ def test_help_shows_flags_as_flags_and_says_what_each_does(command):
 
 def test_a_mistyped_alias_fails_at_once_naming_the_known_ones():
     from transmute_cli.errors import ModelError
-    from transmute_cli.models import resolve
+    from transmute_cli.model.loading import resolve
 
     with pytest.raises(ModelError) as info:
         resolve("gemma-3-270M-it")
@@ -77,7 +77,7 @@ def no_hub(monkeypatch, tmp_path):
 
 def test_a_hub_id_without_network_fails_fast_in_one_line(no_hub):
     from transmute_cli.errors import ModelError
-    from transmute_cli.models import resolve
+    from transmute_cli.model.loading import resolve
 
     with pytest.raises(ModelError) as info:
         resolve("someone/some-model")
@@ -87,7 +87,7 @@ def test_a_hub_id_without_network_fails_fast_in_one_line(no_hub):
 
 
 def test_a_hub_id_in_the_local_cache_loads_from_there(no_hub):
-    from transmute_cli.models import resolve
+    from transmute_cli.model.loading import resolve
 
     snapshot = no_hub / "models--someone--some-model" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
@@ -102,8 +102,8 @@ def test_a_hub_id_in_the_local_cache_loads_from_there(no_hub):
 def test_progress_in_a_log_names_elapsed_time_and_shows_slow_layers(every, shown, capsys, monkeypatch):
     """Not on a TTY: a line per layer when layers take time (at most one per LOG_EVERY_S), first
     and last always, each saying the time is elapsed since the start."""
-    from transmute_cli import report
-    from transmute_cli.engine import Progress
+    from transmute_cli.report import terminal as report
+    from transmute_cli.engine.loop import Progress
 
     monkeypatch.setattr(report.ProgressView, "LOG_EVERY_S", every)
     with report.ProgressView() as view:
@@ -120,7 +120,7 @@ def test_progress_in_a_log_names_elapsed_time_and_shows_slow_layers(every, shown
 
 
 def test_demonstrations_are_rewritten_in_the_queried_template():
-    from transmute_cli.datafiles import rerender
+    from transmute_cli.recipe.datafiles import rerender
 
     instruction = "Translate English to French.\ncat -> chat\nwater -> eau\n"
     assert rerender(instruction, "{input} -> {output}", "Q: {input}\nA: {output}") == \

@@ -1,4 +1,4 @@
-"""Answer-format checks (transmute_cli/formats.py): each check on clear positives and negatives,
+"""Answer-format checks (transmute_cli/recipe/formats.py): each check on clear positives and negatives,
 regex specs, and the recipe-value parser's error messages (asserted in full: they are what a
 user reads)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from transmute_cli.formats import (
+from transmute_cli.recipe.formats import (
     ENGLISH_WORDS,
     FRENCH_WORDS,
     NAMES,
@@ -231,10 +231,10 @@ def test_rules_are_scored_and_shown_each_on_its_own():
     terminal and `transmute eval` print: each rule's rate per condition and patched ÷ prompt."""
     from rich.console import Console
 
-    from transmute_cli.evaluate import Result
+    from transmute_cli.evaluation.generate import Result
     from transmute_cli.pipeline import eval_json
-    from transmute_cli.recipe import parse_recipe
-    from transmute_cli.report import rules_table
+    from transmute_cli.recipe.schema import parse_recipe
+    from transmute_cli.report.terminal import rules_table
 
     recipe = parse_recipe("instruction: Be French.\nexamples: [[a, b]]\neval_inputs: [q1, q2, q3, q4]\n"
                           "rules:\n  fr: language_fr\n  bonjour: 'regex:^Bonjour'\n", source="r.yaml")

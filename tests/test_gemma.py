@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from transmute_cli import pipeline
-from transmute_cli.exact import exact_token_patch
-from transmute_cli.evaluate import evaluate, generate_answers
-from transmute_cli.datafiles import render
-from transmute_cli.recipe import load_recipe
+from transmute_cli.engine.exact import exact_token_patch
+from transmute_cli.evaluation.generate import evaluate, generate_answers
+from transmute_cli.recipe.datafiles import render
+from transmute_cli.recipe.schema import load_recipe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_defaults_reach_the_prompt_on_a_recipe_with_no_optional_keys(gemma, tmp_
     import yaml
 
     from transmute_cli import defaults
-    from transmute_cli.recipe import parse_recipe
+    from transmute_cli.recipe.schema import parse_recipe
 
     src = yaml.safe_load((ROOT / "examples" / "tasks" / "en-es.yaml").read_text())
     text = yaml.safe_dump({"model": "gemma-3-270m", "instruction": src["instruction"], "template": src["template"],
@@ -114,7 +114,7 @@ def test_checkpoint_round_trip_with_plain_transformers(gemma, enfr, tmp_path):
     side = json.loads((tmp_path / "run" / "checkpoint" / "transmute.json").read_text())
     assert side["base_fingerprint"] == gemma.fingerprint
     # the cached base model was restored after the merge
-    from transmute_cli import models
+    from transmute_cli.model import loading as models
 
     assert models.fingerprint(gemma.model) == gemma.fingerprint
     # the same patch as a PEFT adapter of the alias: the standard loader finds its base (the
@@ -140,7 +140,7 @@ def test_defaults_keep_another_prompted_task_and_prose_as_the_prompt_does(gemma,
     (the broad texts' moments) antonyms stay near what the en->fr instruction in context leaves
     of them and the locality text stays near the prompted model — and the task is kept.  The
     preservation recipe (examples/preserve.txt on top) still translates."""
-    from transmute_cli.hooks import ThoughtHooks
+    from transmute_cli.engine.hooks import ThoughtHooks
 
     ant = load_recipe(ROOT / "recipes" / "antonyms.yaml")
     keep = load_recipe(ROOT / "recipes" / "translate-en-fr-preserve.yaml")

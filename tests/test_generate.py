@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transmute_cli.evaluate import generate_answers, greedy_rows, reference_rows
-from transmute_cli.families import family_for
-from transmute_cli.hooks import ThoughtHooks
-from transmute_cli.patch import ThoughtPatch
+from transmute_cli.evaluation.generate import generate_answers, greedy_rows, reference_rows
+from transmute_cli.model.families import family_for
+from transmute_cli.engine.hooks import ThoughtHooks
+from transmute_cli.artifacts.patch import ThoughtPatch
 
 from tiny import tiny_model, tiny_tokenizer
 

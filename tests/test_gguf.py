@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from transmute_cli.cli import app
-from transmute_cli.gguf_export import tensor_name
+from transmute_cli.artifacts.gguf_export import tensor_name
 
 ROOT = Path(__file__).resolve().parents[1]
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -79,8 +79,8 @@ def _applied(root, report: dict, fmt: str, out) -> dict:
 def test_patched_gguf_is_the_source_with_the_mlp_tensors_replaced(run):
     from gguf import GGUFReader
 
-    from transmute_cli.gguf_export import dequantized
-    from transmute_cli.models import alias_gguf
+    from transmute_cli.artifacts.gguf_export import dequantized
+    from transmute_cli.model.sources import alias_gguf
 
     root, report = run
     out = root / "enfr.gguf"
@@ -152,7 +152,7 @@ def test_lora_pairs_carry_their_rank_in_b(tmp_path):
     w = GGUFWriter(str(src), arch="llama")
     w.add_tensor("blk.0.ffn_up.weight", np.zeros((8, 4), dtype=np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    from transmute_cli.gguf_export import write_lora_gguf
+    from transmute_cli.artifacts.gguf_export import write_lora_gguf
 
     a, b = torch.randn(3, 4), torch.randn(8, 3)
     info = write_lora_gguf(src, tmp_path / "a.gguf", [("model.layers.0.mlp.up_proj", a, b)])

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from transmute_cli import defaults, pipeline
-from transmute_cli.datafiles import load_texts, shipped_texts
-from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli import defaults
+
+from transmute_cli import pipeline
+from transmute_cli.recipe.datafiles import load_texts, shipped_texts
+from transmute_cli.engine.loop import EngineConfig, compute_patch
 from transmute_cli.errors import InputError, RecipeError
-from transmute_cli.families import family_for
-from transmute_cli.fidelity import compare_logits, locality, text_logits
-from transmute_cli.recipe import load_recipe, parse_recipe
+from transmute_cli.model.families import family_for
+from transmute_cli.engine.fidelity import compare_logits, locality, text_logits
+from transmute_cli.recipe.schema import load_recipe, parse_recipe
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -190,10 +192,10 @@ def test_the_shipped_data_is_package_data():
 def _captured(model, tok, texts):
     """Ground truth for the moments: each layer's MLP input n and down-projection input a (rms-
     scaled by the post-norm's output on Gemma) at every token of every text, from capture."""
-    from transmute_cli.families import decoder_layers, post_norm
-    from transmute_cli.hooks import capture
-    from transmute_cli.solve import rms_scaled
-    from transmute_cli.tokens import special_prefix, token_ids
+    from transmute_cli.model.families import decoder_layers, post_norm
+    from transmute_cli.engine.hooks import capture
+    from transmute_cli.engine.solve import rms_scaled
+    from transmute_cli.model.tokens import special_prefix, token_ids
 
     fam = family_for(model)
     layers = decoder_layers(model, fam)
@@ -215,20 +217,20 @@ def _captured(model, tok, texts):
 
 @pytest.mark.parametrize("family", ["gemma3", "llama"])
 def test_moments_are_the_captured_sums(family):
-    from transmute_cli.moments import compute_moments
+    from transmute_cli.engine.moments import compute_moments
 
     model, tok = tiny_model(family), tiny_tokenizer()
     mom = compute_moments(model, family_for(model), tok, BROAD, micro_batch=1)
     ns, as_ = _captured(model, tok, BROAD)
     assert mom.count == ns[0].shape[0]
     for l in range(len(ns)):
-        assert torch.allclose(mom.nn[l], ns[l].T @ ns[l], rtol=1e-4, atol=1e-5)
-        assert torch.allclose(mom.aa[l], as_[l].T @ as_[l], rtol=1e-4, atol=1e-5)
-        assert torch.allclose(mom.a[l], as_[l].sum(0), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(mom.sum_nn[l], ns[l].T @ ns[l], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(mom.sum_aa[l], as_[l].T @ as_[l], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(mom.sum_a[l], as_[l].sum(0), rtol=1e-4, atol=1e-5)
 
 
 def test_moments_cache_round_trip(tmp_path):
-    from transmute_cli.moments import load_or_compute
+    from transmute_cli.engine.moments import load_or_compute
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     fam = family_for(model)
@@ -236,12 +238,12 @@ def test_moments_cache_round_trip(tmp_path):
     assert not cached and len(list(tmp_path.iterdir())) == 1
     again, cached = load_or_compute(model, fam, tok, BROAD, "f" * 64, tmp_path)
     assert cached and again.count == first.count
-    for a, b in zip(first.aa + first.nn + first.a, again.aa + again.nn + again.a):
+    for a, b in zip(first.sum_aa + first.sum_nn + first.sum_a, again.sum_aa + again.sum_nn + again.sum_a):
         assert torch.equal(a, b)  # the same numbers whether or not the cache was there
     # other texts, another model: another file; a damaged file is recomputed, not trusted
     load_or_compute(model, fam, tok, BROAD[:1], "f" * 64, tmp_path)
     assert len(list(tmp_path.iterdir())) == 2
-    from transmute_cli.moments import cache_file
+    from transmute_cli.engine.moments import cache_file
 
     cache_file(tmp_path, "f" * 64, BROAD, torch.float32).write_bytes(b"garbage")
     _, cached = load_or_compute(model, fam, tok, BROAD, "f" * 64, tmp_path)
@@ -252,8 +254,9 @@ def test_moments_cache_round_trip(tmp_path):
 def test_factored_moment_solves_equal_the_dense_sums(intercept):
     """Moments held beside the kept rows give the same A, D and intercept (and residual) as the
     same moments added to the folded d×d / f×f sums — the dense closed form."""
-    from transmute_cli.lowrank import LowRank
-    from transmute_cli.solve import DownStats, LayerStats, ridge_intercept_solve
+    from transmute_cli.engine.lowrank import LowRank
+    from transmute_cli.engine.stats import DownStats, LayerStats
+    from transmute_cli.engine.solve import ridge_intercept_solve
 
     g = torch.Generator().manual_seed(0)
     d, f, T, B = 24, 40, 7, 60  # T < d/2 and f/2: the rows are kept
@@ -297,8 +300,8 @@ def test_layer0_with_moments_matches_the_closed_form():
     mean non-zero eigenvalue of the *examples'* Σ n nᵀ (ρ keeps its meaning; w alone sets how
     much the moments count), and the thought vector the mean of delta over examples and moments'
     tokens (delta = 0 there) — from activations captured directly."""
-    from transmute_cli.moments import compute_moments
-    from transmute_cli.tokens import encode
+    from transmute_cli.engine.moments import compute_moments
+    from transmute_cli.model.tokens import encode
 
     model, tok = tiny_model("gemma3"), tiny_tokenizer()
     rho, w = 0.2, 0.5
@@ -307,8 +310,8 @@ def test_layer0_with_moments_matches_the_closed_form():
     got = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg, moments=mom).patch
     enc = encode(tok, INSTRUCTION, TEXTS)
     pre, instr = list(enc.pre), list(enc.instruction)
-    from transmute_cli.families import decoder_layers
-    from transmute_cli.hooks import capture
+    from transmute_cli.model.families import decoder_layers
+    from transmute_cli.engine.hooks import capture
 
     def states(ids, start):
         with torch.no_grad(), capture(decoder_layers(model, family_for(model))[0], family_for(model)) as c:
@@ -324,7 +327,7 @@ def test_layer0_with_moments_matches_the_closed_form():
     nn_task = n.T @ n
     d = nn_task.shape[0]
     s_task = torch.trace(nn_task) / min(d, n.shape[0])
-    k = nn_task + w * mom.nn[0] + rho * s_task * torch.eye(d, dtype=torch.float64)
+    k = nn_task + w * mom.sum_nn[0] + rho * s_task * torch.eye(d, dtype=torch.float64)
     want = (nc - n).T @ n @ torch.linalg.inv(k)
     assert torch.allclose(got.matrices[0].dense().double() if hasattr(got.matrices[0], "dense") else got.matrices[0].double(),
                           want, rtol=1e-4, atol=1e-6)
@@ -338,8 +341,9 @@ def test_null_space_projection_is_alphaedit_closed_form(fold):
     leading directions holding the asked share of the moment's energy; A and D then equal the
     same ridge solves on the projected inputs (moments projected too), dense or factored, and
     act on none of the removed directions (AlphaEdit's ``Δ P``)."""
-    from transmute_cli.lowrank import LowRank
-    from transmute_cli.solve import DownStats, LayerStats, null_projector, ridge_intercept_solve
+    from transmute_cli.engine.lowrank import LowRank
+    from transmute_cli.engine.stats import DownStats, LayerStats
+    from transmute_cli.engine.solve import null_projector, ridge_intercept_solve
 
     g = torch.Generator().manual_seed(1)
     d, f, T, B = 24, 40, 7, 60
@@ -396,8 +400,8 @@ def test_null_space_in_the_engine_leaves_the_broad_texts_leading_directions_alon
     """EngineConfig.null_space end to end on the tiny model (joint solver, every layer): each
     thought matrix A and down matrix D is zero on the leading directions of that layer's moments
     (the removed ones), and without null_space they are not."""
-    from transmute_cli.moments import compute_moments
-    from transmute_cli.solve import null_projector
+    from transmute_cli.engine.moments import compute_moments
+    from transmute_cli.engine.solve import null_projector
 
     model, tok = tiny_model("gemma3"), tiny_tokenizer()
     mom = compute_moments(model, family_for(model), tok, BROAD)
@@ -407,10 +411,10 @@ def test_null_space_in_the_engine_leaves_the_broad_texts_leading_directions_alon
         out = 0.0
         for l, a in patch.matrices.items():
             out = max(out, float((dense(a) @ (torch.eye(a.shape[1], dtype=torch.float64)
-                                               - null_projector(mom.nn[l], 0.9))).abs().max()) / float(dense(a).abs().max()))
+                                               - null_projector(mom.sum_nn[l], 0.9))).abs().max()) / float(dense(a).abs().max()))
         for l, dm in patch.downs.items():
             out = max(out, float((dense(dm) @ (torch.eye(dm.shape[1], dtype=torch.float64)
-                                                - null_projector(mom.aa[l], 0.9))).abs().max()) / float(dense(dm).abs().max()))
+                                                - null_projector(mom.sum_aa[l], 0.9))).abs().max()) / float(dense(dm).abs().max()))
         return out
 
     cfg = EngineConfig(rho=0.2, fidelity=False, micro_batch=2)

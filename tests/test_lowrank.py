@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.engine.loop import EngineConfig, compute_patch
 from transmute_cli.errors import PatchError
-from transmute_cli.families import family_for
-from transmute_cli.hooks import ThoughtHooks
-from transmute_cli.lowrank import LowRank, add, apply, compact, dense
-from transmute_cli.patch import ThoughtPatch, combine, load_patch, merge, save_patch
+from transmute_cli.model.families import family_for
+from transmute_cli.engine.hooks import ThoughtHooks
+from transmute_cli.engine.lowrank import LowRank, add, apply, compact, dense
+from transmute_cli.artifacts.patch import ThoughtPatch, combine, load_patch, save_patch
+from transmute_cli.artifacts.merge import merge
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -125,7 +126,7 @@ def test_dense_format_1_is_still_read(tmp_path):
 
 
 def test_diff_compares_factors_as_the_matrices_they_are():
-    from transmute_cli.diff import diff_patches
+    from transmute_cli.artifacts.diff import diff_patches
 
     _model, patch = _patch("llama")
     as_dense = ThoughtPatch(patch.n_layers, patch.d_model, {l: dense(m) for l, m in patch.matrices.items()},
@@ -155,7 +156,7 @@ def test_merge_spills_the_originals_to_disk_and_puts_them_back(tmp_path):
 def test_fold_direction_rows_sums_and_layer_groups_agree():
     """The fold direction from token rows (T×T) equals the f×f one, and fold statistics taken in
     groups of layers under a small memory budget (one forward per group) equal one pass."""
-    from transmute_cli.patch import fold_direction, fold_statistics
+    from transmute_cli.artifacts.merge import fold_direction, fold_statistics
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 20, generator=g, dtype=torch.float64)
@@ -193,7 +194,7 @@ def test_non_finite_activations_are_one_clear_error(texts):
     """A model that produces NaN (here: an Inf weight in layer 0's MLP) stops the solve with an
     EngineError naming the layer, whether the statistics are token rows or sums."""
     from transmute_cli.errors import EngineError
-    from transmute_cli.families import decoder_layers, get_module
+    from transmute_cli.model.families import decoder_layers, get_module
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     fam = family_for(model)

@@ -8,16 +8,16 @@ import math
 
 import pytest
 
-from transmute_cli.datafiles import Pair, render
-from transmute_cli.engine import EngineConfig, compute_patch
+from transmute_cli.recipe.datafiles import Pair, render
+from transmute_cli.engine.loop import EngineConfig, compute_patch
 from transmute_cli.errors import InputError
-from transmute_cli.evaluate import evaluate
-from transmute_cli.families import decoder_layers, family_for, get_module
-from transmute_cli.lowrank import dense
-from transmute_cli.models import Loaded
+from transmute_cli.evaluation.generate import evaluate
+from transmute_cli.model.families import decoder_layers, family_for, get_module
+from transmute_cli.engine.lowrank import dense
+from transmute_cli.model.loading import Loaded
 from transmute_cli.pipeline import format_instruction, label_inputs, many_shot_prompt, patch_contexts, patch_texts
-from transmute_cli.recipe import parse_recipe
-from transmute_cli.tokens import encode, micro_batches
+from transmute_cli.recipe.schema import parse_recipe
+from transmute_cli.model.tokens import encode, micro_batches
 
 from tiny import tiny_model, tiny_tokenizer
 
@@ -97,9 +97,9 @@ def test_end_to_end_fidelity_is_the_full_prompted_run(cache):
     text on its own, and compared with what the engine reports, with and without the cache)."""
     import torch
 
-    from transmute_cli.fidelity import compare_logits
-    from transmute_cli.hooks import ThoughtHooks
-    from transmute_cli.tokens import special_prefix, token_ids
+    from transmute_cli.engine.fidelity import compare_logits
+    from transmute_cli.engine.hooks import ThoughtHooks
+    from transmute_cli.model.tokens import special_prefix, token_ids
 
     model, tok = tiny_model("gemma3").eval(), tiny_tokenizer()
     res = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(prefix_cache=cache))
@@ -234,14 +234,14 @@ def test_inputs_are_labelled_with_the_prompted_models_greedy_answers():
 
 
 def test_inputs_whose_answer_is_empty_are_left_out_or_refused(monkeypatch):
-    import transmute_cli.pipeline as pipeline
-    from transmute_cli.evaluate import Result
+    from transmute_cli.pipeline import prepare
+    from transmute_cli.evaluation.generate import Result
 
     def fake(model, tok, instruction, pairs, templates, **kw):
         return [Result(templates[0], "prompt", 0, len(pairs), ["", "B"][: len(pairs)], [[], [5]][: len(pairs)],
                        cut=[False] * len(pairs))]
 
-    monkeypatch.setattr(pipeline, "evaluate", fake)
+    monkeypatch.setattr(prepare, "evaluate", fake)
     model, tok = tiny_model("llama"), tiny_tokenizer()
     recipe = parse_recipe("instruction: x\ninputs: [a, b]\n")
     labelled, labels = label_inputs(recipe, _loaded(model, tok))
@@ -257,8 +257,8 @@ def test_inputs_whose_answer_is_empty_are_left_out_or_refused(monkeypatch):
 def test_a_label_cut_at_max_new_tokens_is_continued_or_left_out(monkeypatch, still_cut):
     """An answer that reaches max_new_tokens before its stop token is no label: it is generated
     again at 4× the cap, and left out (and counted) if it is still cut there."""
-    import transmute_cli.pipeline as pipeline
-    from transmute_cli.evaluate import Result
+    from transmute_cli.pipeline import prepare
+    from transmute_cli.evaluation.generate import Result
 
     calls = []
 
@@ -268,7 +268,7 @@ def test_a_label_cut_at_max_new_tokens_is_continued_or_left_out(monkeypatch, sti
             return [Result(templates[0], "prompt", 0, 2, ["a b c d", "B"], [[5] * 4, [6]], cut=[True, False])]
         return [Result(templates[0], "prompt", 0, 1, ["a b c d e f"], [[5] * 6], cut=[still_cut])]
 
-    monkeypatch.setattr(pipeline, "evaluate", fake)
+    monkeypatch.setattr(prepare, "evaluate", fake)
     model, tok = tiny_model("llama"), tiny_tokenizer()
     recipe = parse_recipe("instruction: x\ninputs: [a, b]\nmax_new_tokens: 4\n")
     labelled, labels = label_inputs(recipe, _loaded(model, tok))
@@ -289,15 +289,15 @@ def test_evaluate_flags_answers_cut_at_max_new_tokens():
 
 
 def test_an_engine_error_on_a_labelled_input_names_the_input():
-    from transmute_cli.pipeline import _with_source
-    from transmute_cli.recipe import with_labels
+    from transmute_cli.pipeline import with_source
+    from transmute_cli.recipe.schema import with_labels
 
     r = parse_recipe("instruction: x\nexamples: [[a, b]]\ninputs: [c, d, e]\npatch_templates: ['{input} = {output}']\n",
                      source="r.yaml")
     labels = [{"input": "c", "output": "", "kept": False}, {"input": "d", "output": "D", "kept": True},
               {"input": "e", "output": "E", "kept": True}]
     labelled = with_labels(r.model_copy(update={"inputs": ("d", "e")}), ["D", "E"])
-    said = [str(_with_source(InputError("too long", field=f"examples[{i}]"), labelled, labels)) for i in range(6)]
+    said = [str(with_source(InputError("too long", field=f"examples[{i}]"), labelled, labels)) for i in range(6)]
     assert said == ["r.yaml: examples[0]: too long", "r.yaml: inputs[1]: too long", "r.yaml: inputs[2]: too long",
                     "r.yaml: examples[0]: too long (under patch_templates[0])",
                     "r.yaml: inputs[1]: too long (under patch_templates[0])",

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transmute_cli.engine import EngineConfig, compute_patch
-from transmute_cli.tokens import encode
-from transmute_cli.families import decoder_layers, family_for
-from transmute_cli.hooks import capture
+from transmute_cli.engine.loop import EngineConfig, compute_patch
+from transmute_cli.model.tokens import encode
+from transmute_cli.model.families import decoder_layers, family_for
+from transmute_cli.engine.hooks import capture
 
 from tiny import tiny_model, tiny_tokenizer
 

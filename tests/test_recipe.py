@@ -1,4 +1,4 @@
-"""Tests for the recipe and templates loaders (transmute_cli/recipe.py).
+"""Tests for the recipe and templates loaders (transmute_cli/recipe/schema.py).
 
 Error messages are asserted in full: they are the user interface of a
 failed run, so a change in wording should be a deliberate test change.
@@ -24,7 +24,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from transmute_cli.errors import InputError, RecipeError  # noqa: E402
-from transmute_cli.datafiles import (  # noqa: E402
+from transmute_cli.recipe.datafiles import (  # noqa: E402
     Pair,
     load_pairs_file,
     load_templates,
@@ -33,7 +33,7 @@ from transmute_cli.datafiles import (  # noqa: E402
     render,
     validate_template,
 )
-from transmute_cli.recipe import (  # noqa: E402
+from transmute_cli.recipe.schema import (  # noqa: E402
     ALLOWED_KEYS,
     DEFAULT_MODEL,
     DEFAULT_TEMPLATE,
@@ -158,7 +158,7 @@ def test_defaults():
     assert recipe.step == 1.0
     assert DEFAULT_MODEL == "gemma-3-270m"
     # the engine's own defaults are the recipe's (one place: transmute_cli/defaults.py)
-    from transmute_cli.engine import EngineConfig
+    from transmute_cli.engine.loop import EngineConfig
     from transmute_cli.pipeline import engine_config
 
     # (in-sample fidelity on the examples in the recipe's own template: the first n patch texts)
@@ -178,7 +178,7 @@ _CONTENT_KEYS = {"name", "model", "instruction", "template", "examples", "exampl
 def test_shipped_recipes_state_only_what_differs_from_the_defaults_and_say_why(path):
     """A shipped recipe that sets a knob sets it to something else than the default, and a comment
     line right above it says why (the defaults are product decisions: transmute_cli/defaults.py)."""
-    from transmute_cli.recipe import load_recipe
+    from transmute_cli.recipe.schema import load_recipe
 
     data = yaml.safe_load(path.read_text())
     recipe, default = load_recipe(path), parse_recipe(BASE)
@@ -924,7 +924,7 @@ def test_inputs_and_inputs_file_are_example_inputs_without_outputs(tmp_path):
 
 
 def test_with_labels_makes_inputs_examples_that_reparse_anywhere(tmp_path):
-    from transmute_cli.recipe import with_labels
+    from transmute_cli.recipe.schema import with_labels
 
     _write(tmp_path / "in.txt", "walk\ngo\n")
     r = load_recipe(_write(tmp_path / "r.yaml", "instruction: x\nexamples: [[see, saw]]\ninputs_file: in.txt\n"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transmute_cli.lowrank import LowRank, apply, stored
-from transmute_cli.solve import DownStats, LayerStats, ridge_intercept_solve
+from transmute_cli.engine.lowrank import LowRank, apply, stored
+from transmute_cli.engine.stats import DownStats, LayerStats
+from transmute_cli.engine.solve import ridge_intercept_solve
 
 
 def _ill_rows(t: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -84,9 +85,9 @@ def _composite(model):
 def test_a_composite_config_gives_its_text_models_window_and_context():
     from tiny import tiny_model, tiny_tokenizer
 
-    from transmute_cli.evaluate import greedy_rows
-    from transmute_cli.families import text_config
-    from transmute_cli.tokens import context_length
+    from transmute_cli.evaluation.generate import greedy_rows
+    from transmute_cli.model.families import text_config
+    from transmute_cli.model.tokens import context_length
 
     model, tok = tiny_model("gemma3").eval(), tiny_tokenizer()
     wrapped = _composite(model)
@@ -118,7 +119,7 @@ def _folder(path, text):
 
 @pytest.mark.parametrize("swap", [True, False])
 def test_replacing_an_output_keeps_one_or_the_other(tmp_path, monkeypatch, swap):
-    from transmute_cli import outputs
+    from transmute_cli.artifacts import outputs
 
     out = _folder(tmp_path / "run", "old")
     if not swap:  # a system without renameat2: two renames
@@ -132,7 +133,7 @@ def test_replacing_an_output_keeps_one_or_the_other(tmp_path, monkeypatch, swap)
 def test_a_previous_output_left_aside_by_a_killed_run_is_put_back(tmp_path):
     """The state a process killed between the two renames leaves: no output, the previous one in
     ``.run.old-*/x``.  The next run that checks or writes the output puts it back first."""
-    from transmute_cli.outputs import atomic_dir, check_target
+    from transmute_cli.artifacts.outputs import atomic_dir, check_target
     from transmute_cli.errors import InputError
 
     aside = tmp_path / ".run.old-abc123"
@@ -152,7 +153,7 @@ def test_a_previous_output_left_aside_by_a_killed_run_is_put_back(tmp_path):
 
 
 def test_exchange_swaps_two_folders(tmp_path):
-    from transmute_cli.outputs import exchange
+    from transmute_cli.artifacts.outputs import exchange
 
     a, b = _folder(tmp_path / "a", "A"), _folder(tmp_path / "b", "B")
     if not exchange(a, b):
@@ -167,8 +168,8 @@ def test_an_unknown_cache_layer_class_is_refused_at_the_first_fill(monkeypatch):
     from tiny import tiny_model, tiny_tokenizer
 
     from transmute_cli.errors import EngineError
-    from transmute_cli.families import family_for
-    from transmute_cli.hooks import PrefixCache, check_cache_layers
+    from transmute_cli.model.families import family_for
+    from transmute_cli.engine.hooks import PrefixCache, check_cache_layers
 
     model, tok = tiny_model("llama").eval(), tiny_tokenizer()
     ids = torch.tensor([tok("ab cd")["input_ids"]])
@@ -233,7 +234,7 @@ def test_each_failure_has_its_own_exit_code(tmp_path, monkeypatch, raised, code,
 def test_a_long_step_says_it_is_still_going():
     import time
 
-    from transmute_cli.models import _ticking
+    from transmute_cli.model.sources import _ticking
 
     lines: list[str] = []
     with _ticking(lines.append, "dequantizing", every=0.05):
@@ -244,7 +245,7 @@ def test_a_long_step_says_it_is_still_going():
 
 def test_the_first_use_of_a_gguf_says_what_it_does(tmp_path, monkeypatch):
     from transmute_cli.errors import ModelError
-    from transmute_cli.models import resolve
+    from transmute_cli.model.loading import resolve
 
     monkeypatch.setenv("TRANSMUTE_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "m.gguf"

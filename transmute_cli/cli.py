@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from .errors import GATE_EXIT, INTERRUPT_EXIT, RUNTIME_EXIT, InputError, TransmuteError
+from transmute_cli.errors import GATE_EXIT, INTERRUPT_EXIT, RUNTIME_EXIT, InputError, TransmuteError
 
 app = typer.Typer(
     add_completion=False,
@@ -44,7 +44,7 @@ StopOpt = typer.Option(False, "--stop-at-newline", help="the checkpoint's genera
 
 def _print_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from transmute_cli import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
@@ -136,7 +136,8 @@ def compute(
                               "baked in (Q8_0 patched tensors), checked in llama.cpp (a GGUF alias or .gguf model)"),
 ) -> None:
     """Compute a thought patch from a recipe; write patch, checkpoint and report."""
-    from . import pipeline, report
+    from transmute_cli import pipeline
+    from transmute_cli.report import terminal as report
 
     r = _compute_recipe(recipe, system, model)
     with report.ProgressView(quiet=quiet) as view:
@@ -157,7 +158,7 @@ def compute(
 
 def _compute_recipe(path: Optional[Path], system: Optional[str], model: Optional[str]):
     """The recipe file, or the recipe ``--system`` stands for (named after the prompt's first words)."""
-    from .recipe import load_recipe, parse_recipe, recipe_yaml, sanitize_name
+    from transmute_cli.recipe.schema import load_recipe, parse_recipe, recipe_yaml, sanitize_name
 
     if path is not None and system is not None:
         raise InputError("give a recipe file or --system, not both (a recipe's system prompt is its instruction)",
@@ -212,7 +213,8 @@ def apply(
     stop_at_newline: bool = StopOpt,
 ) -> None:
     """Write a patched checkpoint (plain transformers folder) from one or more patches."""
-    from . import pipeline, report
+    from transmute_cli import pipeline
+    from transmute_cli.report import terminal as report
 
     specs = ([(patch, scale)] if patch else []) + [_parse_patch_spec(p) for p in patches]
     if not specs:
@@ -259,7 +261,8 @@ def eval_cmd(
     trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Accuracy table: no prompt, prompt in context, patched — per template."""
-    from . import pipeline, report
+    from transmute_cli import pipeline
+    from transmute_cli.report import terminal as report
 
     if min_accuracy is not None and not (0.0 <= min_accuracy <= 1.0):
         raise InputError(f"must be between 0 and 1, got {min_accuracy}", field="--min-accuracy")
@@ -281,7 +284,7 @@ def eval_cmd(
         gate = {"min_accuracy": min_accuracy, "accuracy": patched["accuracy"], "passed": patched["accuracy"] >= min_accuracy}
         doc["gate"] = gate
     if samples is not None:
-        from .outputs import write_text_atomic
+        from transmute_cli.artifacts.outputs import write_text_atomic
 
         write_text_atomic(samples, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in doc["samples"]))
     if as_json:
@@ -316,8 +319,8 @@ def diff(
     as_json: bool = JsonOpt,
 ) -> None:
     """Compare two patches or two checkpoints layer by layer."""
-    from . import report
-    from .diff import diff_paths
+    from transmute_cli.report import terminal as report
+    from transmute_cli.artifacts.diff import diff_paths
 
     d = diff_paths(a, b).to_json()
     if as_json:

@@ -42,34 +42,28 @@ def step(eta: float | None, batches: int) -> float:
     """The update step: ``eta`` when given, else ``1/batches`` (a plain average of the batches)."""
     return eta if eta is not None else 1.0 / batches
 
-# Why ρ = 0.03: on the tune half, ρ = 0.03, 0.3 and 1 all keep every task with a working prompt
-# within 0.9x of it (0.01: one task at 0.89x; the independent solver: 0.58x on average). The tune
-# half holds no new-knowledge task, and the ρ sweep on the shipped dictionary-k8 recipe (not in
-# the suite) shows larger ρ forgetting facts: 0.75 of its keys right at ρ <= 0.03 (= the prompt),
-# 0.62 at 0.1, 0.38 at 0.3. 0.03 is the largest ρ that serves both kinds of prompt.
-# Batches, η, components (same sweep, at ρ = 0.03): two or four batches and matrices alone tie with
-# one batch within an answer or two per task; η = 1 per batch over two batches overshoots the
-# prompt (1.05x accuracy but held-out KL 0.30 against 0.13); a vector alone fails (0.19x). One
-# batch is the cheapest of the ties (compute 27 s over the 7 tasks; 36 s with two, 58 s with four).
+# Why ρ = 0.03: on the tune half of the suite it is the largest ρ that keeps every task with a
+# working prompt within 0.9x of it and, on the shipped dictionary-k8 recipe (new knowledge, not in
+# the suite), still recalls as many facts as the prompt; larger ρ forgets facts. Batches, η and
+# components tie with one batch of vector and matrices, the cheapest; η = 1 per batch over several
+# batches overshoots the prompt; a vector alone fails. The figures: results/sweep.md and
+# results/rho.md (docs/results.md, "Defaults and the task suite" and "ρ sweep and number of examples").
 
-# Why ρ = 0.3 for chat recipes (``python examples/chat_sweep.py``, results/chat_sweep.md): on
-# SmolLM2-135M-Instruct, tuned on questions that no shipped number is reported on (recipes/chat/questions-tune.txt for the French and pirate system prompts, with
-# the 120 training questions of their recipes; the third training wording of each fact for the
-# fact sheet, trained on the other two), held-out share of answers passing the checker / right:
-#   French  ρ 0.01 / 0.03 / 0.1 / 0.3: 0.48 / 0.53 / 0.55 / 0.60  (prompt 0.58)
-#   pirate                           0.45 / 0.50 / 0.55 / 0.53  (prompt 0.43)
-#   facts                            0.40 / 0.50 / 0.50 / 0.50  (prompt 0.50, 10 questions)
-# ρ = 0.3 is the best or within one question of it on each (40, 40 and 10 questions: one question
-# is 0.025, 0.025 and 0.1).  A system prompt's answers are sentences: hundreds of token positions
-# per example, where the short answers of the text suite have a few.
+# Why ρ = 0.3 for chat recipes: on SmolLM2-135M-Instruct, tuned on questions that no shipped
+# number is reported on (recipes/chat/questions-tune.txt for the French and pirate system prompts,
+# with the 120 training questions of their recipes; the third training wording of each fact for
+# the fact sheet, trained on the other two), ρ = 0.3 is the best or within one question of it on
+# each. A system prompt's answers are sentences: hundreds of token positions per example, where the
+# short answers of the text suite have a few. The figures: ``python examples/chat_sweep.py``,
+# results/chat_sweep.md.
 
-# Why broad: original, weight 3, augment off, ρ unchanged (examples/locality.py, Gemma 3 270M, on
-# translate-en-fr and en-es first, then dictionary-k8, element-symbol, nationality and the trial
-# roman.yaml): the moments bring other prompted tasks from 60-95 points below the prompted reference
-# to within a few points, and neutral perplexity from 9-17x the reference to ~1.1x, at ~1.5x the
-# compute; weight 1 leaves more of the side effect, 10 costs own accuracy on en-es; ρ 0.1 is more
-# local still but forgets new knowledge (dictionary-k8); augmentation in three more formats undoes
-# much of the locality (other tasks 25-40 points down again) and triples compute, for a small gain
-# on one held-out template.  ``broad: prompted`` (the texts through the loop, the prompted model as
-# target) is several times the compute for no better figures.  What no setting here reaches: held-out
-# query templates — a local patch keeps to the format it was fitted in (README "Locality").
+# Why broad: original, weight 3, augment off, ρ unchanged (``python examples/locality.py``, Gemma 3
+# 270M, on translate-en-fr and en-es first, then dictionary-k8, element-symbol, nationality and the
+# trial roman.yaml): the moments bring other prompted tasks close to the prompted reference and a
+# neutral text's perplexity close to the reference's, at a fraction more compute; weight 1 leaves
+# more of the side effect, 10 costs own accuracy on en-es; ρ 0.1 is more local still but forgets new
+# knowledge (dictionary-k8); augmentation in three more formats undoes much of the locality and
+# triples compute, for a small gain on one held-out template. ``broad: prompted`` (the texts through
+# the loop, the prompted model as target) is several times the compute for no better figures. What
+# no setting here reaches: held-out query templates — a local patch keeps to the format it was
+# fitted in. The figures: results/locality*.md (docs/results.md, "Locality and query formats").

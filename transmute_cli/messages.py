@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import NoReturn
 
-from .errors import RecipeError
+from transmute_cli.errors import RecipeError
 
 # Every character str.splitlines() breaks on: none may reach a one-line message.
 _LINE_BREAKS_RE = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
