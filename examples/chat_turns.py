@@ -107,7 +107,7 @@ def markdown(doc: dict) -> str:
              "(`recipes/chat/conversations-heldout.txt`; the first answer is the prompted model's, for every "
              "condition).", "",
              "| recipe | fitted on | examples | first turn: no prompt / prompt / patched | ÷ prompt | second turn: "
-             "no prompt / prompt / patched | ÷ prompt | fit s |", "|---|---|---|---|---|---|---|---|"]
+             "no prompt / prompt / patched | ÷ prompt |", "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         for variant, v in r["variants"].items():
             cells = []
@@ -115,10 +115,12 @@ def markdown(doc: dict) -> str:
                 x = v[key]
                 ratio = f"{x['patched'] / x['prompt']:.2f}" if x["prompt"] else "–"
                 cells += [f"{x['base']:.2f} / {x['prompt']:.2f} / **{x['patched']:.2f}**", ratio]
-            lines.append(f"| {r['recipe']} | {variant} | {v['examples']} | {' | '.join(cells)} | {v['fit_s']:.0f} |")
-    lines += ["", "Labels: " + "; ".join(f"{r['recipe']} {r['labels']} inputs in {r['label_s']:.0f} s, "
-                                         f"{r['conversations_kept']} conversations kept, {r['open']} open answers"
-                                         for r in doc["rows"])]
+            lines.append(f"| {r['recipe']} | {variant} | {v['examples']} | {' | '.join(cells)} |")
+    lines += ["", "Labels: " + "; ".join(f"{r['recipe']} {r['labels']} inputs, {r['conversations_kept']} of "
+                                         f"{doc['conversations']} conversations kept (the others stopped at an "
+                                         f"earlier answer still cut at 4 × max_new_tokens), {r['open']} open answers"
+                                         for r in doc["rows"]),
+              "", "(Times are in the .json; they were taken beside other jobs on the machine and are not timings.)"]
     return "\n".join(lines) + "\n"
 
 
@@ -128,7 +130,11 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=80)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="chat-turns")
+    ap.add_argument("--markdown-from", help="rewrite results/OUT.md from an earlier run's JSON (no model run)")
     args = ap.parse_args()
+    if args.markdown_from:
+        print(markdown(json.loads(Path(args.markdown_from).read_text())), end="")
+        return
     doc = run(args)
     (ROOT / "results" / f"{args.out}.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(doc)
