@@ -265,11 +265,12 @@ class _Loop:
             raise EngineError(f"non-finite activations at layer {l}: the model produced NaN or Inf")
         if cfg.null_space > 0 and self.moments is not None:
             stats.project(self._projector("sum_nn", l))
-        a = stats.solve_matrix(cfg.rho) if "matrix" in cfg.components else None
-        if a is not None and stats.rows is not None and cfg.diagnostics is not False:  # rows kept: cheap
-            num, den = fit_residual_rows(stats, a, [weight_of(get_module(self.layers[l], p)) for p in self.fam.mlp_in])
-        elif a is not None and stats.sum_dzdz is not None:
-            num, den = fit_residual(stats, a, _gram(self.layers[l], self.fam))
+        thought = stats.solve_matrix(cfg.rho) if "matrix" in cfg.components else None
+        if thought is not None and stats.rows is not None and cfg.diagnostics is not False:  # rows kept: cheap
+            weights = [weight_of(get_module(self.layers[l], p)) for p in self.fam.mlp_in]
+            num, den = fit_residual_rows(stats, thought, weights)
+        elif thought is not None and stats.sum_dzdz is not None:
+            num, den = fit_residual(stats, thought, _gram(self.layers[l], self.fam))
         else:
             num = den = 0.0
         self.fid[l].matrix_num += num
@@ -277,7 +278,7 @@ class _Loop:
         vec = down = None
         if cfg.solver == "joint":
             # "matrix" is A and D, "vector" the intercept: components [vector] is a vector only
-            down, vec, rel = self._joint(l, a, mbs, ctx_out, hooks, intercept="vector" in cfg.components,
+            down, vec, rel = self._joint(l, thought, mbs, ctx_out, hooks, intercept="vector" in cfg.components,
                                          matrix="matrix" in cfg.components)
             self.fid[l].vector_num += rel**2
             self.fid[l].vector_den += 1.0
@@ -287,7 +288,7 @@ class _Loop:
             self.fid[l].vector_den += stats.delta_sq.item()
         self.tokens[l] += stats.count - stats.moment_count  # the examples' tokens, not the moments'
         eta = cfg.step
-        for store, t in ((self.matrices, a), (self.vectors, vec), (self.downs, down)):
+        for store, t in ((self.matrices, thought), (self.vectors, vec), (self.downs, down)):
             if t is not None:
                 # summed over batches in float64, kept factored (rank T) with orthonormal right rows
                 t = eta * t
@@ -301,14 +302,14 @@ class _Loop:
             self._projectors[(which, l)] = null_projector(moment, self.cfg.null_space)
         return self._projectors[(which, l)]
 
-    def _joint(self, l: int, a, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool, matrix: bool = True):
+    def _joint(self, l: int, thought, mbs, ctx_out, hooks: ThoughtHooks, intercept: bool, matrix: bool = True):
         """Down-projection thought matrix D and thought vector c fitted *jointly* (ridge with an
         intercept) to the token-dependent gap e_t = h'^C_t − h'_t(A) that this batch's input-side
         matrix A leaves at the layer output — the part of the attention discrepancy that a
         constant vector cannot carry (e.g. "a newline comes next" only after an answer)."""
         layer = self.layers[l]
         hooks.clear(l)
-        hooks.set(l, a.float() if a is not None else None)  # this batch's own A, no vector, no D
+        hooks.set(l, thought.float() if thought is not None else None)  # this batch's own A, no vector, no D
         st = DownStats(self.f, self.d, self.cfg.stats_dtype, self.device,
                        row_limit=self.f - 1 if self.moments is not None else None)
         pn = post_norm(layer, self.fam)
