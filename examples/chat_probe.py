@@ -29,7 +29,7 @@ from transmute_cli.recipe.datafiles import Pair, load_inputs  # noqa: E402
 from transmute_cli.evaluation.generate import CHAT_TEMPLATE, evaluate  # noqa: E402
 from transmute_cli.recipe.formats import describe_format, parse_format, passes  # noqa: E402
 from transmute_cli.model.sources import CHAT_ALIAS  # noqa: E402
-from transmute_cli.model.loading import load_model
+from transmute_cli.model.loading import load_model  # noqa: E402
 
 CAPS_WORD = ["uppercase", "one_word"]
 CANDIDATES = [

@@ -36,13 +36,13 @@ import torch  # noqa: E402
 
 from transmute_cli.evaluation.generate import CHAT_TEMPLATE, evaluate, query_ids  # noqa: E402
 
-from transmute_cli.evaluation.heldout import answer_logits, first_tokens_agreement
+from transmute_cli.evaluation.heldout import answer_logits, first_tokens_agreement  # noqa: E402
 from transmute_cli.engine.fidelity import compare_logits  # noqa: E402
 from transmute_cli.recipe.formats import passes  # noqa: E402
 from transmute_cli.engine.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.artifacts.patch import load_patch  # noqa: E402
 from transmute_cli.pipeline import chat_of, compute  # noqa: E402
-from transmute_cli.model.loading import load_model
+from transmute_cli.model.loading import load_model  # noqa: E402
 from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 RECIPES = ("short", "french", "pirate", "facts")

@@ -29,7 +29,7 @@ from transmute_cli.engine.loop import compute_patch  # noqa: E402
 from transmute_cli.evaluation.generate import CHAT_TEMPLATE, correct_answers, evaluate  # noqa: E402
 from transmute_cli.recipe.formats import passes  # noqa: E402
 from transmute_cli.pipeline import chat_of, engine_config, label_inputs, patch_texts  # noqa: E402
-from transmute_cli.model.loading import load_model
+from transmute_cli.model.loading import load_model  # noqa: E402
 from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 CHAT = ROOT / "recipes" / "chat"

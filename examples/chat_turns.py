@@ -35,31 +35,23 @@ sys.path.insert(0, str(ROOT))
 from transmute_cli import defaults  # noqa: E402
 from transmute_cli.recipe.datafiles import Pair, load_texts  # noqa: E402
 from transmute_cli.evaluation.generate import CHAT_TEMPLATE, evaluate  # noqa: E402
-from transmute_cli.recipe.formats import passes  # noqa: E402
-from transmute_cli.pipeline import chat_of, fit, label_inputs, whole_answers  # noqa: E402
-from transmute_cli.model.loading import load_model
-from transmute_cli.recipe import TURN_MARK, chat_pool, chat_pool_conversations, load_recipe, parse_recipe  # noqa: E402
+from transmute_cli.pipeline import chat_of, fit, format_json, label_inputs, whole_answers  # noqa: E402
+from transmute_cli.model.loading import load_model  # noqa: E402
+from transmute_cli.recipe import chat_pool, chat_pool_conversations, conversations, load_recipe, parse_recipe  # noqa: E402
 from transmute_cli.recipe.schema import recipe_yaml  # noqa: E402
 
 HELD_CONVERSATIONS = ROOT / "recipes" / "chat" / "conversations-heldout.txt"
 
 
-def held_conversations() -> list[tuple[str, str]]:
-    out = []
-    for block in load_texts(HELD_CONVERSATIONS):
-        first, second = (t.strip() for t in block.split(f"\n{TURN_MARK}\n"))
-        out.append((first, second))
-    return out
-
-
 def rates(recipe, results) -> dict[str, float]:
-    return {r.condition: sum(passes(recipe.answer_format, a) for a in r.answers) / len(r.answers) for r in results}
+    """The answer_format pass rate per condition, as the report scores it (``format_json``)."""
+    return {r["condition"]: r["rate"] for r in format_json(recipe.answer_format, results)["results"]}
 
 
 def run(args) -> dict:
     rows, loaded = [], None
     pool, talks = chat_pool()[: defaults.CHAT_POOL_TRAIN], chat_pool_conversations()[: args.conversations]
-    convs = held_conversations()
+    convs = conversations(load_texts(HELD_CONVERSATIONS))  # two user turns each
     for name in args.recipes:
         shipped = load_recipe(ROOT / "recipes" / f"chat-{name}.yaml")
         loaded = loaded or load_model(shipped.model, device=args.device)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from transmute_cli import pipeline  # noqa: E402
 from transmute_cli.evaluation.heldout import answer_agreement, answer_kl, prompted_reference  # noqa: E402
-from transmute_cli.evaluation.generate import evaluate
+from transmute_cli.evaluation.generate import evaluate  # noqa: E402
 from transmute_cli.engine.hooks import ThoughtHooks  # noqa: E402
 from transmute_cli.recipe.datafiles import load_templates, load_texts  # noqa: E402
 from transmute_cli.recipe.schema import load_recipe  # noqa: E402

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import overrides  # noqa: E402  (examples/overrides.py)
 from transmute_cli.pipeline import compute  # noqa: E402
-from transmute_cli.model.loading import load_model
+from transmute_cli.model.loading import load_model  # noqa: E402
 from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 TASKS = ROOT / "examples" / "tasks"

@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from transmute_cli.evaluation.heldout import answer_agreement, answer_kl, prompted_reference  # noqa: E402
 
-from transmute_cli.evaluation.generate import evaluate
+from transmute_cli.evaluation.generate import evaluate  # noqa: E402
 from transmute_cli.pipeline import fit  # noqa: E402
-from transmute_cli.model.loading import load_model
+from transmute_cli.model.loading import load_model  # noqa: E402
 from transmute_cli.recipe.schema import load_recipe  # noqa: E402
 
 import overrides  # noqa: E402  (examples/overrides.py)

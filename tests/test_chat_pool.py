@@ -148,13 +148,12 @@ def test_the_pool_conversations_load_as_user_turns_and_share_nothing_with_the_po
     """transmute_cli/data/chat_pool_turns.txt: conversations of two or more user turns (the
     prompted model answers each in turn); none of their turns is a pool message, a question of a
     shipped chat recipe or of the held-out conversations (recipes/chat/conversations-heldout.txt)."""
-    from transmute_cli.recipe import TURN_MARK, chat_pool_conversations
+    from transmute_cli.recipe import TURN_MARK, chat_pool_conversations, conversations
 
     talks = chat_pool_conversations()
     assert len(talks) >= 80 and all(len(c) >= 2 and all(t and TURN_MARK not in t for t in c) for c in talks)
     turns = [t for c in talks for t in c]
-    held = [t.strip() for b in load_texts(ROOT / "recipes" / "chat" / "conversations-heldout.txt")
-            for t in b.split(f"\n{TURN_MARK}\n")]
+    held = [t for c in conversations(load_texts(ROOT / "recipes" / "chat" / "conversations-heldout.txt")) for t in c]
     assert len(held) == 48
     others = {bare(t) for t in pool()} | set(recipe_questions()) | {bare(t) for t in held}
     assert not [t for t in turns if bare(t) in others]

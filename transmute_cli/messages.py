@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import NoReturn
 
 from transmute_cli.errors import RecipeError
@@ -107,3 +108,11 @@ def key_label(key: object) -> str:
     if isinstance(key, int):
         return int_text(key)
     return shorten(str(key), SHOW_LIMIT)
+
+
+# progress lines for people: the pipeline and the model loader report through one of these
+Log = Callable[[str], None]
+
+
+def quiet(_msg: str) -> None:
+    """A Log that says nothing (the default when no one listens)."""

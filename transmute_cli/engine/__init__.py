@@ -13,15 +13,7 @@
 - ``distributed``: sharding over a torchrun process group
 """
 
-import importlib
+from transmute_cli.engine.config import EngineConfig, PatchResult
+from transmute_cli.engine.loop import compute_patch
 
-# the names most callers use, loaded on first use (an eager import here would run the whole
-# package whenever one of its modules is imported, and the layers below import single modules)
-_NAMES = {'EngineConfig': 'config', 'PatchResult': 'config', 'compute_patch': 'loop'}
-__all__ = sorted(_NAMES)
-
-
-def __getattr__(name: str):
-    if name in _NAMES:
-        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["EngineConfig", "PatchResult", "compute_patch"]

@@ -16,13 +16,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from transmute_cli.messages import Log, quiet
 from transmute_cli.errors import ModelError
 
 DEFAULT_ALIAS = "gemma-3-270m"
@@ -50,11 +51,6 @@ class ModelSource:
     path: str  # folder to load (converted for alias/gguf), or the hub id
 
 
-Log = Callable[[str], None]
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def resolve(spec: str, log: Log = quiet) -> ModelSource:

@@ -12,7 +12,7 @@ from transmute_cli.evaluation.generate import evaluate
 from transmute_cli.model.loading import Loaded, load_model
 from transmute_cli.recipe.schema import eval_queries
 from transmute_cli.pipeline.prepare import (
-    Log, quiet, patch_texts, broad_texts, broad_moments, chat_of, CONTINUE_FACTOR, whole_answers, preserve_texts,
+    patch_texts, broad_texts, broad_moments, chat_of, CONTINUE_FACTOR, whole_answers, preserve_texts,
     format_instruction, patch_contexts, many_shot_prompt, label_inputs, answer_turns, engine_config, fit, with_source,
 )
 from transmute_cli.pipeline.results import (
@@ -24,4 +24,13 @@ from transmute_cli.pipeline.cmd_compute import compute
 from transmute_cli.pipeline.cmd_apply import apply, export_gguf, peft_base
 from transmute_cli.pipeline.cmd_eval import eval_gguf, resolve_target, eval_target
 
-__all__ = ['evaluate', 'Loaded', 'load_model', 'eval_queries', 'Log', 'quiet', 'patch_texts', 'broad_texts', 'broad_moments', 'chat_of', 'CONTINUE_FACTOR', 'whole_answers', 'preserve_texts', 'format_instruction', 'patch_contexts', 'many_shot_prompt', 'label_inputs', 'answer_turns', 'engine_config', 'fit', 'with_source', 'many_shot_result', 'many_shot_json', 'LOCALITY_TEXT', 'LOCALITY_TOKENS', 'LocalityReference', 'locality_reference', 'locality_json', 'results_json', 'heldout_json', 'labelled_results', 'eval_json', 'format_json', 'prompt_warnings', 'samples_json', 'fidelity_json', 'patch_metadata', 'model_json', 'settings_json', 'compute', 'apply', 'export_gguf', 'peft_base', 'eval_gguf', 'resolve_target', 'eval_target']
+__all__ = [
+    'evaluate', 'Loaded', 'load_model', 'eval_queries', 'patch_texts', 'broad_texts',
+    'broad_moments', 'chat_of', 'CONTINUE_FACTOR', 'whole_answers', 'preserve_texts', 'format_instruction',
+    'patch_contexts', 'many_shot_prompt', 'label_inputs', 'answer_turns', 'engine_config', 'fit', 'with_source',
+    'many_shot_result', 'many_shot_json', 'LOCALITY_TEXT', 'LOCALITY_TOKENS', 'LocalityReference',
+    'locality_reference', 'locality_json', 'results_json', 'heldout_json', 'labelled_results', 'eval_json',
+    'format_json', 'prompt_warnings', 'samples_json', 'fidelity_json', 'patch_metadata', 'model_json',
+    'settings_json', 'compute', 'apply', 'export_gguf', 'peft_base', 'eval_gguf', 'resolve_target',
+    'eval_target',
+]

@@ -20,7 +20,8 @@ from transmute_cli.artifacts.outputs import atomic_dir, atomic_file, check_file_
 from transmute_cli.artifacts.patch import check_compatible, combine, load_patch
 from transmute_cli.recipe.schema import Recipe, parse_recipe
 from transmute_cli.report.markdown import adapter_card
-from transmute_cli.pipeline.prepare import Log, quiet, patch_texts, chat_of
+from transmute_cli.messages import Log, quiet
+from transmute_cli.pipeline.prepare import patch_texts, chat_of
 from transmute_cli.pipeline.results import model_json
 
 

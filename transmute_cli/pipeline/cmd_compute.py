@@ -23,8 +23,9 @@ from transmute_cli.artifacts.outputs import atomic_dir, check_target
 from transmute_cli.artifacts.patch import save_patch
 from transmute_cli.recipe.schema import Recipe, eval_queries
 from transmute_cli.report.markdown import report_markdown
+from transmute_cli.messages import Log, quiet
 from transmute_cli.pipeline.prepare import (
-    Log, quiet, patch_texts, chat_of, preserve_texts, many_shot_prompt, label_inputs, fit, with_source,
+    patch_texts, chat_of, preserve_texts, many_shot_prompt, label_inputs, fit, with_source,
 )
 from transmute_cli.pipeline.results import (
     many_shot_result, many_shot_json, locality_reference, locality_json, heldout_json, eval_json, prompt_warnings,
@@ -77,7 +78,7 @@ def compute(
         log(f"loading model {recipe.model}")
         loaded = load_model(recipe.model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family=family,
                             device_map=device_map, log=log)
-    family = loaded.fam  # resolved once, with the model: every step below is handed it
+    fam = loaded.fam  # resolved once, with the model: every step below is handed it
     t_load = time.perf_counter() - t0
     t_label = time.perf_counter()
     if recipe.pool:
@@ -85,9 +86,9 @@ def compute(
     if recipe.inputs:
         log(f"labelling {len(recipe.inputs)} inputs with the prompted model's greedy answers")
     chat = chat_of(recipe, loaded)
-    recipe, labels = label_inputs(recipe, loaded, family=family, chat=chat)
+    recipe, labels = label_inputs(recipe, loaded, family=fam, chat=chat)
     try:  # a conversation the chat template cannot align is named in the recipe's file
-        preserve, preserve_cut = preserve_texts(recipe, loaded, chat, family=family)
+        preserve, preserve_cut = preserve_texts(recipe, loaded, chat, family=fam)
         texts = patch_texts(recipe, chat)
     except InputError as e:
         raise with_source(e, recipe, labels) from None
@@ -101,7 +102,7 @@ def compute(
     t1 = time.perf_counter()
     done = False
     try:
-        res = fit(recipe, loaded, progress=progress, family=family, distributed=distributed,
+        res = fit(recipe, loaded, progress=progress, family=fam, distributed=distributed,
                   diagnostics=diagnostics or None, chat=chat, preserve=preserve, fidelity=fidelity)
         done = True
     except InputError as e:
@@ -148,18 +149,18 @@ def compute(
         t2 = time.perf_counter()
         template = CHAT_TEMPLATE if chat else recipe.template
         results = evaluate(loaded.model, loaded.tokenizer, recipe.instruction, queries, [template], patch,
-                           max_new_tokens=recipe.max_new_tokens, family=family, chat=chat)
+                           max_new_tokens=recipe.max_new_tokens, family=fam, chat=chat)
         report["eval"] = eval_json(recipe, results)
         shot_answers = None
         by = {r.condition: r for r in results}
         held = heldout_fidelity(loaded.model, loaded.tokenizer, recipe.instruction, queries, template, patch,
-                                by["prompt"], by["patched"], by["base"], family=family, chat=chat)
+                                by["prompt"], by["patched"], by["base"], family=fam, chat=chat)
         report["fidelity"]["heldout"] = heldout_json(held)
         if recipe.demonstrations:  # the prompt the patch distils, as a user could write it instead
-            shot = many_shot_result(recipe, loaded, queries, family=family)
+            shot = many_shot_result(recipe, loaded, queries, family=fam)
             # the patch measured against the prompt it distils, beside the instruction as written
             held_shot = heldout_fidelity(loaded.model, loaded.tokenizer, many_shot_prompt(recipe), queries, template,
-                                         patch, shot, by["patched"], by["base"], family=family)
+                                         patch, shot, by["patched"], by["base"], family=fam)
             report["eval"]["many_shot_prompt"] = {**many_shot_json(recipe, shot), "heldout": heldout_json(held_shot)}
             shot_answers = {"many_shot_prompt": shot.answers}
         report["samples"] = samples_json(recipe, queries, results, shot_answers)

@@ -17,7 +17,8 @@ from transmute_cli.evaluation.generate import CHAT_TEMPLATE, Result, evaluate
 from transmute_cli.model.loading import load_model
 from transmute_cli.artifacts.patch import check_compatible, load_patch
 from transmute_cli.recipe.schema import eval_queries, load_recipe, parse_recipe
-from transmute_cli.pipeline.prepare import Log, quiet, chat_of
+from transmute_cli.messages import Log, quiet
+from transmute_cli.pipeline.prepare import chat_of
 from transmute_cli.pipeline.results import (
     many_shot_result, many_shot_json, locality_reference, locality_json, eval_json, prompt_warnings, samples_json,
 )

@@ -5,7 +5,7 @@ engine's settings, and the fit itself."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,11 +20,6 @@ from transmute_cli.engine.moments import Moments, load_or_compute
 from transmute_cli.recipe.schema import MAX_NEW_TOKENS_LIMIT, Recipe, with_labels
 from transmute_cli.recipe.fields import turns
 
-Log = Callable[[str], None]
-
-
-def quiet(_msg: str) -> None:
-    pass
 
 
 def patch_texts(recipe: Recipe, chat: ChatFormat | None = None) -> list[str]:

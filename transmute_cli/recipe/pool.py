@@ -4,6 +4,8 @@ and scored on (the pool's last messages)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from transmute_cli import defaults
 from transmute_cli.recipe.datafiles import shipped_path, shipped_texts
 from transmute_cli.recipe.fields import input_items
@@ -18,10 +20,15 @@ def chat_pool() -> tuple[str, ...]:
     return tuple(t.strip() for t in shipped_texts(POOL_NAME))
 
 
+def conversations(blocks: Iterable[str]) -> tuple[tuple[str, ...], ...]:
+    """Conversations from the blocks of a texts file (``load_texts``): each block the user's turns,
+    separated by a ``<next turn>`` line."""
+    return tuple(tuple(t.strip() for t in block.split(f"\n{TURN_MARK}\n")) for block in blocks)
+
+
 def chat_pool_conversations() -> tuple[tuple[str, ...], ...]:
-    """The shipped multi-turn conversations (transmute_cli/data/chat_pool_turns.txt): each the
-    user's turns, separated in the file by a ``<next turn>`` line."""
-    return tuple(tuple(t.strip() for t in block.split(f"\n{TURN_MARK}\n")) for block in shipped_texts(POOL_TURNS_NAME))
+    """The shipped multi-turn conversations (transmute_cli/data/chat_pool_turns.txt)."""
+    return conversations(shipped_texts(POOL_TURNS_NAME))
 
 
 def from_pool(data: dict, values: dict) -> str:
