@@ -79,7 +79,7 @@ class _Residuals:
 
 class _Loop:
     def __init__(self, model, tokenizer, instruction, texts, cfg: EngineConfig, progress, family, preserve=(),
-                 contexts=None, plain=None, broad=(), moments=None):
+                 contexts=None, plain=None, broad=(), moments=None, weights=None):
         cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress or (lambda _p: None)
         self.fam = family_for(model, family)
@@ -87,7 +87,7 @@ class _Loop:
         self.L = len(self.layers)
         self.patch_layers = resolve_layers(cfg.layers, self.L)
         self.device = model_device(model)
-        self.enc = encode(tokenizer, instruction, texts, preserve, contexts, plain, broad)
+        self.enc = encode(tokenizer, instruction, texts, preserve, contexts, plain, broad, weights)
         self.moments = moments
         self._projectors: dict[tuple[str, int], torch.Tensor] = {}  # null_space: per (moment, layer)
         if not self.enc.texts:
@@ -229,7 +229,8 @@ class _Loop:
         # with moments the factored solve is the cheaper one while T < d (a d×d solve either way)
         stats = LayerStats(self.d, cfg.stats_dtype, self.device, residual=cfg.diagnostics is True,
                            row_limit=self.d - 1 if self.moments is not None else None) if patched else None
-        ctx_out: list[torch.Tensor] = []  # joint: contextual layer output u^C + y^C at x [tokens, d]
+        # joint: contextual layer output u^C + y^C at x [tokens, d], per micro-batch and token group
+        ctx_out: list[list[torch.Tensor]] = []
         next_prefixes: dict[int, torch.Tensor] = {}
         for mb in mbs:
             if patched or cfg.propagation == "incremental":
@@ -242,12 +243,15 @@ class _Loop:
                     next_prefixes.setdefault(mb.context, out[:1, :P].clone())
             if not patched:
                 continue
-            m = mb.xmask
-            uc, nc = select(c["u"], P, m), select(c["n"], P, m)
+            groups = list(mb.groups())
+            ucs = [select(c["u"], P, m) for m, _ in groups]
+            ncs = [select(c["n"], P, m) for m, _ in groups]
             if joint:  # summed in the statistics' dtype: a bf16 model's states are not added in bf16
-                ctx_out.append(uc.to(cfg.stats_dtype) + select(c["y"], P, m).to(cfg.stats_dtype))
+                ctx_out.append([uc.to(cfg.stats_dtype) + select(c["y"], P, m).to(cfg.stats_dtype)
+                                for uc, (m, _) in zip(ucs, groups)])
             c, _ = self._nctx_pass(l, mb)
-            stats.add(select(c["n"], p, m), nc, select(c["u"], p, m), uc, mb.weight)
+            for (m, w), uc, nc in zip(groups, ucs, ncs):
+                stats.add(select(c["n"], p, m), nc, select(c["u"], p, m), uc, w)
         if patched and cfg.distributed:
             stats.all_reduce()
         if patched and stats.count and self.moments is not None:  # after the all_reduce: added once
@@ -315,15 +319,15 @@ class _Loop:
         pn = post_norm(layer, self.fam)
         scale, eps = (pn[0].to(self.device, self.cfg.stats_dtype), pn[1]) if pn else (None, 0.0)
         try:
-            for mb, target in zip(mbs, ctx_out):
+            dt = self.cfg.stats_dtype
+            for mb, targets in zip(mbs, ctx_out):
                 c, _ = self._nctx_pass(l, mb)
-                m = mb.xmask
-                dt = self.cfg.stats_dtype
-                e = target - (select(c["u"], self.p, m).to(dt) + select(c["y"], self.p, m).to(dt))
-                act = select(c["a"], self.p, m).to(self.cfg.stats_dtype)
-                if scale is not None:
-                    act = rms_scaled(act, select(c["m"], self.p, m).to(self.cfg.stats_dtype), eps)
-                st.add(act, e, mb.weight)
+                for (m, w), target in zip(mb.groups(), targets):
+                    e = target - (select(c["u"], self.p, m).to(dt) + select(c["y"], self.p, m).to(dt))
+                    act = select(c["a"], self.p, m).to(dt)
+                    if scale is not None:
+                        act = rms_scaled(act, select(c["m"], self.p, m).to(dt), eps)
+                    st.add(act, e, w)
         finally:
             self._install(hooks, l)
         if self.cfg.distributed:
@@ -354,6 +358,7 @@ def compute_patch(
     plain: str | None = None,
     broad: Sequence[str] = (),
     moments: Moments | None = None,
+    weights: Sequence[Sequence[float]] | None = None,
 ) -> PatchResult:
     """Compute a thought patch that makes ``model`` without ``instruction`` act as if it were there.
 
@@ -371,8 +376,11 @@ def compute_patch(
     of ``instruction`` in that text's contextual pass.  ``plain`` (chat recipes): the text the
     non-contextual pass starts with — the chat template without a system message — while the
     contextual one starts with ``instruction``, the template with it (``chat.ChatFormat``); nothing
-    else is put before either.  The model is left exactly as it was:
+    else is put before either.  ``weights``: per text, one weight per token of it (its ids as
+    ``tokens.token_ids`` gives them), multiplying that position's terms in every least-squares sum;
+    0 leaves the position unfitted (chat recipes: ``chat.ChatFormat.token_weights``).  The model is
+    left exactly as it was:
     patches live in hooks during the computation.
     """
     return _Loop(model, tokenizer, instruction, texts, config or EngineConfig(), progress, family, preserve,
-                 contexts, plain, broad, moments).run()
+                 contexts, plain, broad, moments, weights).run()

@@ -4,7 +4,8 @@ batched into right-padded micro-batches.  No model is run here."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,10 @@ class Encoded:
     ``None``: ``pre``.
 
     ``contexts`` (many-shot recipes): the distinct instructions the example texts are patched
-    under, and ``context_of[i]`` the one text i sees; empty when every text sees ``instruction``."""
+    under, and ``context_of[i]`` the one text i sees; empty when every text sees ``instruction``.
+
+    ``weights``: per example text, each token's weight in the least-squares sums (0: the position
+    is not fitted); empty when every token counts once."""
 
     pre: tuple[int, ...]
     instruction: tuple[int, ...]
@@ -44,6 +48,7 @@ class Encoded:
     context_of: tuple[int, ...] = ()
     plain: tuple[int, ...] | None = None
     broad: tuple[tuple[int, ...], ...] = ()
+    weights: tuple[tuple[float, ...], ...] = ()
 
     @property
     def npre(self) -> tuple[int, ...]:
@@ -73,14 +78,18 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence[str] = (),
-           contexts: Sequence[str] | None = None, plain: str | None = None, broad: Sequence[str] = ()) -> Encoded:
+           contexts: Sequence[str] | None = None, plain: str | None = None, broad: Sequence[str] = (),
+           weights: Sequence[Sequence[float]] | None = None) -> Encoded:
     """Tokenize I and each x separately so the positions of x align in both passes.
     ``contexts``: one instruction per text (many-shot), in place of ``instruction`` for that text.
     ``plain`` (chat): the text before x in the non-contextual pass; then nothing is added before
-    either pass's text (the chat template writes any BOS itself)."""
+    either pass's text (the chat template writes any BOS itself).  ``weights``: one weight per
+    token of each text (``Encoded.weights``; checked by ``check_lengths``)."""
     ids = lambda s: tuple(token_ids(tokenizer, s))  # noqa: E731
     distinct: tuple[tuple[int, ...], ...] = ()
     context_of: tuple[int, ...] = ()
+    if weights is not None and len(weights) != len(texts):
+        raise ValueError(f"{len(weights)} token weight lists for {len(texts)} texts")
     if contexts is not None:
         if len(contexts) != len(texts):
             raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts")
@@ -88,7 +97,8 @@ def encode(tokenizer, instruction: str, texts: Sequence[str], preserve: Sequence
         distinct, context_of = tuple(ids(c) for c in order), tuple(order.index(c) for c in contexts)
     pre = tuple(special_prefix(tokenizer)) if plain is None else ()
     return Encoded(pre, ids(instruction), tuple(ids(t) for t in texts), tuple(ids(t) for t in preserve), distinct,
-                   context_of, None if plain is None else ids(plain), tuple(ids(t) for t in broad))
+                   context_of, None if plain is None else ids(plain), tuple(ids(t) for t in broad),
+                   tuple(tuple(float(v) for v in w) for w in weights) if weights is not None else ())
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -107,6 +117,12 @@ def check_lengths(model: nn.Module, enc: Encoded) -> None:
                 f"instruction + example is {prefix + len(x)} tokens; the model's context is {limit}",
                 field=f"examples[{i}]",
             )
+        if enc.weights:
+            w = enc.weights[i]
+            if len(w) != len(x):
+                raise ValueError(f"text {i}: {len(w)} token weights for {len(x)} tokens")
+            if not all(v >= 0 and math.isfinite(v) for v in w) or not any(v > 0 for v in w):
+                raise InputError("token weights must be finite, >= 0, and not all 0", field=f"examples[{i}]")
     for i, z in enumerate(enc.preserve):
         if not z:
             raise InputError("the text is empty after tokenization", field=f"preserve[{i}]")
@@ -158,6 +174,7 @@ class MicroBatch:
     ctx_ids: torch.Tensor  # [B, P + Tx]   pre + I + x (every row under the same instruction)
     nctx_ids: torch.Tensor  # [B, p + Tx]  pre + x
     xmask: torch.Tensor  # [B, Tx] bool: real tokens of x
+    xweight: torch.Tensor | None = None  # [B, Tx] each token's weight (Encoded.weights); None: all 1
     start: int = 0  # where x starts in ctx_ids (P; p for preservation)
     preserve: bool = False
     weight: float = 1.0  # of each token in the least-squares sums
@@ -168,6 +185,17 @@ class MicroBatch:
     ctx_call: list[LayerCall] | None = None
     nctx_call: list[LayerCall] | None = None
 
+    def groups(self) -> Iterator[tuple[torch.Tensor, float]]:
+        """(mask [B, Tx], weight) of the tokens fitted with one weight each: every real token with
+        ``weight``, or, with token weights, each distinct non-zero weight's tokens (the sums are
+        order-free, so a micro-batch's tokens may enter them group by group)."""
+        if self.xweight is None:
+            yield self.xmask, self.weight
+            return
+        for v in torch.unique(self.xweight[self.xmask]).tolist():
+            if v > 0:
+                yield self.xmask & (self.xweight == v), self.weight * v
+
 
 def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, device, *, preserve: bool = False,
                    weight: float = 1.0, broad: bool = False) -> list[MicroBatch]:
@@ -176,26 +204,30 @@ def micro_batches(enc: Encoded, index: Sequence[int], size: int, pad: int, devic
     the example texts, or the preservation texts (``preserve``), or the broad texts (``broad``:
     patched like examples, all under the first instruction)."""
     texts = enc.preserve if preserve else enc.broad if broad else enc.texts
+    weights = () if preserve or broad else enc.weights
     groups: dict[int, list[int]] = {}
     for i in index:
         groups.setdefault(0 if preserve or broad else enc.context(i), []).append(i)
     out = []
     for context, members in groups.items():
         ctx_prefix = enc.npre if preserve else enc.pre + enc.instruction_ids(context)
-        out += _chunks(texts, members, size, pad, device, ctx_prefix, enc.npre, preserve, weight, context)
+        out += _chunks(texts, members, size, pad, device, ctx_prefix, enc.npre, preserve, weight, context, weights)
     return out
 
 
-def _chunks(texts, index, size, pad, device, ctx_prefix, pre, preserve, weight, context) -> list[MicroBatch]:
+def _chunks(texts, index, size, pad, device, ctx_prefix, pre, preserve, weight, context, weights) -> list[MicroBatch]:
     out = []
     for s in range(0, len(index), size):
         idx = list(index[s : s + size])
         tx = max(len(texts[i]) for i in idx)
         xs = torch.full((len(idx), tx), pad, dtype=torch.long)
         xmask = torch.zeros((len(idx), tx), dtype=torch.bool)
+        xweight = torch.zeros((len(idx), tx), dtype=torch.float64) if weights else None
         for r, i in enumerate(idx):
             xs[r, : len(texts[i])] = torch.tensor(texts[i])
             xmask[r, : len(texts[i])] = True
+            if xweight is not None:
+                xweight[r, : len(texts[i])] = torch.tensor(weights[i], dtype=torch.float64)
         ctx_pre = torch.tensor(ctx_prefix, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
         nctx_pre = torch.tensor(pre, dtype=torch.long).reshape(1, -1).expand(len(idx), -1)
         out.append(
@@ -204,6 +236,7 @@ def _chunks(texts, index, size, pad, device, ctx_prefix, pre, preserve, weight, 
                 torch.cat([ctx_pre, xs], 1).to(device),
                 torch.cat([nctx_pre, xs], 1).to(device),
                 xmask.to(device),
+                None if xweight is None else xweight.to(device),
                 start=len(ctx_prefix),
                 preserve=preserve,
                 weight=weight,

@@ -22,6 +22,24 @@ from transmute_cli.recipe.datafiles import Pair
 from transmute_cli.errors import InputError
 from transmute_cli.model.tokens import token_ids
 
+@dataclass(frozen=True)
+class Positions:
+    """How much each part of a chat example's x counts in the fit (``ChatFormat.token_weights``):
+    ``lead``, the tokens before the first user message's words (the system turn's closing token
+    and the user turn's header); ``turns``, the rest before the fitted answer (user turns, earlier
+    answers, the assistant header); ``first``, the answer's first ``first_tokens`` tokens; 1, the
+    rest of the answer with its end-of-turn token."""
+
+    lead: float = 1.0
+    turns: float = 1.0
+    first: float = 1.0
+    first_tokens: int = 0
+
+    @property
+    def uniform(self) -> bool:
+        return self.lead == self.turns == 1.0 and (self.first == 1.0 or self.first_tokens == 0)
+
+
 # a conversation to find where the turns start (any text will do; checked on every real one)
 _PROBE = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
 
@@ -58,6 +76,30 @@ class ChatFormat:
         if answer:  # an open answer (cut at the cap) ends at its last token: no end-of-turn after it
             texts = [_open(t, p.output, f"{where}[{i}]") if p.open else t for i, (t, p) in enumerate(zip(texts, pairs))]
         return texts
+
+
+    def token_weights(self, pairs: Sequence[Pair], texts: Sequence[str], positions: Positions) -> list[list[float]]:
+        """Per patch text (``texts(pairs, answer=True)``), one weight per token (``Positions``)."""
+        out = []
+        for i, (p, x) in enumerate(zip(pairs, texts)):
+            ids = token_ids(self.tokenizer, x)
+            query = self.turns(p.messages(False), generation_prompt=True, where=f"examples[{i}]")
+            first = p.messages(False)[0]["content"]
+            lead = _common(ids, token_ids(self.tokenizer, x[: max(x.find(first), 0)]))
+            start = _common(ids, token_ids(self.tokenizer, query))
+            w = [positions.lead] * lead + [positions.turns] * (start - lead) + [1.0] * (len(ids) - start)
+            for t in range(start, min(start + positions.first_tokens, len(ids))):
+                w[t] = positions.first
+            out.append(w)
+        return out
+
+
+def _common(ids: list[int], head: list[int]) -> int:
+    """How many leading tokens ``ids`` shares with ``head``."""
+    k = 0
+    while k < min(len(ids), len(head)) and ids[k] == head[k]:
+        k += 1
+    return k
 
 
 def _open(text: str, answer: str, where: str) -> str:
