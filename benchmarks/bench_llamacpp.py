@@ -48,16 +48,19 @@ def _time(llm, ids: list[int], tokens: int) -> tuple[float, float]:
 def _time_hf(model, ids: list[int], tokens: int) -> tuple[float, float]:
     """``_time`` for a transformers model: prefill, then greedy steps on its KV cache."""
     import torch
+    from transformers import DynamicCache
+
+    from transmute_cli.engine.hooks import cache_kwargs
 
     with torch.inference_mode():
+        cache = DynamicCache(config=model.config)  # filled in place, passed under the name this transformers takes
         t0 = time.perf_counter()
-        out = model(torch.tensor([ids]), use_cache=True)
+        out = model(torch.tensor([ids]), **cache_kwargs(model, cache))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         first = time.perf_counter()
-        cache = out.past_key_values
         for _ in range(tokens - 1):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(nxt, **cache_kwargs(model, cache))
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         end = time.perf_counter()
     return first - t0, (tokens - 1) / (end - first) if tokens > 1 else float("nan")
 

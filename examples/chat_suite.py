@@ -2,7 +2,7 @@
 held-out questions, and what it does to other chats.
 
     python examples/chat_suite.py [--recipes french pirate ...] [--neutral recipes/chat/neutral-chats.txt]
-        -> results/chat.{json,md}
+        [--turns-weight W] -> results/chat.{json,md}
 
 Per recipe, one ``transmute compute`` (the product's own path, no checkpoint) on
 SmolLM2-135M-Instruct, then:
@@ -129,6 +129,7 @@ def one(loaded, label: str, recipe, neutral: list[str], out: Path) -> dict:
     served = served_with_another_system_prompt(loaded, recipe, patch)
     row = {
         "recipe": label, "score": score, "heldout": held["queries"], "rho": recipe.rho,
+        "turns_weight": recipe.turns_weight,
         "no_prompt": by["base"], "prompt": by["prompt"], "patched": by["patched"],
         "ratio": by["patched"] / by["prompt"] if by["prompt"] else None,
         "same_first_tokens": held["first_tokens_agreement"], "base_same_first_tokens": held["base_first_tokens_agreement"],
@@ -150,6 +151,8 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes:
             recipe = load_recipe(ROOT / "recipes" / f"chat-{name}.yaml")
+            if args.turns_weight is not None:  # as if the recipe said turns_weight: W
+                recipe = recipe.model_copy(update={"turns_weight": args.turns_weight})
             loaded = loaded or load_model(recipe.model, device=args.device)
             # a recipe with preservation texts is measured without them too: what they buy
             variants = [(name, recipe)] + ([(f"{name} without preserve", recipe.model_copy(update={"preserve": ()}))]
@@ -205,6 +208,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     ap.add_argument("--neutral", default=str(ROOT / "recipes" / "chat" / "neutral-chats.txt"))
+    ap.add_argument("--turns-weight", type=float, default=None,
+                    help="every recipe as if it said turns_weight: W (default: the recipes' own)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "results" / "chat"))
     args = ap.parse_args()

@@ -565,7 +565,7 @@ BAD_RECIPES = {
                     "bogus: unknown key (allowed: answer_format, augment, batches, broad, broad_weight, chat, components, demonstrations, eta, eval, eval_file, "
                     "eval_inputs, eval_inputs_file, examples, "
                     "examples_file, inputs, inputs_file, instruction, layers, max_new_tokens, model, name, patch_templates, preserve, preserve_file, preserve_weight, "
-                    "rho, rules, seed, solver, template)"),
+                    "rho, rules, seed, solver, template, turns_weight)"),
     "wrong-type": (dict(rho="abc"), "rho: must be a number >= 0, got a string ('abc')"),
     "empty-examples": (dict(examples=[]), "examples: at least one example is required (examples, examples_file, inputs or inputs_file)"),
     "no-output-field": (dict(template="{input} ->"), "template: must contain {input} and {output}"),

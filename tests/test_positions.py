@@ -144,3 +144,45 @@ def test_chat_positions_weigh_the_system_close_the_turns_and_the_answer_apart():
         assert tok.decode(ids[start:]).startswith(p.output[:2])  # the answer starts where weight 4 does
     assert Positions().uniform and Positions(first=3.0).uniform and not pos.uniform
     assert f.token_weights(pairs, texts, Positions()) == [[1.0] * len(token_ids(tok, x)) for x in texts]
+
+
+# --------------------------------------------------------------------------- the recipe key
+
+
+BASE = "model: m\ninstruction: Be brief.\nexamples:\n  - [Hi there, Bonjour.]\n  - [And you, Et toi.]\n"
+
+
+def test_turns_weight_defaults_to_the_measured_setting_and_needs_chat():
+    from transmute_cli import defaults
+    from transmute_cli.errors import RecipeError
+    from transmute_cli.recipe.schema import parse_recipe
+
+    assert parse_recipe(BASE + "chat: true\n").turns_weight == defaults.TURNS_WEIGHT
+    assert parse_recipe(BASE + "chat: true\nturns_weight: 3\n").turns_weight == 3.0
+    with pytest.raises(RecipeError, match="r.yaml: turns_weight: .*needs chat: true"):
+        parse_recipe(BASE + "turns_weight: 3\n", source="r.yaml")
+    with pytest.raises(RecipeError, match="r.yaml: turns_weight: "):
+        parse_recipe(BASE + "chat: true\nturns_weight: -1\n", source="r.yaml")
+
+
+def test_the_fit_passes_a_chat_recipes_turns_weight_to_the_engine(monkeypatch):
+    import types
+
+    from transmute_cli.pipeline import prepare
+    from transmute_cli.recipe.schema import parse_recipe
+
+    tok = chat_tokenizer()
+    f = chat_format(tok, SYSTEM)
+    seen = {}
+    monkeypatch.setattr(prepare, "compute_patch", lambda *a, **k: seen.update(k))
+    monkeypatch.setattr(prepare, "broad_moments", lambda *a: None)
+    loaded = types.SimpleNamespace(model=None, tokenizer=tok)
+    for text, uniform in ((BASE + "chat: true\n", True), (BASE + "chat: true\nturns_weight: 3\n", False)):
+        recipe = parse_recipe(text)
+        prepare.fit(recipe, loaded, chat=f)
+        if uniform:
+            assert seen["weights"] is None
+        else:
+            texts = prepare.patch_texts(recipe, f)
+            assert seen["weights"] == f.token_weights(recipe.examples, texts, Positions(turns=3.0))
+            assert {v for w in seen["weights"] for v in w} == {1.0, 3.0}

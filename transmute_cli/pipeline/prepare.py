@@ -13,7 +13,7 @@ from transmute_cli.model.families import Family
 from transmute_cli.recipe.datafiles import Pair, render, rerender, shipped_path, shipped_texts
 from transmute_cli.engine.loop import EngineConfig, PatchResult, ProgressFn, compute_patch
 from transmute_cli.errors import InputError
-from transmute_cli.recipe.chat import ChatFormat, chat_format
+from transmute_cli.recipe.chat import ChatFormat, Positions, chat_format
 from transmute_cli.evaluation.generate import CHAT_TEMPLATE, Result, evaluate
 from transmute_cli.model.loading import Loaded, cache_dir
 from transmute_cli.engine.moments import Moments, load_or_compute
@@ -237,13 +237,20 @@ def fit(recipe: Recipe, loaded: Loaded, *, progress: ProgressFn | None = None, f
     preservation texts and the broad texts, with the recipe's settings (``over`` replaces some:
     the experiments' variants).  ``preserve``: the texts as ``preserve_texts`` made them (a chat
     recipe's need the model's answers), else the recipe's own."""
-    return compute_patch(loaded.model, loaded.tokenizer, chat.system if chat else recipe.instruction,
-                         patch_texts(recipe, chat),
+    texts = patch_texts(recipe, chat)
+    return compute_patch(loaded.model, loaded.tokenizer, chat.system if chat else recipe.instruction, texts,
                          engine_config(recipe, distributed=distributed, diagnostics=diagnostics, **over),
                          progress=progress, family=family,
                          preserve=list(recipe.preserve) if preserve is None else preserve,
                          contexts=patch_contexts(recipe), plain=chat.plain if chat else None,
-                         broad=broad_texts(recipe), moments=broad_moments(recipe, loaded))
+                         broad=broad_texts(recipe), moments=broad_moments(recipe, loaded),
+                         weights=token_weights(recipe, chat, texts))
+
+
+def token_weights(recipe: Recipe, chat: ChatFormat | None, texts: Sequence[str]) -> list[list[float]] | None:
+    """A chat recipe's weight per token of each patch text (``turns_weight``); None: all 1."""
+    positions = Positions(turns=recipe.turns_weight)
+    return None if chat is None or positions.uniform else chat.token_weights(recipe.examples, texts, positions)
 
 
 def with_source(err: InputError, recipe: Recipe, labels: Sequence[dict] = ()) -> InputError:

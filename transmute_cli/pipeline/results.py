@@ -215,6 +215,7 @@ def patch_metadata(recipe: Recipe, loaded: Loaded) -> dict[str, str]:
         "broad_weight": repr(recipe.broad_weight),
         "demonstrations": str(recipe.demonstrations),
         "chat": str(recipe.chat).lower(),
+        **({"turns_weight": repr(recipe.turns_weight)} if recipe.chat else {}),
     }
 
 
@@ -235,6 +236,7 @@ def settings_json(recipe: Recipe) -> dict:
         "seed": recipe.seed, "templates": [CHAT_TEMPLATE] if recipe.chat else list(recipe.patch_formats()),
         "chat": recipe.chat, "augment": recipe.augment,
         "preserve_texts": len(recipe.preserve), "preserve_weight": recipe.preserve_weight,
+        **({"turns_weight": recipe.turns_weight} if recipe.chat else {}),
         "broad": recipe.broad, "broad_weight": recipe.broad_weight,
         "demonstrations": recipe.demonstrations,
     }

@@ -87,6 +87,9 @@ class Recipe(BaseModel):
     # texts on which the patched model should act like the original one (see engine.compute_patch)
     preserve: Texts = ()
     preserve_weight: Positive = 1.0
+    # chat recipes: the weight of each token of the conversation before the fitted answer (the
+    # user's messages, earlier answers) against an answer token's (chat.Positions.turns)
+    turns_weight: NonNegative = defaults.TURNS_WEIGHT
     # text recipes: also patch the examples in the shipped query formats (defaults.AUGMENT_TEMPLATES)
     augment: Flag = defaults.AUGMENT
     # text recipes: the shipped broad texts in the fit — "original": the original model as their
@@ -284,6 +287,8 @@ def _check_style(data: dict, values: dict, source: str | None) -> None:
                                   "text, not chat turns)")
             values[key] = off
         return
+    if "turns_weight" in data:
+        fail(source, "turns_weight", "weighs the turns of a conversation: it needs chat: true")
     for key in ("examples", "eval"):
         for i, pair in enumerate(values[key]):
             if pair.history:
