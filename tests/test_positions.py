@@ -10,7 +10,7 @@ import torch
 
 from test_chat import SYSTEM, chat_tokenizer
 from test_preserve import INSTRUCTION, TEXTS
-from tiny import tiny_model, tiny_tokenizer
+from tiny import assert_same_patch, tiny_model, tiny_tokenizer
 from transmute_cli.engine.hooks import capture
 from transmute_cli.engine.loop import EngineConfig, compute_patch
 from transmute_cli.errors import InputError
@@ -71,9 +71,7 @@ def test_weight_one_everywhere_is_no_weights(solver):
     cfg = EngineConfig(rho=0.1, solver=solver, batches=2, micro_batch=2, fidelity=False)
     plain = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg).patch
     ones = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg, weights=_weights(tok, TEXTS, (1.0,))).patch
-    for kind in ("matrices", "vectors", "downs"):
-        for l in getattr(plain, kind):
-            assert torch.allclose(getattr(plain, kind)[l], getattr(ones, kind)[l], atol=1e-6, rtol=1e-5), (kind, l)
+    assert_same_patch(plain, ones, atol=1e-6, rtol=1e-5)
 
 
 def test_a_uniform_weight_is_no_weights_too():
@@ -82,9 +80,7 @@ def test_a_uniform_weight_is_no_weights_too():
     cfg = EngineConfig(rho=0.1, solver="joint", micro_batch=2, fidelity=False)
     plain = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg).patch
     threes = compute_patch(model, tok, INSTRUCTION, TEXTS, cfg, weights=_weights(tok, TEXTS, (3.0,))).patch
-    for kind in ("matrices", "vectors", "downs"):
-        for l in getattr(plain, kind):
-            assert torch.allclose(getattr(plain, kind)[l], getattr(threes, kind)[l], atol=1e-5, rtol=1e-4), (kind, l)
+    assert_same_patch(plain, threes)
 
 
 @pytest.mark.parametrize("solver", ["independent", "joint"])
@@ -94,11 +90,7 @@ def test_token_weights_incremental_equals_naive(solver):
     weights = _weights(tok, TEXTS)
     inc = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(**base), weights=weights).patch
     nai = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(propagation="naive", **base), weights=weights).patch
-    for kind in ("matrices", "vectors", "downs"):
-        a, b = getattr(inc, kind), getattr(nai, kind)
-        assert set(a) == set(b)
-        for l in a:
-            assert torch.allclose(a[l], b[l], atol=1e-5, rtol=1e-4), (kind, l)
+    assert_same_patch(inc, nai)
 
 
 def test_micro_batch_groups_cover_the_weighted_tokens_once():

@@ -13,7 +13,7 @@ from transmute_cli.model.tokens import encode
 from transmute_cli.model.families import decoder_layers, family_for
 from transmute_cli.engine.hooks import capture
 
-from tiny import tiny_model, tiny_tokenizer
+from tiny import assert_same_patch, tiny_model, tiny_tokenizer
 
 INSTRUCTION = "Translate to pig latin:\ncat -> atcay\nhat -> athay\n"
 TEXTS = ["dog -> ogday\n", "moon -> oonmay\n", "sun -> unsay\n", "a -> aay\n", "tree -> eetray\n"]
@@ -56,11 +56,7 @@ def test_preservation_incremental_equals_naive(solver):
     base = dict(rho=0.05, batches=2, solver=solver, micro_batch=2, fidelity=False, preserve_weight=0.5)
     inc = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(**base), preserve=PRESERVE).patch
     nai = compute_patch(model, tok, INSTRUCTION, TEXTS, EngineConfig(propagation="naive", **base), preserve=PRESERVE).patch
-    for kind in ("matrices", "vectors", "downs"):
-        a, b = getattr(inc, kind), getattr(nai, kind)
-        assert set(a) == set(b)
-        for l in a:
-            assert torch.allclose(a[l], b[l], atol=1e-5, rtol=1e-4), (kind, l)
+    assert_same_patch(inc, nai)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama"])

@@ -68,3 +68,12 @@ def tiny_model(family: str, seed: int = 0, **over):
                 p.mul_(4.0)
     model.eval()
     return model
+
+
+def assert_same_patch(a, b, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Two ThoughtPatches hold the same layers and, layer by layer, the same tensors."""
+    for kind in ("matrices", "vectors", "downs"):
+        x, y = getattr(a, kind), getattr(b, kind)
+        assert set(x) == set(y), kind
+        for l in x:
+            assert torch.allclose(x[l], y[l], atol=atol, rtol=rtol), (kind, l)
