@@ -807,6 +807,7 @@ _PLAUSIBLE = {
     "augment": [True, False, "yes", 1],
     "broad": ["original", "prompted", "off", False, True, "on", 3],
     "broad_weight": [3, 0.3, 0, -1, float("nan")],
+    "turns_weight": [1, 3, 0, -1, float("nan")],
 }
 _overrides = st.fixed_dictionaries(
     {},
@@ -830,6 +831,7 @@ def _check_parse(text: str, base_dir: Path) -> None:
         assert 1 <= recipe.batches <= n
         assert math.isfinite(recipe.rho) and recipe.step > 0
         assert recipe.preserve_weight > 0 and all(t.strip() for t in recipe.preserve)
+        assert recipe.turns_weight >= 0 and math.isfinite(recipe.turns_weight) and (recipe.chat or recipe.turns_weight == 1)
 
 
 @pytest.fixture(scope="module")
