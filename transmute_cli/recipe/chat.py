@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from os.path import commonprefix
 
 from transmute_cli.recipe.datafiles import Pair
 from transmute_cli.errors import InputError
 from transmute_cli.model.tokens import token_ids
+
 
 @dataclass(frozen=True)
 class Positions:
@@ -77,29 +79,21 @@ class ChatFormat:
             texts = [_open(t, p.output, f"{where}[{i}]") if p.open else t for i, (t, p) in enumerate(zip(texts, pairs))]
         return texts
 
-
     def token_weights(self, pairs: Sequence[Pair], texts: Sequence[str], positions: Positions) -> list[list[float]]:
         """Per patch text (``texts(pairs, answer=True)``), one weight per token (``Positions``)."""
         out = []
         for i, (p, x) in enumerate(zip(pairs, texts)):
             ids = token_ids(self.tokenizer, x)
-            query = self.turns(p.messages(False), generation_prompt=True, where=f"examples[{i}]")
-            first = p.messages(False)[0]["content"]
-            lead = _common(ids, token_ids(self.tokenizer, x[: max(x.find(first), 0)]))
-            start = _common(ids, token_ids(self.tokenizer, query))
+            asked = p.messages(False)
+            query = self.turns(asked, generation_prompt=True, where=f"examples[{i}]")
+            # how many leading tokens x shares with its text up to the first user words, and with the query
+            lead = len(commonprefix([ids, token_ids(self.tokenizer, x[: max(x.find(asked[0]["content"]), 0)])]))
+            start = len(commonprefix([ids, token_ids(self.tokenizer, query)]))
             w = [positions.lead] * lead + [positions.turns] * (start - lead) + [1.0] * (len(ids) - start)
             for t in range(start, min(start + positions.first_tokens, len(ids))):
                 w[t] = positions.first
             out.append(w)
         return out
-
-
-def _common(ids: list[int], head: list[int]) -> int:
-    """How many leading tokens ``ids`` shares with ``head``."""
-    k = 0
-    while k < min(len(ids), len(head)) and ids[k] == head[k]:
-        k += 1
-    return k
 
 
 def _open(text: str, answer: str, where: str) -> str:
